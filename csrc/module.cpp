@@ -1,0 +1,76 @@
+// pybind11 module emovec._C: binds the C++ core (src/) to Python. Pointers, sizes, strides, dtype codes and
+// the CUDA stream cross as integers; no torch header is included. Nothing else lives here.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "../src/steer_project.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* as_pointer(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+emovec::SteerProjectArgs make_args(std::uintptr_t h, int64_t n, int64_t d, int64_t h_row_stride, int h_dtype,
+                                   int w_dtype, std::uintptr_t slots, std::uintptr_t table, int64_t table_rows,
+                                   std::uintptr_t ablate, int64_t num_ablate, std::uintptr_t probes, int64_t num_probes,
+                                   std::uintptr_t center, std::uintptr_t scores, std::uintptr_t norms,
+                                   std::uintptr_t segments, std::uintptr_t sums, std::uintptr_t counts,
+                                   int64_t num_segments) {
+  emovec::SteerProjectArgs a;
+  a.h = as_pointer<void>(h); a.n = n; a.d = d; a.h_row_stride = h_row_stride; a.h_dtype = h_dtype;
+  a.w_dtype = w_dtype;
+  a.slots = as_pointer<const int64_t>(slots);
+  a.table = as_pointer<const void>(table); a.table_rows = table_rows;
+  a.ablate = as_pointer<const void>(ablate); a.num_ablate = num_ablate;
+  a.probes = as_pointer<const void>(probes); a.num_probes = num_probes;
+  a.center = as_pointer<const void>(center);
+  a.scores = as_pointer<float>(scores); a.norms = as_pointer<float>(norms);
+  a.segments = as_pointer<const int64_t>(segments);
+  a.sums = as_pointer<float>(sums); a.counts = as_pointer<float>(counts); a.num_segments = num_segments;
+  return a;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "emovec compiled core: the fused steer/project/capture op (CPU, and CUDA when compiled)";
+  py::register_exception<std::invalid_argument>(m, "ArgumentError", PyExc_ValueError);
+
+
+  m.def(
+      "steer_project_cpu",
+      [](std::uintptr_t h, int64_t n, int64_t d, int64_t stride, int h_dtype, int w_dtype, std::uintptr_t slots,
+         std::uintptr_t table, int64_t table_rows, std::uintptr_t ablate, int64_t num_ablate, std::uintptr_t probes,
+         int64_t num_probes, std::uintptr_t center, std::uintptr_t scores, std::uintptr_t norms,
+         std::uintptr_t segments, std::uintptr_t sums, std::uintptr_t counts, int64_t num_segments, int threads) {
+        auto a = make_args(h, n, d, stride, h_dtype, w_dtype, slots, table, table_rows, ablate, num_ablate, probes,
+                           num_probes, center, scores, norms, segments, sums, counts, num_segments);
+        py::gil_scoped_release release;
+        emovec::steer_project_cpu(a, threads);
+      },
+      "Fused op on host memory (addresses as integers, 0 = absent).");
+
+  m.def(
+      "steer_project_cuda",
+      [](std::uintptr_t h, int64_t n, int64_t d, int64_t stride, int h_dtype, int w_dtype, std::uintptr_t slots,
+         std::uintptr_t table, int64_t table_rows, std::uintptr_t ablate, int64_t num_ablate, std::uintptr_t probes,
+         int64_t num_probes, std::uintptr_t center, std::uintptr_t scores, std::uintptr_t norms,
+         std::uintptr_t segments, std::uintptr_t sums, std::uintptr_t counts, int64_t num_segments,
+         std::intptr_t stream) {
+        auto a = make_args(h, n, d, stride, h_dtype, w_dtype, slots, table, table_rows, ablate, num_ablate, probes,
+                           num_probes, center, scores, norms, segments, sums, counts, num_segments);
+        emovec::steer_project_cuda(a, stream);
+      },
+      "Fused op on device memory, one launch on `stream` (cudaStream_t as an integer).");
+
+  m.def("cuda_compiled", &emovec::cuda_compiled, "Whether CUDA kernels were compiled into this module.");
+  m.def("cuda_architectures", &emovec::cuda_architectures, "CUDA architectures compiled, e.g. '80,90'.");
+  m.def("cuda_device_count", &emovec::cuda_device_count, "CUDA devices visible (0 without a driver).");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

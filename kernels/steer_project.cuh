@@ -1,0 +1,145 @@
+// CUDA device code of the fused steer / project / capture op. Header-only, templated on dtypes.
+//
+// One block handles `rows_per_block` consecutive rows of h. The rows are staged once in shared memory as
+// fp32 (h is read once from global memory and, when steered, written once), then:
+//   x[r]        = h[r] + table[slot[r]]                    (rows with slot >= 0)
+//   x[r]       -= sum_a (x[r]·u_a) u_a                     (ablation, same rows)
+//   h[r]        = round(x[r]);  x[r] = float(h[r]) - center
+//   norms[r]    = ‖x[r]‖,  scores[r, k] = x[r]·probes[k]   (one warp per (row, probe) dot, fp32)
+//   sums[seg[r]] += h[r], counts[seg[r]] += 1             (atomics: segments may repeat across blocks)
+// Probes are staged in shared memory too when they fit beside the rows (small K·d, e.g. decode with few
+// vectors); otherwise each warp streams its probe row from global memory (L2-resident across blocks).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+namespace emovec {
+namespace device {
+
+struct Args {
+  void* h;
+  int64_t n, d, h_row_stride;
+  const int64_t* slots;
+  const void* table;
+  const void* ablate;
+  int64_t num_ablate;
+  const void* probes;
+  int64_t num_probes;
+  const void* center;
+  float* scores;
+  float* norms;
+  const int64_t* segments;
+  float* sums;
+  float* counts;
+  int rows_per_block;
+  bool probes_in_shared;
+};
+
+__device__ __forceinline__ float load_float(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load_float(const __half* p, int64_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ float load_float(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+
+template <typename T> __device__ __forceinline__ T store_value(float x);
+template <> __device__ __forceinline__ float store_value<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half store_value<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 store_value<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename H, typename W>
+__global__ void steer_project_kernel(Args a) {
+  extern __shared__ float shared[];
+  const int64_t d = a.d;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * a.rows_per_block;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(a.rows_per_block), a.n - row0));
+  float* x = shared;                                   // [rows_per_block, d]
+  float* coef = x + a.rows_per_block * d;              // [rows_per_block, num_ablate]
+  float* probe_cache = coef + a.rows_per_block * a.num_ablate;  // [num_probes, d] when probes_in_shared
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  H* h = static_cast<H*>(a.h);
+  const W* table = static_cast<const W*>(a.table);
+  const W* ablate = static_cast<const W*>(a.ablate);
+  const W* probes = static_cast<const W*>(a.probes);
+  const W* center = static_cast<const W*>(a.center);
+
+  // 1. load (and steer) the rows
+  for (int r = 0; r < rows; ++r) {
+    const int64_t i = row0 + r;
+    const H* hr = h + i * a.h_row_stride;
+    const int64_t slot = a.slots ? a.slots[i] : 0;
+    const bool add = table != nullptr && slot >= 0;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
+      x[r * d + j] = load_float(hr, j) + (add ? load_float(table, slot * d + j) : 0.0f);
+  }
+  if (a.probes_in_shared)
+    for (int64_t e = threadIdx.x; e < a.num_probes * d; e += blockDim.x) probe_cache[e] = load_float(probes, e);
+  __syncthreads();
+
+  // 2. ablation coefficients, one warp per (row, direction)
+  if (a.num_ablate > 0) {
+    for (int64_t pair = warp; pair < rows * a.num_ablate; pair += warps) {
+      const int r = static_cast<int>(pair / a.num_ablate);
+      const int64_t q = pair % a.num_ablate;
+      float s = 0.0f;
+      for (int64_t j = lane; j < d; j += 32) s += x[r * d + j] * load_float(ablate, q * d + j);
+      s = warp_sum(s);
+      if (lane == 0) coef[r * a.num_ablate + q] = s;
+    }
+    __syncthreads();
+  }
+
+  // 3. subtract, store back in h's dtype, keep exactly what was stored (minus center) for projection
+  const bool edits = table != nullptr || a.num_ablate > 0;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t i = row0 + r;
+    const bool active = a.slots == nullptr || a.slots[i] >= 0;
+    H* hr = h + i * a.h_row_stride;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      float v = x[r * d + j];
+      if (edits && active) {
+        for (int64_t q = 0; q < a.num_ablate; ++q) v -= coef[r * a.num_ablate + q] * load_float(ablate, q * d + j);
+        const H stored = store_value<H>(v);
+        hr[j] = stored;
+        v = load_float(&stored, 0);
+      }
+      if (a.segments != nullptr && a.segments[i] >= 0) atomicAdd(a.sums + a.segments[i] * d + j, v);
+      x[r * d + j] = center ? v - load_float(center, j) : v;
+    }
+    if (threadIdx.x == 0 && a.segments != nullptr && a.segments[i] >= 0) atomicAdd(a.counts + a.segments[i], 1.0f);
+  }
+  __syncthreads();
+
+  // 4. norms and scores, one warp per dot
+  if (a.norms != nullptr) {
+    for (int r = warp; r < rows; r += warps) {
+      float s = 0.0f;
+      for (int64_t j = lane; j < d; j += 32) s += x[r * d + j] * x[r * d + j];
+      s = warp_sum(s);
+      if (lane == 0) a.norms[row0 + r] = sqrtf(s);
+    }
+  }
+  if (a.scores != nullptr) {
+    const int64_t K = a.num_probes;
+    for (int64_t pair = warp; pair < rows * K; pair += warps) {
+      const int r = static_cast<int>(pair / K);
+      const int64_t k = pair % K;
+      float s = 0.0f;
+      if (a.probes_in_shared) {
+        for (int64_t j = lane; j < d; j += 32) s += x[r * d + j] * probe_cache[k * d + j];
+      } else {
+        for (int64_t j = lane; j < d; j += 32) s += x[r * d + j] * load_float(probes, k * d + j);
+      }
+      s = warp_sum(s);
+      if (lane == 0) a.scores[(row0 + r) * K + k] = s;
+    }
+  }
+}
+
+}  // namespace device
+}  // namespace emovec

@@ -1,0 +1,317 @@
+"""The labelled text emovec reads: emotion words, stories, neutral dialogues, and the checks they must pass.
+
+This module has no heavy imports (no torch), so data-writing tools can use it on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Iterator
+
+# Suffixes stripped to find a word's stem. The stem must keep at least 5 letters, otherwise the whole
+# word is the stem (so "content" does not forbid "continue", but "anxious" forbids "anxiously").
+_SUFFIXES = ("ened", "ed", "ful", "ous", "ive", "ent", "ant", "ic", "ish", "y", "e")
+# Family members that prefix matching cannot see (irregular nouns and verbs of the same root).
+_EXTRA_FORMS: dict[str, tuple[str, ...]] = {
+    "afraid": ("fear",),
+    "angry": ("anger",),
+    "proud": ("pride",),
+    "patient": ("patience",),
+    "impatient": ("impatience",),
+    "anxious": ("anxiety", "anxieties"),
+    "ashamed": ("shame",),
+    "bored": ("boredom", "boring"),
+    "sad": ("sadness", "sadden"),
+    "mad": ("madness", "madly"),
+    "hateful": ("hate", "hatred", "hating"),
+    "loving": ("love", "loved", "loves", "lovingly"),
+    "grateful": ("gratitude",),
+    "jealous": ("jealousy",),
+    "envious": ("envy", "envied"),
+    "curious": ("curiosity",),
+    "guilty": ("guilt",),
+    "lonely": ("loneliness",),
+    "furious": ("fury",),
+    "greedy": ("greed",),
+    "hysterical": ("hysteria",),
+    "vengeful": ("vengeance", "revenge"),
+    "vindictive": ("vindicate",),
+    "triumphant": ("triumph",),
+    "skeptical": ("skeptic", "sceptic"),
+    "suspicious": ("suspicion", "suspect"),
+    "sympathetic": ("sympathy", "sympathize", "sympathise"),
+    "empathetic": ("empathy", "empathize", "empathise"),
+    "compassionate": ("compassion",),
+    "contemptuous": ("contempt",),
+    "disdainful": ("disdain",),
+    "scornful": ("scorn",),
+    "spiteful": ("spite",),
+    "resentful": ("resent",),
+    "regretful": ("regret",),
+    "remorseful": ("remorse",),
+    "thankful": ("thank",),
+    "peaceful": ("peace",),
+    "playful": ("play",),
+    "joyful": ("joy",),
+    "blissful": ("bliss",),
+    "hopeful": ("hope",),
+    "hope": ("hopeful", "hoping"),
+    "euphoric": ("euphoria",),
+    "nostalgic": ("nostalgia",),
+    "depressed": ("depression", "depressing"),
+    "desperate": ("desperation", "despair"),
+    "humiliated": ("humiliation", "humiliating"),
+    "enthusiastic": ("enthusiasm",),
+    "optimistic": ("optimism", "optimist"),
+    "paranoid": ("paranoia",),
+    "panicked": ("panic",),
+    "terrified": ("terror", "terrify", "terrifying"),
+    "horrified": ("horror", "horrify", "horrifying", "horrible"),
+    "frightened": ("fright", "frighten"),
+    "scared": ("scare", "scary"),
+    "shocked": ("shock",),
+    "surprised": ("surprise",),
+    "amazed": ("amaze", "amazing", "amazement"),
+    "astonished": ("astonish",),
+    "amused": ("amuse", "amusing", "amusement"),
+    "disgusted": ("disgust",),
+    "embarrassed": ("embarrass",),
+    "mortified": ("mortify",),
+    "infatuated": ("infatuation",),
+    "inspired": ("inspire", "inspiration"),
+    "satisfied": ("satisfy", "satisfaction", "satisfying"),
+    "fulfilled": ("fulfil", "fulfillment", "fulfilment"),
+    "relieved": ("relief", "relieve"),
+    "stressed": ("stress",),
+    "tired": ("tire", "tiring"),
+    "worried": ("worry", "worries", "worrying"),
+    "troubled": ("trouble",),
+    "tormented": ("torment",),
+    "trapped": ("trap",),
+    "upset": ("upsetting",),
+    "heartbroken": ("heartbreak", "heartbroke", "broken heart"),
+    "grief-stricken": ("grief", "grieve", "grieving"),
+    "worthless": ("worth",),
+    "vulnerable": ("vulnerability",),
+    "weary": ("weariness", "wearily"),
+    "sleepy": ("sleep",),
+    "lazy": ("laziness", "lazily"),
+    "calm": ("calmly", "calmness"),
+    "serene": ("serenity",),
+    "happy": ("happiness", "happily", "unhappy"),
+    "unhappy": ("unhappiness",),
+    "sorry": ("sorrow",),
+    "kind": ("kindness", "kindly"),
+    "hurt": ("hurtful",),
+    "excited": ("excite", "exciting", "excitement"),
+    "exasperated": ("exasperate", "exasperation"),
+    "frustrated": ("frustrate", "frustration"),
+    "irritated": ("irritate", "irritation", "irritable"),
+    "annoyed": ("annoy", "annoyance"),
+    "offended": ("offend", "offense", "offence"),
+    "insulted": ("insult",),
+    "outraged": ("outrage",),
+    "enraged": ("rage", "enrage"),
+    "irate": ("ire",),
+    "indignant": ("indignation",),
+    "defiant": ("defiance", "defy"),
+    "stubborn": ("stubbornly", "stubbornness"),
+    "obstinate": ("obstinacy",),
+    "bewildered": ("bewilder",),
+    "perplexed": ("perplex",),
+    "puzzled": ("puzzle", "puzzling"),
+    "mystified": ("mystify", "mystery"),
+    "disoriented": ("disorient",),
+    "dumbstruck": ("dumbstruck", "struck dumb"),
+    "awestruck": ("awe",),
+    "elated": ("elation",),
+    "ecstatic": ("ecstasy",),
+    "exuberant": ("exuberance",),
+    "jubilant": ("jubilation",),
+    "delighted": ("delight",),
+    "pleased": ("please", "pleasure", "pleasant"),
+    "cheerful": ("cheer",),
+    "energized": ("energy", "energise", "energised", "energetic"),
+    "invigorated": ("invigorate", "vigor", "vigour"),
+    "rejuvenated": ("rejuvenate",),
+    "refreshed": ("refresh",),
+    "relaxed": ("relax",),
+    "restless": ("restlessly", "restlessness"),
+    "stimulated": ("stimulate", "stimulus"),
+    "thrilled": ("thrill",),
+    "overwhelmed": ("overwhelm",),
+    "distressed": ("distress",),
+    "disturbed": ("disturb",),
+    "unnerved": ("unnerve", "nerve"),
+    "unsettled": ("unsettle",),
+    "rattled": ("rattle",),
+    "shaken": ("shake", "shook", "shaking"),
+    "alarmed": ("alarm",),
+    "miserable": ("misery",),
+    "melancholy": ("melancholic",),
+    "dispirited": ("dispiriting",),
+    "resigned": ("resign", "resignation"),
+    "reflective": ("reflect", "reflection"),
+    "sentimental": ("sentiment",),
+    "sensitive": ("sensitivity",),
+    "self-confident": ("confident", "confidence"),
+    "self-conscious": ("self-consciousness",),
+    "self-critical": ("self-criticism",),
+    "smug": ("smugly", "smugness"),
+    "sullen": ("sullenly",),
+    "valiant": ("valor", "valour"),
+    "vibrant": ("vibrancy",),
+    "vigilant": ("vigilance",),
+    "dependent": ("depend", "dependence", "dependency"),
+    "docile": ("docility",),
+    "droopy": ("droop",),
+    "listless": ("listlessly",),
+    "sluggish": ("sluggishly",),
+    "brooding": ("brood",),
+    "gloomy": ("gloom",),
+    "grumpy": ("grump",),
+    "bitter": ("bitterly", "bitterness"),
+    "hostile": ("hostility",),
+    "indifferent": ("indifference",),
+    "aroused": ("arouse", "arousal"),
+    "eager": ("eagerly", "eagerness"),
+    "nervous": ("nerve", "nerves"),
+    "tense": ("tension",),
+    "safe": ("safety", "safely"),
+    "content": ("contentment", "contented"),
+    "at ease": ("ease", "eased", "easing"),
+    "on edge": ("edgy",),
+    "worn out": ("worn-out",),
+}
+
+
+def _stem(word: str) -> str:
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 5:
+            return word[: -len(suffix)]
+    return word
+
+
+@lru_cache(maxsize=None)
+def emotion_word_pattern(emotion: str) -> re.Pattern[str]:
+    """A case-insensitive regex matching the emotion word and its word family.
+
+    Single words match every word that starts with their stem ("anxious" -> "anxious", "anxiously");
+    multi-word and hyphenated concepts match the phrase with a space or hyphen between its parts;
+    irregular family members (``angry`` -> ``anger``) come from a curated table.
+    """
+    emotion = emotion.strip().lower()
+    parts = re.split(r"[\s-]+", emotion)
+    inflection = r"(?:s|es|ed|d|ing|ly|ness|er|est)?\b"
+    alternatives = []
+    if len(parts) > 1:
+        alternatives.append(r"[\s-]+".join(re.escape(p) for p in parts) + r"\w*")
+    elif len(emotion) <= 4:  # short words ("sad", "mad", "kind"): whole word plus inflections, not a prefix
+        alternatives.append(re.escape(emotion) + inflection)
+    else:
+        alternatives.append(re.escape(_stem(emotion)) + r"\w*")
+        if emotion.endswith("y"):  # happy -> happier, happily
+            alternatives.append(re.escape(emotion[:-1]) + r"i\w*")
+    for form in _EXTRA_FORMS.get(emotion, ()):
+        form_parts = re.split(r"[\s-]+", form)
+        alternatives.append(r"[\s-]+".join(re.escape(p) for p in form_parts) + inflection)
+    return re.compile(r"\b(?:" + "|".join(alternatives) + r")", re.IGNORECASE)
+
+
+def find_emotion_words(text: str, emotion: str) -> list[str]:
+    """Every occurrence of the emotion word or its family in ``text`` (empty when the text is clean)."""
+    return [m.group(0) for m in emotion_word_pattern(emotion).finditer(text)]
+
+
+def shingles(text: str, size: int = 5) -> set[tuple[str, ...]]:
+    words = re.findall(r"[a-z']+", text.lower())
+    return {tuple(words[i : i + size]) for i in range(max(0, len(words) - size + 1))}
+
+
+def near_duplicates(texts: list[str], threshold: float = 0.35, size: int = 5) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, jaccard) of texts whose word ``size``-shingle Jaccard similarity exceeds ``threshold``."""
+    sets = [shingles(t, size) for t in texts]
+    index: dict[tuple[str, ...], list[int]] = {}
+    for i, s in enumerate(sets):
+        for sh in s:
+            index.setdefault(sh, []).append(i)
+    overlap: dict[tuple[int, int], int] = {}
+    for members in index.values():
+        if len(members) > 50:  # a stock phrase shared by many texts says nothing about duplication
+            continue
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                key = (members[a], members[b])
+                overlap[key] = overlap.get(key, 0) + 1
+    pairs = []
+    for (i, j), n in overlap.items():
+        union = len(sets[i]) + len(sets[j]) - n
+        if union and n / union > threshold:
+            pairs.append((i, j, n / union))
+    return pairs
+
+
+def data_path(name: str) -> Path:
+    return Path(str(resources.files("emovec") / "data" / name)) if __package__ else Path(__file__).parent / "data" / name
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg}); each line must be one object") from None
+
+
+def load_emotions() -> list[str]:
+    """The 171 emotion concepts of the research, in file order."""
+    return [w.strip() for w in data_path("emotions.txt").read_text(encoding="utf-8").splitlines() if w.strip()]
+
+
+def load_stories() -> list[dict]:
+    """All packaged emotion stories: dicts with id, emotion, topic, text."""
+    rows: list[dict] = []
+    for part in sorted(data_path("stories").glob("*.jsonl")):
+        rows.extend(read_jsonl(part))
+    return rows
+
+
+def load_neutral() -> list[dict]:
+    """The packaged neutral Human/Assistant dialogues."""
+    return list(read_jsonl(data_path("neutral_dialogues.jsonl")))
+
+
+def check_story_rows(rows: Iterable[dict]) -> list[str]:
+    """Problems with story rows (schema, length, emotion words); empty when all pass."""
+    problems = []
+    for row in rows:
+        missing = {"id", "emotion", "topic", "text"} - set(row)
+        if missing:
+            problems.append(f"{row.get('id', '?')}: missing fields {sorted(missing)}")
+            continue
+        n_words = len(row["text"].split())
+        if not 80 <= n_words <= 180:
+            problems.append(f"{row['id']}: {n_words} words, expected 80-180")
+        hits = find_emotion_words(row["text"], row["emotion"])
+        if hits:
+            problems.append(f"{row['id']}: uses the emotion word family of {row['emotion']!r}: {hits}")
+    return problems
+
+
+if __name__ == "__main__":  # python python/emovec/corpus.py FILE.jsonl ... : check story files
+    import sys
+
+    all_rows = [row for path in sys.argv[1:] for row in read_jsonl(path)]
+    issues = check_story_rows(all_rows)
+    for i, j, score in near_duplicates([r["text"] for r in all_rows]):
+        issues.append(f"near-duplicate: {all_rows[i]['id']} ~ {all_rows[j]['id']} (jaccard {score:.2f})")
+    print("\n".join(issues) if issues else f"{len(all_rows)} stories OK")
+    sys.exit(1 if issues else 0)

@@ -1,0 +1,324 @@
+"""The fused steer / project / capture op: validation, backend dispatch and torch.library registration.
+
+Public entry point: :func:`steer_project`. Every backend (``torch``, ``cpu``, ``triton``, ``cuda``) follows
+the same contract, checked in tests against :mod:`emovec.reference`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from emovec import _ext
+from emovec.reference import steer_project_reference
+from emovec.triton import interpreting, triton_available, triton_import_error
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+# below this many rows the CUDA kernel's single launch beats Triton; above, Triton's tl.dot tiles win
+CUDA_MAX_ROWS = 64
+
+
+class SteerProjectResult(NamedTuple):
+    scores: torch.Tensor | None  # [N, K] fp32
+    norms: torch.Tensor | None  # [N] fp32, ‖h[i] - center‖
+    sums: torch.Tensor | None  # [S, d] fp32
+    counts: torch.Tensor | None  # [S] fp32
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says what is missing."""
+
+
+def backend_status() -> dict[str, str | None]:
+    """For each backend, None when it can run in this process, else why not."""
+    cuda_device = torch.cuda.is_available()
+    status: dict[str, str | None] = {"torch": None}
+    status["cpu"] = None if _ext.has_cpp_library else f"emovec._C is not built ({_ext.import_error}); {_ext.REBUILD_HINT}"
+    if not triton_available:
+        status["triton"] = f"triton is not installed ({triton_import_error}): pip install triton"
+    elif not cuda_device and not interpreting:
+        status["triton"] = "no CUDA device (set TRITON_INTERPRET=1 before importing emovec to run it on the CPU)"
+    else:
+        status["triton"] = None
+    if not _ext.has_cpp_library:
+        status["cuda"] = status["cpu"]
+    elif not _ext.cuda_compiled():
+        status["cuda"] = "emovec._C was built without CUDA (nvcc missing or EMOVEC_CUDA=0)"
+    elif not cuda_device:
+        status["cuda"] = "CUDA kernels are compiled, but torch sees no CUDA device"
+    else:
+        status["cuda"] = None
+    return status
+
+
+def _pick_backend(h: torch.Tensor, backend: str | None) -> str:
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        why = backend_status()[backend]
+        if why is not None:
+            raise BackendUnavailable(f"backend {backend!r} is unavailable: {why}")
+        on_gpu = backend in ("cuda",) or (backend == "triton" and not interpreting)
+        if on_gpu and not h.is_cuda:
+            raise ValueError(f"backend {backend!r} needs CUDA tensors, but h is on {h.device}")
+        if backend == "cpu" and h.device.type != "cpu":
+            raise ValueError(f"backend 'cpu' needs CPU tensors, but h is on {h.device}")
+        return backend
+    if h.is_cuda:
+        status = backend_status()
+        if status["cuda"] is None and h.shape[0] <= CUDA_MAX_ROWS:
+            return "cuda"
+        if status["triton"] is None:
+            return "triton"
+        return "cuda" if status["cuda"] is None else "torch"
+    if h.device.type == "cpu" and _ext.has_cpp_library:
+        return "cpu"
+    return "torch"
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_tensor(name: str, t, *, ndim: int, device: torch.device, dtypes, shape=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None:
+        for axis, (got, want) in enumerate(zip(t.shape, shape)):
+            if want is not None and got != want:
+                raise ValueError(f"{name} must have shape {_fmt(shape)}, got {tuple(t.shape)} (axis {axis} differs)")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {names}, got {str(t.dtype).replace('torch.', '')}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but h is on {device}; move it with .to(h.device)")
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+
+
+def _check_finite(name: str, t: torch.Tensor | None) -> None:
+    if t is not None and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values; check how it was computed or loaded")
+
+
+def _check_range(name: str, index: torch.Tensor, upper: int, what: str) -> None:
+    if index.numel() == 0:
+        return
+    low, high = int(index.min()), int(index.max())
+    if low < -1 or high >= upper:
+        raise ValueError(f"{name} values must lie in [-1, {upper - 1}] ({what}), got values in [{low}, {high}]")
+
+
+def steer_project(
+    h: torch.Tensor,
+    *,
+    slots: torch.Tensor | None = None,
+    table: torch.Tensor | None = None,
+    ablate: torch.Tensor | None = None,
+    probes: torch.Tensor | None = None,
+    center: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    sums: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    num_segments: int | None = None,
+    scores: torch.Tensor | None = None,
+    norms: torch.Tensor | None = None,
+    compute_norms: bool | None = None,
+    backend: str | None = None,
+    validate: bool = True,
+) -> SteerProjectResult:
+    """Steer ``h`` in place, project it onto probes and capture per-segment sums, in one pass over ``h``.
+
+    For each row ``i`` of ``h``::
+
+        if slots[i] >= 0:   h[i] += table[slots[i]];   h[i] -= Σ_a (h[i]·u_a) u_a     (u_a = ablate[a])
+        scores[i, k] = (h[i] - center) · probes[k]          norms[i] = ‖h[i] - center‖
+        if segments[i] >= 0:  sums[segments[i]] += h[i];    counts[segments[i]] += 1
+
+    Projection, norms and capture see ``h[i]`` as stored (after rounding to h's dtype). All accumulation
+    is fp32. Every part is optional; the ablation directions should be orthonormal (then it is a projection).
+
+    Parameters
+    ----------
+    h : (N, d) fp32 / fp16 / bf16
+        Residual stream rows; any row stride, last dimension contiguous (a flattened ``(B, T, d)`` view works).
+    slots : (N,) int32/int64, optional
+        Row of ``table`` to add to each row, -1 = row untouched. Without slots, ablation applies to all rows.
+    table : (R, d), h's dtype or fp32, optional
+        Steering vectors with strength folded in. Needs ``slots``.
+    ablate : (A, d), optional
+        Unit directions projected out of the steered rows.
+    probes : (K, d), optional
+        Directions to score against. ``center`` : (d,) is subtracted first.
+    segments : (N,) int, optional
+        Segment of each row for capture, -1 = not captured. ``sums`` (S, d) fp32 and ``counts`` (S,) fp32 are
+        accumulated into (allocated as zeros with ``num_segments`` rows when not given).
+    scores, norms : optional preallocated outputs, (N, K) and (N,) fp32, contiguous.
+    compute_norms : compute norms (default: when probes are given or ``norms`` is passed).
+    backend : "torch", "cpu", "triton", "cuda", or None to pick by device.
+    validate : check value ranges and finiteness (synchronises on GPU). Shapes, dtypes and devices are
+        always checked.
+
+    Returns
+    -------
+    SteerProjectResult(scores, norms, sums, counts)
+    """
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"h must be a torch.Tensor of shape (N, d), got {type(h).__name__}")
+    if h.ndim != 2:
+        raise ValueError(f"h must be 2-D (N, d); got shape {tuple(h.shape)}. Flatten (B, T, d) with h.view(-1, d)")
+    n, d = h.shape
+    if d == 0:
+        raise ValueError("h must have at least one column (d >= 1)")
+    if h.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"h must be float32, float16 or bfloat16, got {str(h.dtype).replace('torch.', '')}")
+    if n > 1 and h.stride(1) != 1:
+        raise ValueError(f"h's last dimension must be contiguous (stride 1), got strides {h.stride()}; use h.contiguous()")
+    if n > 1 and h.stride(0) < d:
+        raise ValueError(f"h's row stride must be >= d={d}, got {h.stride(0)}")
+    device = h.device
+    weight_dtypes = (h.dtype, torch.float32)
+    checking = validate and not torch.compiler.is_compiling()
+
+    if table is not None:
+        if slots is None:
+            raise ValueError("table needs slots: pass slots (N,) with the table row of each row of h, -1 for none")
+        _check_tensor("table", table, ndim=2, device=device, dtypes=weight_dtypes, shape=(None, d))
+        if table.shape[0] == 0:
+            raise ValueError("table must have at least one row")
+    if slots is not None:
+        _check_tensor("slots", slots, ndim=1, device=device, dtypes=INDEX_DTYPES, shape=(n,))
+        if table is None and ablate is None:
+            raise ValueError("slots were given without a table or ablate directions; nothing would use them")
+    if ablate is not None:
+        _check_tensor("ablate", ablate, ndim=2, device=device, dtypes=weight_dtypes, shape=(None, d))
+        if ablate.shape[0] == 0:
+            ablate = None
+    if probes is not None:
+        _check_tensor("probes", probes, ndim=2, device=device, dtypes=weight_dtypes, shape=(None, d))
+    if center is not None:
+        _check_tensor("center", center, ndim=1, device=device, dtypes=weight_dtypes, shape=(d,))
+    k = probes.shape[0] if probes is not None else 0
+    if scores is not None:
+        if probes is None:
+            raise ValueError("scores was given without probes; pass probes (K, d)")
+        _check_tensor("scores", scores, ndim=2, device=device, dtypes=(torch.float32,), shape=(n, k))
+        if not scores.is_contiguous():
+            raise ValueError("scores must be contiguous")
+    elif probes is not None and k > 0:
+        scores = torch.empty(n, k, device=device, dtype=torch.float32)
+    if compute_norms is None:
+        compute_norms = probes is not None or norms is not None
+    if norms is not None:
+        _check_tensor("norms", norms, ndim=1, device=device, dtypes=(torch.float32,), shape=(n,))
+        if not norms.is_contiguous():
+            raise ValueError("norms must be contiguous")
+    elif compute_norms:
+        norms = torch.empty(n, device=device, dtype=torch.float32)
+
+    if segments is not None:
+        _check_tensor("segments", segments, ndim=1, device=device, dtypes=INDEX_DTYPES, shape=(n,))
+        if sums is None:
+            if num_segments is None:
+                raise ValueError("segments need sums/counts buffers or num_segments to allocate them")
+            sums = torch.zeros(num_segments, d, device=device, dtype=torch.float32)
+            counts = torch.zeros(num_segments, device=device, dtype=torch.float32)
+        if counts is None:
+            raise ValueError("sums was given without counts; pass both (S, d) and (S,) fp32 buffers")
+        _check_tensor("sums", sums, ndim=2, device=device, dtypes=(torch.float32,), shape=(None, d))
+        _check_tensor("counts", counts, ndim=1, device=device, dtypes=(torch.float32,), shape=(sums.shape[0],))
+        if not (sums.is_contiguous() and counts.is_contiguous()):
+            raise ValueError("sums and counts must be contiguous")
+        if sums.shape[0] == 0:
+            raise ValueError("sums must have at least one segment row")
+    elif sums is not None or counts is not None:
+        raise ValueError("sums/counts were given without segments; pass segments (N,) with -1 for rows not captured")
+
+    if checking:
+        if slots is not None and table is not None:
+            _check_range("slots", slots, table.shape[0], "row of table, -1 = untouched")
+        if segments is not None:
+            _check_range("segments", segments, sums.shape[0], "row of sums, -1 = not captured")
+        for name, t in (("table", table), ("ablate", ablate), ("probes", probes), ("center", center)):
+            _check_finite(name, t)
+
+    chosen = _pick_backend(h, backend)
+    if slots is not None:
+        slots = slots.to(torch.int64)
+    if segments is not None:
+        segments = segments.to(torch.int64)
+    table, ablate, probes, center = (t.contiguous() if t is not None else None for t in (table, ablate, probes, center))
+    if chosen in ("cpu", "cuda"):  # the C++ core takes all weights in one dtype
+        weights = [t for t in (table, ablate, probes, center) if t is not None]
+        if any(t.dtype != weights[0].dtype for t in weights):
+            table, ablate, probes, center = (t.float() if t is not None else None for t in (table, ablate, probes, center))
+    torch.ops.emovec.steer_project(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, chosen)
+    return SteerProjectResult(scores, norms, sums, counts)
+
+
+# ---------------------------------------------------------------- backends behind the custom op
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, on_gpu: bool) -> None:
+    weights = [t for t in (table, ablate, probes, center) if t is not None]
+    w_dtype = weights[0].dtype if weights else torch.float32
+    args = (
+        _address(h), h.shape[0], h.shape[1], h.stride(0) if h.shape[0] > 1 else h.shape[1], _ext.DTYPE_CODES[h.dtype],
+        _ext.DTYPE_CODES[w_dtype], _address(slots), _address(table), table.shape[0] if table is not None else 0,
+        _address(ablate), ablate.shape[0] if ablate is not None else 0, _address(probes),
+        probes.shape[0] if probes is not None else 0, _address(center), _address(scores), _address(norms),
+        _address(segments), _address(sums), _address(counts), sums.shape[0] if sums is not None else 0,
+    )
+    if on_gpu:
+        with torch.cuda.device(h.device):
+            try:
+                _ext._C.steer_project_cuda(*args, torch.cuda.current_stream(h.device).cuda_stream)
+            except RuntimeError as error:
+                raise BackendUnavailable(f"the CUDA kernel could not run: {error}") from None
+    else:
+        _ext._C.steer_project_cpu(*args, torch.get_num_threads())
+
+
+@torch.library.custom_op("emovec::steer_project", mutates_args=("h", "scores", "norms", "sums", "counts"))
+def _steer_project_op(
+    h: torch.Tensor,
+    slots: torch.Tensor | None,
+    table: torch.Tensor | None,
+    ablate: torch.Tensor | None,
+    probes: torch.Tensor | None,
+    center: torch.Tensor | None,
+    scores: torch.Tensor | None,
+    norms: torch.Tensor | None,
+    segments: torch.Tensor | None,
+    sums: torch.Tensor | None,
+    counts: torch.Tensor | None,
+    backend: str,
+) -> None:
+    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts)
+    if backend == "torch":
+        steer_project_reference(*args)
+    elif backend == "cpu":
+        _run_compiled(*args, on_gpu=False)
+    elif backend == "cuda":
+        _run_compiled(*args, on_gpu=True)
+    elif backend == "triton":
+        from emovec.triton.steer_project import steer_project_triton
+
+        steer_project_triton(*args)
+    else:  # pragma: no cover - steer_project validates the name
+        raise ValueError(f"unknown backend {backend!r}")
+
+
+@_steer_project_op.register_fake
+def _(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, backend) -> None:
+    return None

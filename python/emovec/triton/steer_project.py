@@ -1,0 +1,189 @@
+"""Triton kernel of the fused steer / project / capture op, and its launcher.
+
+Contract: see :func:`emovec.ops.steer_project` (reference: :mod:`emovec.reference`). One program owns
+``BLOCK_N`` rows and walks the hidden dimension in ``BLOCK_D`` chunks:
+
+  pass 1 (ablation only):  coef[r, a] = (h[r] + table[slot[r]]) · u_a
+  pass 2:  x = h + table[slot] - coef @ u;  h = round(x);  norms, capture and the first probe tile of
+           scores[r, k] = (h[r] - center) · probes[k] accumulate from the same chunk (tl.dot for large N)
+  pass 3:  the remaining probe tiles re-read the freshly written rows (L2-resident).
+
+Large N: one launch over row tiles. N of 1 to 16: a program per row tile would leave the GPU idle, so the
+edits run first (one small launch) and the projection runs on a (row tile x probe tile) grid without tl.dot.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from emovec.triton import interpreting
+
+SMALL_N = 16
+
+
+@triton.jit
+def _steer_project_kernel(
+    h_ptr, h_row_stride, slots_ptr, table_ptr, ablate_ptr, probes_ptr, center_ptr,
+    scores_ptr, norms_ptr, segments_ptr, sums_ptr, counts_ptr,
+    N, D, K, A,
+    HAS_SLOTS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_ABLATE: tl.constexpr, HAS_CENTER: tl.constexpr,
+    HAS_SCORES: tl.constexpr, HAS_NORMS: tl.constexpr, HAS_CAPTURE: tl.constexpr,
+    USE_DOT: tl.constexpr,  # constexpr so the tl.dot / broadcast-sum branches are compiled out
+    DOT_IEEE: tl.constexpr,  # fp32 h: exact fp32 dot (no TF32); fp16/bf16 h: dot in h's dtype, fp32 accumulate
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_step = BLOCK_K * tl.num_programs(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_mask = rows < N
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + rows, mask=row_mask, other=-1)
+        active = (slot >= 0) & row_mask
+        slot = tl.where(active, slot, 0)
+    else:
+        slot = tl.zeros([BLOCK_N], dtype=tl.int64)
+        active = row_mask
+    EDITS: tl.constexpr = HAS_TABLE or HAS_ABLATE
+    h_rows = h_ptr + rows[:, None] * h_row_stride
+    a_offsets = tl.arange(0, BLOCK_A)
+
+    # pass 1: ablation coefficients on the steered rows
+    coef = tl.zeros([BLOCK_N, BLOCK_A], dtype=tl.float32)
+    if HAS_ABLATE:
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            m = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(h_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            if HAS_TABLE:
+                x += tl.load(table_ptr + slot[:, None] * D + cols[None, :], mask=active[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+            u = tl.load(ablate_ptr + a_offsets[:, None] * D + cols[None, :], mask=(a_offsets[:, None] < A) & col_mask[None, :], other=0.0).to(tl.float32)
+            coef += tl.sum(x[:, None, :] * u[None, :, :], axis=2)
+        coef = tl.where(active[:, None], coef, 0.0)
+
+    # pass 2: edit, store, norms, capture and the first probe tile of scores
+    if HAS_CAPTURE:
+        segment = tl.load(segments_ptr + rows, mask=row_mask, other=-1)
+        captured = (segment >= 0) & row_mask
+        segment = tl.where(captured, segment, 0)
+    k_offsets = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if EDITS or HAS_NORMS or HAS_CAPTURE or HAS_SCORES:
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            m = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(h_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            if EDITS:
+                if HAS_TABLE:
+                    x += tl.load(table_ptr + slot[:, None] * D + cols[None, :], mask=active[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+                if HAS_ABLATE:
+                    u = tl.load(ablate_ptr + a_offsets[:, None] * D + cols[None, :], mask=(a_offsets[:, None] < A) & col_mask[None, :], other=0.0).to(tl.float32)
+                    x -= tl.sum(coef[:, :, None] * u[None, :, :], axis=1)
+                stored = x.to(h_ptr.dtype.element_ty)
+                tl.store(h_rows + cols[None, :], stored, mask=active[:, None] & col_mask[None, :])
+                x = tl.where(active[:, None], stored.to(tl.float32), x)
+            if HAS_CAPTURE:
+                tl.atomic_add(sums_ptr + segment[:, None] * D + cols[None, :], x, mask=captured[:, None] & col_mask[None, :])
+            if HAS_CENTER:
+                x -= tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_NORMS:
+                squares += tl.sum(x * x, axis=1)
+            if HAS_SCORES:
+                p = tl.load(probes_ptr + k_offsets[:, None] * D + cols[None, :], mask=(k_offsets[:, None] < K) & col_mask[None, :], other=0.0)
+                if USE_DOT:
+                    if DOT_IEEE:
+                        acc += tl.dot(x, tl.trans(p.to(tl.float32)), input_precision="ieee")
+                    else:
+                        acc += tl.dot(x.to(h_ptr.dtype.element_ty), tl.trans(p.to(h_ptr.dtype.element_ty)))
+                else:
+                    acc += tl.sum(x[:, None, :] * p.to(tl.float32)[None, :, :], axis=2)
+    if HAS_NORMS:
+        tl.store(norms_ptr + rows, tl.sqrt(squares), mask=row_mask)
+    if HAS_CAPTURE:
+        tl.atomic_add(counts_ptr + segment, tl.full([BLOCK_N], 1.0, tl.float32), mask=captured)
+    if HAS_SCORES:
+        tl.store(scores_ptr + rows[:, None] * K + k_offsets[None, :], acc, mask=row_mask[:, None] & (k_offsets[None, :] < K))
+
+        # pass 3: remaining probe tiles, on the rows as stored
+        if EDITS:
+            tl.debug_barrier()  # this program's stores to h must be visible to all its threads
+        for k0 in range((pid_k * BLOCK_K) + k_step, K, k_step):
+            k_offsets = k0 + tl.arange(0, BLOCK_K)
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                col_mask = cols < D
+                x = tl.load(h_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+                if HAS_CENTER:
+                    x -= tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                p = tl.load(probes_ptr + k_offsets[:, None] * D + cols[None, :], mask=(k_offsets[:, None] < K) & col_mask[None, :], other=0.0)
+                if USE_DOT:
+                    if DOT_IEEE:
+                        acc += tl.dot(x, tl.trans(p.to(tl.float32)), input_precision="ieee")
+                    else:
+                        acc += tl.dot(x.to(h_ptr.dtype.element_ty), tl.trans(p.to(h_ptr.dtype.element_ty)))
+                else:
+                    acc += tl.sum(x[:, None, :] * p.to(tl.float32)[None, :, :], axis=2)
+            tl.store(scores_ptr + rows[:, None] * K + k_offsets[None, :], acc, mask=row_mask[:, None] & (k_offsets[None, :] < K))
+
+
+def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts) -> None:
+    """Launch the Triton kernel on validated arguments (see :func:`emovec.ops.steer_project`)."""
+    n, d = h.shape
+    if n == 0:
+        return
+    k = probes.shape[0] if probes is not None else 0
+    a = ablate.shape[0] if ablate is not None else 0
+    edits = table is not None or ablate is not None
+    block_d = min(64, triton.next_power_of_2(d))
+    block_a = max(1, triton.next_power_of_2(a))
+    # tl.dot needs tiles of at least 16; under the interpreter it is exact only in fp32 (see DESIGN.md)
+    use_dot = n > SMALL_N and k > 0
+    dot_ieee = h.dtype == torch.float32 or interpreting
+    flags = dict(
+        HAS_SLOTS=slots is not None, HAS_TABLE=table is not None, HAS_ABLATE=ablate is not None,
+        HAS_CENTER=center is not None, DOT_IEEE=dot_ieee, BLOCK_D=block_d, BLOCK_A=block_a,
+    )
+    # absent tensors are passed as h: never dereferenced, the matching HAS_* flag is False
+    pointers = [
+        h, h.stride(0), slots if slots is not None else h, table if table is not None else h,
+        ablate if ablate is not None else h, probes if probes is not None else h, center if center is not None else h,
+    ]
+    outputs = [
+        scores if scores is not None else h, norms if norms is not None else h,
+        segments if segments is not None else h, sums if sums is not None else h, counts if counts is not None else h,
+    ]
+    if use_dot:
+        block_k = min(128 if h.dtype == torch.float32 else 256, max(16, triton.next_power_of_2(k)))
+        block_n = 64 if block_k <= 64 else 32
+        grid = (triton.cdiv(n, block_n), 1)
+        _steer_project_kernel[grid](
+            *pointers, *outputs, n, d, k, a,
+            HAS_SCORES=scores is not None, HAS_NORMS=norms is not None, HAS_CAPTURE=sums is not None,
+            USE_DOT=True, BLOCK_N=block_n, BLOCK_K=block_k, **flags,
+        )
+        return
+    block_n = max(1, min(SMALL_N, triton.next_power_of_2(n)))
+    block_k = max(1, min(32, triton.next_power_of_2(max(k, 1))))
+    project_now = scores is not None and not edits
+    if edits or norms is not None or sums is not None or project_now:
+        # a probe-tile grid only when no program would capture twice
+        probe_tiles = triton.cdiv(k, block_k) if project_now and sums is None else 1
+        _steer_project_kernel[(triton.cdiv(n, block_n), probe_tiles)](
+            *pointers, *outputs, n, d, k, a,
+            HAS_SCORES=project_now, HAS_NORMS=norms is not None, HAS_CAPTURE=sums is not None,
+            USE_DOT=False, BLOCK_N=block_n, BLOCK_K=block_k, **flags,
+        )
+    if scores is not None and not project_now:
+        # edits are done and stored: project the rows on a (row tile x probe tile) grid, nothing else
+        flags.update(HAS_SLOTS=False, HAS_TABLE=False, HAS_ABLATE=False)
+        _steer_project_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+            *pointers, *outputs, n, d, k, a,
+            HAS_SCORES=True, HAS_NORMS=False, HAS_CAPTURE=False,
+            USE_DOT=False, BLOCK_N=block_n, BLOCK_K=block_k, **flags,
+        )

@@ -1,0 +1,29 @@
+// Argument checks shared by the CPU and CUDA launchers: the last line of defence behind emovec.ops.
+#include "steer_project.h"
+
+namespace emovec {
+
+namespace {
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("emovec._C.steer_project: " + what);
+}
+bool valid_dtype(int code) { return code == kFloat32 || code == kFloat16 || code == kBFloat16; }
+}  // namespace
+
+void check_args(const SteerProjectArgs& a) {
+  require(a.n >= 0 && a.d >= 1, "need n >= 0 and d >= 1");
+  require(a.n == 0 || a.h != nullptr, "h is null");
+  require(a.h_row_stride >= a.d || a.n <= 1, "h row stride must be >= d");
+  require(valid_dtype(a.h_dtype), "h dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+  require(a.w_dtype == kFloat32 || a.w_dtype == a.h_dtype, "weights must be fp32 or h's dtype");
+  require(a.table == nullptr || a.slots != nullptr, "a steering table needs slots");
+  require(a.table == nullptr || a.table_rows >= 1, "table needs at least one row");
+  require(a.num_ablate >= 0 && (a.num_ablate == 0) == (a.ablate == nullptr), "ablate and num_ablate disagree");
+  require(a.num_probes >= 0 && (a.num_probes == 0 || a.probes != nullptr), "probes missing");
+  require(a.scores == nullptr || a.num_probes > 0, "scores requested without probes");
+  require((a.sums == nullptr) == (a.segments == nullptr) && (a.sums == nullptr) == (a.counts == nullptr),
+          "capture needs segments, sums and counts together");
+  require(a.sums == nullptr || a.num_segments >= 1, "capture needs num_segments >= 1");
+}
+
+}  // namespace emovec

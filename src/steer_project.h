@@ -1,0 +1,61 @@
+// emovec C++ core: the fused steer / project / capture op over raw pointers.
+//
+// Torch-free on purpose: callers pass data pointers, sizes, strides and dtype codes, so this builds with a
+// C++ compiler (and nvcc for the CUDA launcher) alone and never breaks when torch is upgraded.
+// The Python layer (emovec.ops) validates every argument before it reaches this header.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace emovec {
+
+// dtype codes shared with python/emovec/_ext.py
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct SteerProjectArgs {
+  // residual stream h: [n, d], element (i, j) at h[i * h_row_stride + j]; modified in place when steered
+  void* h = nullptr;
+  int64_t n = 0, d = 0, h_row_stride = 0;
+  int h_dtype = kFloat32;
+
+  // weights, all contiguous and all of one dtype (w_dtype: h_dtype or kFloat32)
+  int w_dtype = kFloat32;
+  const int64_t* slots = nullptr;  // [n], -1 = untouched (only rows with slot >= 0 are steered/ablated)
+  const void* table = nullptr;     // [table_rows, d], strength already folded in
+  int64_t table_rows = 0;
+  const void* ablate = nullptr;    // [num_ablate, d] unit directions, projected out after steering
+  int64_t num_ablate = 0;
+  const void* probes = nullptr;    // [num_probes, d]
+  int64_t num_probes = 0;
+  const void* center = nullptr;    // [d] or null
+
+  float* scores = nullptr;  // [n, num_probes] contiguous, or null
+  float* norms = nullptr;   // [n] or null
+
+  const int64_t* segments = nullptr;  // [n], -1 = not captured
+  float* sums = nullptr;              // [num_segments, d] contiguous, accumulated into
+  float* counts = nullptr;            // [num_segments], accumulated into
+  int64_t num_segments = 0;
+
+  // when slots is null, steering/ablation applies to every row (table must then be null)
+  bool steer_all_rows() const { return slots == nullptr; }
+};
+
+// CPU kernel (OpenMP). Throws std::invalid_argument on inconsistent arguments.
+void steer_project_cpu(const SteerProjectArgs& args, int num_threads);
+
+// CUDA launcher: one launch on `stream` (a cudaStream_t passed as an integer). Throws std::runtime_error
+// with the CUDA error text when the launch fails, or when the module was built without CUDA.
+void steer_project_cuda(const SteerProjectArgs& args, std::intptr_t stream);
+
+// What this build contains, for `emovec info`.
+bool cuda_compiled();
+std::string cuda_architectures();
+int cuda_device_count();  // 0 when there is no driver or no device (never throws)
+
+// Basic consistency checks shared by both launchers (the Python layer checks values and devices).
+void check_args(const SteerProjectArgs& args);
+
+}  // namespace emovec
