@@ -270,6 +270,8 @@ def _address(t: torch.Tensor | None) -> int:
 
 
 def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, on_gpu: bool) -> None:
+    if h.shape[0] == 0:  # nothing to do, and empty tensors have null data pointers
+        return
     weights = [t for t in (table, ablate, probes, center) if t is not None]
     w_dtype = weights[0].dtype if weights else torch.float32
     args = (

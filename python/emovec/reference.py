@@ -21,50 +21,57 @@ def steer_project_reference(
     sums: torch.Tensor | None,
     counts: torch.Tensor | None,
 ) -> None:
-    """Same contract as :func:`emovec.ops.steer_project`, on already validated arguments, in fp32.
+    """Same contract as :func:`emovec.ops.steer_project`, on already validated arguments.
 
     ``h[i] += table[slots[i]]`` (slot -1: row untouched), then ``h[i] -= sum_a (h[i]·u_a) u_a`` for the
     rows that are steered (all rows when ``slots`` is None); ``scores[i, k] = (h[i] - center)·probes[k]``
     and ``norms[i] = ‖h[i] - center‖`` on the stored value of ``h[i]``; ``sums[segments[i]] += h[i]`` and
-    ``counts[segments[i]] += 1`` for rows with ``segments[i] >= 0``.
+    ``counts[segments[i]] += 1`` for rows with ``segments[i] >= 0``. Computes in fp32, or in float64 when
+    ``h`` is float64 (the tests' oracle).
     """
-    x = h.float()
+    acc = torch.promote_types(h.dtype, torch.float32)
+    x = h.to(acc)
     if table is not None or ablate is not None:
         active = slots >= 0 if slots is not None else torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
         if table is not None:
-            x = x + torch.where(active[:, None], table.float()[slots.clamp(min=0)], 0.0)
+            x = x + torch.where(active[:, None], table.to(acc)[slots.clamp(min=0)], 0.0)
         if ablate is not None:
-            u = ablate.float()
+            u = ablate.to(acc)
             x = torch.where(active[:, None], x - (x @ u.T) @ u, x)
         h.copy_(x)
-        x = h.float()  # project what is stored, after rounding to h's dtype
-    centered = x - center.float() if center is not None else x
+        x = h.to(acc)  # project what is stored, after rounding to h's dtype
+    centered = x - center.to(acc) if center is not None else x
     if scores is not None:
-        scores.copy_(centered @ probes.float().T)
+        scores.copy_(centered @ probes.to(acc).T)
     if norms is not None:
         norms.copy_(centered.norm(dim=1))
     if sums is not None:
         keep = segments >= 0
-        sums.index_add_(0, segments[keep], x[keep])
-        counts.index_add_(0, segments[keep], torch.ones_like(segments[keep], dtype=torch.float32))
+        sums.index_add_(0, segments[keep], x[keep].to(sums.dtype))
+        counts.index_add_(0, segments[keep], torch.ones_like(segments[keep], dtype=counts.dtype))
 
 
 def naive_sequence(h, slots, table, ablate, probes, center, segments, sums, counts):
-    """What a user writes with plain torch ops, one op per step: the benchmark baseline.
+    """What a user writes with plain torch ops, one op per step, in h's dtype: the benchmark baseline.
 
-    Steering by gather-and-add, ablation, a matmul, a norm and an index_add, each a separate kernel,
-    in h's own dtype where torch would use it.
+    Steering by gather-and-add, ablation, a matmul, a norm and an index_add, each a separate kernel.
+    Weights must already be in h's dtype. Returns (scores, norms).
     """
+    active = slots >= 0 if slots is not None else None
     if table is not None:
-        active = slots >= 0
         h[active] += table[slots[active]]
     if ablate is not None:
-        h -= (h @ ablate.T) @ ablate
+        rows = h[active] if active is not None else h
+        rows = rows - (rows @ ablate.T) @ ablate
+        if active is not None:
+            h[active] = rows
+        else:
+            h.copy_(rows)
     centered = h - center if center is not None else h
-    scores = (centered.float() @ probes.float().T) if probes is not None else None
+    scores = (centered @ probes.T).float() if probes is not None else None
     norms = centered.float().norm(dim=1)
     if segments is not None:
         keep = segments >= 0
         sums.index_add_(0, segments[keep], h[keep].float())
-        counts.index_add_(0, segments[keep], torch.ones(int(keep.sum()), device=h.device))
+        counts.index_add_(0, segments[keep], torch.ones(keep.shape[0], device=h.device)[keep])
     return scores, norms

@@ -1,0 +1,162 @@
+"""The fused op on every available backend against a float64 oracle (the package's reference in float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from op_cases import Case, assert_close_by_rule, make_inputs, oracle, torch_own
+
+import emovec
+from emovec.ops import backend_status
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Every N, d, K and A of the issue appears; weird shapes on purpose (odd d, K=171, N=257).
+CASES = [
+    Case(0, 7, 5, 1),
+    Case(1, 1, 1, 0),
+    Case(1, 576, 171, 3),
+    Case(1, 1000, 5, 1),
+    Case(3, 7, 5, 0),
+    Case(3, 64, 171, 1, row_pad=5),
+    Case(3, 1, 1, 1, center=False),
+    Case(257, 64, 5, 3),
+    Case(257, 576, 171, 0, row_pad=64),
+    Case(257, 7, 171, 1, steer=False),
+    Case(1000, 576, 1, 3, weights_fp32=True),
+    Case(1000, 64, 171, 0, capture=False),
+    Case(1000, 1000, 5, 1, row_pad=3, num_segments=7),
+    Case(257, 1000, 171, 3, weights_fp32=True, center=False),
+    Case(3, 576, 0, 1),  # steer + capture only, no probes
+]
+# The interpreter executes Triton programs in numpy: keep its shapes small but cover both kernel paths.
+TRITON_CASES = [
+    Case(0, 7, 5, 1),
+    Case(1, 1, 1, 0),
+    Case(3, 7, 5, 3),
+    Case(5, 64, 171, 1, row_pad=3),
+    Case(16, 33, 5, 0, weights_fp32=True),
+    Case(40, 64, 5, 1),  # N > 16: the tl.dot path
+    Case(37, 7, 1, 3, row_pad=2, center=False),
+    Case(33, 64, 40, 0, steer=False),  # more than one probe tile without edits
+    Case(20, 64, 0, 1),
+]
+
+
+def backend_params():
+    status = backend_status()
+    for name in ("torch", "cpu", "triton", "cuda"):
+        marks = [pytest.mark.skipif(status[name] is not None, reason=str(status[name]))]
+        if name == "cuda":
+            marks.append(pytest.mark.cuda)
+        yield pytest.param(name, marks=marks)
+
+
+def run_backend(inputs: dict, backend: str, case: Case) -> dict:
+    h_storage = inputs["h_storage"].clone()
+    h = h_storage[:, : case.d]
+    n, k = case.n, case.k
+    device = h.device
+    scores = torch.full((n, k), math.nan, device=device) if k else None  # poisoned: unwritten elements fail
+    norms = torch.full((n,), math.nan, device=device)
+    sums = inputs["sums"].clone() if inputs["sums"] is not None else None
+    counts = inputs["counts"].clone() if inputs["counts"] is not None else None
+    result = emovec.steer_project(
+        h, slots=inputs["slots"], table=inputs["table"], ablate=inputs["ablate"], probes=inputs["probes"],
+        center=inputs["center"], segments=inputs["segments"], sums=sums, counts=counts, scores=scores, norms=norms,
+        compute_norms=True, backend=backend,
+    )
+    if case.row_pad:  # the padding columns of strided rows must be untouched
+        torch.testing.assert_close(h_storage[:, case.d:], inputs["h_storage"][:, case.d:], rtol=0, atol=0)
+    assert result.scores is scores and result.norms is norms
+    return {"h": h, "scores": scores, "norms": norms, "sums": sums, "counts": counts}
+
+
+def check(case: Case, dtype: torch.dtype, backend: str, device) -> None:
+    if backend == "cuda":
+        device = torch.device("cuda")
+    if backend == "cpu":
+        device = torch.device("cpu")
+    inputs = make_inputs(case, dtype, device, seed=case.n * 7919 + case.d * 31 + case.k + case.a)
+    want = oracle(inputs)
+    own = torch_own(inputs)
+    got = run_backend(inputs, backend, case)
+    for name in ("h", "scores", "norms", "sums", "counts"):
+        if want[name] is None:
+            assert got[name] is None, name
+            continue
+        assert_close_by_rule(f"{backend}/{dtype}/{case}/{name}", got[name], want[name], own[name], dtype)
+
+
+@pytest.mark.parametrize("backend", list(backend_params()))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backend_matches_float64_oracle(case, dtype, backend, device):
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip("on the CPU, Triton runs under the interpreter: see test_triton_small_shapes")
+    check(case, dtype, backend, device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
+def test_triton_small_shapes(case, dtype, device):
+    if backend_status()["triton"] is not None:
+        pytest.skip(backend_status()["triton"])
+    check(case, dtype, "triton", device)
+
+
+@pytest.mark.parametrize("backend", list(backend_params()))
+def test_steering_without_slots_ablates_every_row(backend, device):
+    if backend == "cuda":
+        device = torch.device("cuda")
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(9, 16, generator=g).to(device)
+    u = torch.nn.functional.normalize(torch.randn(1, 16, generator=g), dim=1).to(device)
+    out = h.clone()
+    emovec.steer_project(out, ablate=u, backend=backend)
+    torch.testing.assert_close(out, h - (h @ u.T) @ u, rtol=1e-5, atol=1e-5)
+    assert (out @ u.T).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", list(backend_params()))
+def test_slot_minus_one_rows_are_bit_identical(backend, device):
+    if backend == "cuda":
+        device = torch.device("cuda")
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 24, generator=g).to(torch.bfloat16).to(device)
+    table = torch.randn(2, 24, generator=g).to(torch.bfloat16).to(device)
+    u = torch.nn.functional.normalize(torch.randn(1, 24, generator=g), dim=1).to(device)
+    slots = torch.tensor([-1, 0, -1, 1, -1, -1], device=device)
+    out = h.clone()
+    emovec.steer_project(out, slots=slots, table=table, ablate=u, probes=table, backend=backend)
+    untouched = slots < 0
+    assert torch.equal(out[untouched], h[untouched])
+    assert not torch.equal(out[~untouched], h[~untouched])
+
+
+def test_backends_agree_on_capture_with_repeated_segments(device):
+    """Many rows into few segments, in sequence order: counts are exact and sums match across backends."""
+    status = backend_status()
+    h = torch.randn(300, 40, dtype=torch.float64).float()
+    segments = torch.arange(300) % 4 - 1  # -1, 0, 1, 2 repeating
+    results = {}
+    for backend in ("torch", "cpu"):
+        if status[backend] is not None:
+            continue
+        r = emovec.steer_project(h.clone(), segments=segments, num_segments=3, backend=backend)
+        results[backend] = r
+        assert r.counts.tolist() == [75.0, 75.0, 75.0]
+        want = torch.stack([h.double()[segments == s].sum(0) for s in range(3)])
+        torch.testing.assert_close(r.sums.double(), want, rtol=1e-5, atol=1e-4)
+    assert results
+
+
+def test_default_backend_on_cpu_is_the_compiled_kernel():
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    h = torch.randn(4, 8)
+    from emovec.ops import _pick_backend
+
+    assert _pick_backend(h, None) == "cpu"
