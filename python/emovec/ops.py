@@ -99,7 +99,7 @@ def _check_tensor(name: str, t, *, ndim: int, device: torch.device, dtypes, shap
 
 
 def _fmt(shape) -> str:
-    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+    return str(tuple("*" if s is None else s for s in shape)).replace("'", "")
 
 
 def _check_finite(name: str, t: torch.Tensor | None) -> None:
@@ -258,7 +258,11 @@ def steer_project(
         weights = [t for t in (table, ablate, probes, center) if t is not None]
         if any(t.dtype != weights[0].dtype for t in weights):
             table, ablate, probes, center = (t.float() if t is not None else None for t in (table, ablate, probes, center))
-    torch.ops.emovec.steer_project(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, chosen)
+    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, chosen)
+    if torch.compiler.is_compiling():
+        torch.ops.emovec.steer_project(*args)  # traced through the registered op and its fake implementation
+    else:
+        _run_backend(*args)  # eager: skip the custom-op dispatcher, which costs more than a decode-sized call
     return SteerProjectResult(scores, norms, sums, counts)
 
 
@@ -291,6 +295,22 @@ def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segmen
         _ext._C.steer_project_cpu(*args, torch.get_num_threads())
 
 
+def _run_backend(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, backend: str) -> None:
+    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts)
+    if backend == "torch":
+        steer_project_reference(*args)
+    elif backend == "cpu":
+        _run_compiled(*args, on_gpu=False)
+    elif backend == "cuda":
+        _run_compiled(*args, on_gpu=True)
+    elif backend == "triton":
+        from emovec.triton.steer_project import steer_project_triton
+
+        steer_project_triton(*args)
+    else:  # pragma: no cover - steer_project validates the name
+        raise ValueError(f"unknown backend {backend!r}")
+
+
 @torch.library.custom_op("emovec::steer_project", mutates_args=("h", "scores", "norms", "sums", "counts"))
 def _steer_project_op(
     h: torch.Tensor,
@@ -306,19 +326,7 @@ def _steer_project_op(
     counts: torch.Tensor | None,
     backend: str,
 ) -> None:
-    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts)
-    if backend == "torch":
-        steer_project_reference(*args)
-    elif backend == "cpu":
-        _run_compiled(*args, on_gpu=False)
-    elif backend == "cuda":
-        _run_compiled(*args, on_gpu=True)
-    elif backend == "triton":
-        from emovec.triton.steer_project import steer_project_triton
-
-        steer_project_triton(*args)
-    else:  # pragma: no cover - steer_project validates the name
-        raise ValueError(f"unknown backend {backend!r}")
+    _run_backend(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, backend)
 
 
 @_steer_project_op.register_fake

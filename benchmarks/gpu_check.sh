@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One prepared check for a lent GPU: build with CUDA, run the CUDA and Triton tests on the device, benchmark,
+# and print a short table last. Usage (from the repository root): bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja triton safetensors click rich pytest 2>&1 | tail -2
+start=$(date +%s)
+EMOVEC_CUDA=1 EMOVEC_CUDA_ARCHITECTURES="${EMOVEC_CUDA_ARCHITECTURES:-90}" python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
+echo "build: $(( $(date +%s) - start )) s"
+python -m emovec.cli info
+echo "== op tests on the device (cuda + triton backends) =="
+python -m pytest -q -x tests/test_ops.py tests/test_ops_validation.py -k "cuda or triton or compile" 2>&1 | tail -15
+echo "== benchmark =="
+mkdir -p "${OUT:-benchmarks/results}"
+python benchmarks/bench_op.py --device cuda --dtype bfloat16 --out "${OUT:-benchmarks/results}/op_cuda_auto.csv" > /tmp/bench_auto.txt 2>&1
+python benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend cuda --n 1 16 256 --out "${OUT:-benchmarks/results}/op_cuda_cuda.csv" > /tmp/bench_cuda.txt 2>&1
+python benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend triton --n 256 4096 32768 --out "${OUT:-benchmarks/results}/op_cuda_triton.csv" > /tmp/bench_triton.txt 2>&1
+for f in /tmp/bench_cuda.txt /tmp/bench_triton.txt /tmp/bench_auto.txt; do echo "-- $f"; tail -n 22 "$f"; done
