@@ -1,0 +1,239 @@
+"""VectorSet: named concept directions per layer, with what is needed to steer and score with them.
+
+Saved as one safetensors file with JSON metadata (written atomically); loading checks the file against a model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+class VectorFileError(ValueError):
+    """A vector file is corrupt, incomplete, or does not match the model it is used with."""
+
+
+def config_hash(config: Any) -> str:
+    """A short hash of the parts of a model config that decide the residual stream's meaning."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "vocab_size", "n_embd", "n_layer", "n_head", "rope_theta", "rms_norm_eps", "max_position_embeddings")
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    chosen = {k: data.get(k) for k in keys if k in data}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class VectorSet:
+    """Named directions in the residual stream, one set per layer.
+
+    Attributes
+    ----------
+    names : the K concept names, in order.
+    layers : the L model layer indices the vectors belong to; empty means one set that serves every layer.
+    vectors : (max(L, 1), K, d) fp32, the raw (unnormalised) directions.
+    mean_norms : (max(L, 1),) fp32 mean residual-stream norm at each layer (for relative steering), or None.
+    neutral_pcs : (max(L, 1), P, d) fp32 principal components of neutral text projected out, or None.
+    default_layer : the layer to use when a caller names none (about two thirds of the depth).
+    metadata : JSON-serialisable facts: model id, config hash, hidden size, layer count, parameters, ...
+    """
+
+    names: list[str]
+    layers: list[int]
+    vectors: torch.Tensor
+    mean_norms: torch.Tensor | None = None
+    neutral_pcs: torch.Tensor | None = None
+    default_layer: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.names = [str(n) for n in self.names]
+        self.layers = [int(layer) for layer in self.layers]
+        self.vectors = self.vectors.detach().float()
+        if self.vectors.ndim == 2:
+            self.vectors = self.vectors[None]
+        slices = max(len(self.layers), 1)
+        if self.vectors.ndim != 3 or self.vectors.shape[:2] != (slices, len(self.names)):
+            raise ValueError(f"vectors must have shape ({slices}, {len(self.names)}, d) for {len(self.layers)} layers "
+                             f"and {len(self.names)} names, got {tuple(self.vectors.shape)}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("names must be unique")
+        if self.mean_norms is not None:
+            self.mean_norms = self.mean_norms.detach().float().reshape(slices)
+        if not torch.isfinite(self.vectors).all():
+            raise ValueError("vectors contain NaN or infinite values")
+        if self.default_layer is None and self.layers:
+            self.default_layer = self.layers[min(len(self.layers) - 1, round(2 * (len(self.layers) - 1) / 3))]
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor, names: Sequence[str], layers: Sequence[int] | None = None,
+                    mean_norms: torch.Tensor | Sequence[float] | None = None, **metadata: Any) -> VectorSet:
+        """Wrap a (K, d) tensor (one set for every layer) or an (L, K, d) tensor with its layer indices."""
+        if tensor.ndim == 3 and layers is None:
+            raise ValueError("a 3-D (L, K, d) tensor needs layers=[...] naming the model layer of each slice")
+        if mean_norms is not None and not isinstance(mean_norms, torch.Tensor):
+            mean_norms = torch.tensor(list(mean_norms), dtype=torch.float32)
+        return cls(list(names), list(layers or []), tensor, mean_norms=mean_norms, metadata=dict(metadata))
+
+    # ------------------------------------------------------------------ access
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vectors.shape[-1]
+
+    @property
+    def unit(self) -> torch.Tensor:
+        """(max(L, 1), K, d) unit-norm directions."""
+        return torch.nn.functional.normalize(self.vectors, dim=-1)
+
+    def covers(self, layer: int) -> bool:
+        return not self.layers or layer in self.layers
+
+    def slice_of(self, layer: int) -> int:
+        """Position of model layer ``layer`` in this set's tensors."""
+        if not self.layers:
+            return 0
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise ValueError(f"these vectors were extracted at layers {_ranges(self.layers)}, not at layer {layer}; "
+                             f"pick layers from those, or extract at layer {layer}") from None
+
+    def index(self, name: str) -> int:
+        """Position of a concept by name; an unknown name lists the closest known ones."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            close = difflib.get_close_matches(name, self.names, n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise KeyError(f"unknown concept {name!r}: this vector set has {len(self.names)} names "
+                           f"(e.g. {', '.join(self.names[:5])}).{hint}") from None
+
+    def select(self, names: Sequence[str] | None = None, layers: Sequence[int] | None = None) -> VectorSet:
+        """A new VectorSet with only these names (in the given order) and these layers."""
+        name_idx = [self.index(n) for n in names] if names is not None else list(range(len(self.names)))
+        if layers is not None and self.layers:
+            slice_idx = [self.slice_of(layer) for layer in layers]
+            new_layers = list(layers)
+        else:
+            slice_idx = list(range(max(len(self.layers), 1)))
+            new_layers = list(self.layers)
+        pick = torch.tensor(slice_idx)
+        names_out = [self.names[i] for i in name_idx]
+        default = self.default_layer if self.default_layer in new_layers else None
+        return VectorSet(
+            names_out, new_layers, self.vectors[pick][:, name_idx],
+            mean_norms=self.mean_norms[pick] if self.mean_norms is not None else None,
+            neutral_pcs=self.neutral_pcs[pick] if self.neutral_pcs is not None else None,
+            default_layer=default, metadata=dict(self.metadata),
+        )
+
+    def mean_norm(self, layer: int) -> float:
+        if self.mean_norms is None:
+            raise ValueError("this vector set has no mean residual norms, needed for relative strength; "
+                             "use emovec.measure_mean_norms(model, vectors) or relative=False")
+        return float(self.mean_norms[self.slice_of(layer)])
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a safetensors file atomically (temporary file in the same folder, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"vectors": self.vectors.contiguous().cpu()}
+        if self.mean_norms is not None:
+            tensors["mean_norms"] = self.mean_norms.contiguous().cpu()
+        if self.neutral_pcs is not None:
+            tensors["neutral_pcs"] = self.neutral_pcs.float().contiguous().cpu()
+        header = {
+            "format": "emovec.VectorSet", "format_version": str(FORMAT_VERSION),
+            "names": json.dumps(self.names), "layers": json.dumps(self.layers),
+            "default_layer": json.dumps(self.default_layer), "metadata": json.dumps(self.metadata, default=str),
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=header)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Any = None) -> VectorSet:
+        """Read a file written by :meth:`save`; with ``model``, check it matches (hidden size, layers, config)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise VectorFileError(f"vector file {path} does not exist; create one with `emovec extract --out {path}`")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as error:  # safetensors raises several types for corrupt files
+            raise VectorFileError(f"{path} is not a readable safetensors file ({error}); it may be truncated or "
+                                  "corrupt: extract the vectors again") from None
+        if header.get("format") != "emovec.VectorSet" or "vectors" not in tensors:
+            raise VectorFileError(f"{path} is a safetensors file but not an emovec vector file (no emovec header)")
+        if int(header.get("format_version", "0")) > FORMAT_VERSION:
+            raise VectorFileError(f"{path} was written by a newer emovec (format {header['format_version']}); upgrade emovec")
+        try:
+            vs = cls(
+                json.loads(header["names"]), json.loads(header["layers"]), tensors["vectors"],
+                mean_norms=tensors.get("mean_norms"), neutral_pcs=tensors.get("neutral_pcs"),
+                default_layer=json.loads(header.get("default_layer", "null")),
+                metadata=json.loads(header.get("metadata", "{}")),
+            )
+        except (KeyError, ValueError, json.JSONDecodeError) as error:
+            raise VectorFileError(f"{path} has an inconsistent emovec header ({error}); extract the vectors again") from None
+        if model is not None:
+            vs.check_model(model, source=str(path))
+        return vs
+
+    def check_model(self, model: Any, source: str = "these vectors") -> None:
+        """Raise VectorFileError when the vectors were not made for ``model`` (hidden size, layers, config hash)."""
+        config = getattr(model, "config", None)
+        if config is None:
+            return
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+        problems = []
+        if hidden is not None and hidden != self.hidden_size:
+            problems.append(f"hidden size {self.hidden_size} != the model's {hidden}")
+        if layers is not None and self.layers and max(self.layers) >= layers:
+            problems.append(f"layers up to {max(self.layers)} but the model has {layers}")
+        want = self.metadata.get("config_hash")
+        if not problems and want and want != config_hash(config):
+            problems.append(f"config hash {want} != the model's {config_hash(config)} "
+                            f"(made for {self.metadata.get('model', 'another model')})")
+        if problems:
+            raise VectorFileError(f"{source} do not match this model: {'; '.join(problems)}. "
+                                  "Extract vectors for this model with `emovec extract --model ...`")
+
+
+def _ranges(values: Sequence[int]) -> str:
+    values = sorted(values)
+    if not values:
+        return "none"
+    parts, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ",".join(parts)
