@@ -1,0 +1,450 @@
+"""In-forward runtime: run the fused op on the residual stream that chosen decoder layers output.
+
+``monitor`` records per-token scores into preallocated device buffers; ``steer`` adds vectors in place, per
+sequence and per position. Both are context managers that wrap each chosen layer's ``forward`` (an instance
+attribute, removed on exit) and read the batch layout from a pre-hook on the model that owns the layers.
+Per step the host does only row bookkeeping from tensor shapes: no host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from emovec.layers import (
+    find_decoder_layers,
+    layer_output_hidden,
+    replace_layer_output,
+    resolve_layer_indices,
+)
+from emovec.ops import steer_project
+from emovec.vectors import VectorSet
+
+
+@dataclass
+class _Step:
+    """The layout of the current forward call, set by the pre-hook on the model that owns the layers."""
+
+    batch: int
+    length: int  # new tokens in this call
+    past: int  # columns already processed (KV cache)
+    real: torch.Tensor | None  # (B, T) bool on device, None = every row real
+    input_ids: torch.Tensor | None
+
+
+def _hidden_2d(hidden: torch.Tensor) -> torch.Tensor:
+    if hidden.ndim != 3:
+        raise RuntimeError(f"emovec expected a (batch, tokens, hidden) residual stream, got shape {tuple(hidden.shape)}")
+    return hidden.view(-1, hidden.shape[-1]) if hidden.is_contiguous() else hidden.reshape(-1, hidden.shape[-1])
+
+
+class _LayerSlot:
+    """The one forward wrapper emovec installs on a layer, shared by every active context on that layer."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.had_own = "forward" in layer.__dict__
+        self.previous = layer.__dict__.get("forward")
+        self.inner = layer.forward
+        self.entries: list[tuple[_LayerRuntime, int]] = []
+
+    def __call__(self, *args, **kwargs):
+        output = self.inner(*args, **kwargs)
+        entries = [(r, p) for r, p in self.entries if r.step is not None]
+        if not entries:
+            return output
+        hidden = layer_output_hidden(output)
+        flat = _hidden_2d(hidden)
+        for runtime, position in sorted(entries, key=lambda e: e[0].order):
+            runtime.apply(position, flat)
+        if flat.data_ptr() != hidden.data_ptr() or not hidden.is_contiguous():
+            output = replace_layer_output(output, flat.view_as(hidden))
+        return output
+
+
+def _attach(layer: torch.nn.Module, runtime: _LayerRuntime, position: int) -> None:
+    slot = layer.__dict__.get("forward")
+    if not isinstance(slot, _LayerSlot):
+        slot = _LayerSlot(layer)
+        layer.forward = slot
+    slot.entries.append((runtime, position))
+
+
+def _detach(layer: torch.nn.Module, runtime: _LayerRuntime) -> None:
+    slot = layer.__dict__.get("forward")
+    if not isinstance(slot, _LayerSlot):
+        return
+    slot.entries = [e for e in slot.entries if e[0] is not runtime]
+    if not slot.entries:  # the last context on this layer: put back exactly what was there
+        if slot.had_own:
+            layer.forward = slot.previous
+        else:
+            layer.__dict__.pop("forward", None)
+
+
+class _LayerRuntime:
+    """Shared machinery of monitor and steer: layer wrapping, the pre-hook, exact restoration."""
+
+    def __init__(self, model: torch.nn.Module, vectors: VectorSet | None, layers: Any = None,
+                 layer_modules: Sequence[torch.nn.Module] | None = None, backend: str | None = None) -> None:
+        self.model = model
+        self.found = find_decoder_layers(model, layer_modules)
+        num_layers = len(self.found.layers)
+        if vectors is not None and vectors.hidden_size != self.found.hidden_size:
+            raise ValueError(f"the vectors have hidden size {vectors.hidden_size} but the model's residual stream "
+                             f"has {self.found.hidden_size}; use vectors extracted for this model")
+        if layers is None:
+            if vectors is not None and vectors.default_layer is not None:
+                layers = [vectors.default_layer]
+            elif vectors is not None and vectors.layers:
+                layers = list(vectors.layers)
+            else:
+                layers = round(2 * (num_layers - 1) / 3)
+        self.layer_indices = resolve_layer_indices(layers, num_layers)
+        if vectors is not None:
+            for layer in self.layer_indices:
+                vectors.slice_of(layer)  # raises a clear error for layers the vectors do not cover
+        self.vectors = vectors
+        self.backend = backend
+        self.step: _Step | None = None
+        self._handles: list[Any] = []
+        self._attached: list[torch.nn.Module] = []
+        self._active = False
+
+    # -- hooks -------------------------------------------------------------------------------------
+
+    def _pre_hook(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        shape_source = input_ids if input_ids is not None else embeds
+        if shape_source is None:
+            raise RuntimeError("emovec could not find input_ids or inputs_embeds in the model call")
+        batch, length = shape_source.shape[0], shape_source.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim == 2:
+            past = mask.shape[1] - length
+            real = mask[:, -length:].bool()
+            if kwargs.get("position_ids") is None:
+                # positions count real tokens only, so a left-padded sequence sees the positions it would alone
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        else:
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.2x renamed it "cache"
+            past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+            real = None
+        self.step = _Step(batch, length, past, real, input_ids)
+        self.begin_step(self.step)
+        return args, kwargs
+
+    def __enter__(self):
+        if self._active:
+            raise RuntimeError("this emovec context is already active; create a new one to nest")
+        try:
+            self._handles.append(self.found.base.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self.enter()
+            for position, index in enumerate(self.layer_indices):
+                _attach(self.found.layers[index], self, position)
+                self._attached.append(self.found.layers[index])
+        except BaseException:
+            self._restore()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+        self._active = False
+
+    def _restore(self) -> None:
+        for layer in reversed(self._attached):
+            _detach(layer, self)
+        self._attached.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.step = None
+
+    # -- for subclasses ----------------------------------------------------------------------------
+
+    order = 1  # within one layer, steering (0) runs before monitoring (1), whatever the nesting order
+
+    def enter(self) -> None: ...
+
+    def begin_step(self, step: _Step) -> None: ...
+
+    def apply(self, position: int, flat: torch.Tensor) -> None: ...
+
+
+# ======================================================================================== monitor
+
+
+@dataclass
+class MonitorResult:
+    """Per-token projections recorded by :func:`monitor`.
+
+    scores : (B, T, L, K) fp32, ``(h - center) · unit_vector`` at each monitored layer, 0 at padding.
+    norms : (B, T, L) fp32, ``‖h - center‖``.  cosine = scores / norms.
+    mask : (B, T) bool, True at real tokens (prompt and generated).
+    token_ids : (B, T) int64.  positions : (B, T) int64, index among the sequence's real tokens, -1 at padding.
+    tokens : per sequence, the token strings of the real tokens (when a tokenizer is known).
+    """
+
+    names: list[str]
+    layers: list[int]
+    scores: torch.Tensor
+    norms: torch.Tensor
+    mask: torch.Tensor
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    tokens: list[list[str]] | None
+
+    @property
+    def cosine(self) -> torch.Tensor:
+        return self.scores / self.norms.clamp(min=1e-12)[..., None]
+
+    def sequence(self, b: int = 0) -> dict[str, Any]:
+        """The real tokens of sequence ``b``: scores (T_b, L, K), cosine, norms, token_ids, tokens."""
+        keep = self.mask[b]
+        return {"scores": self.scores[b][keep], "cosine": self.cosine[b][keep], "norms": self.norms[b][keep],
+                "token_ids": self.token_ids[b][keep], "tokens": self.tokens[b] if self.tokens else None}
+
+    def top(self, b: int = 0, layer: int | None = None, k: int = 5, use_cosine: bool = True) -> list[list[tuple[str, float]]]:
+        """For each real token of sequence ``b``, the ``k`` strongest concepts at ``layer`` (default: first)."""
+        li = self.layers.index(layer) if layer is not None else 0
+        values = (self.cosine if use_cosine else self.scores)[b][self.mask[b]][:, li]
+        best = values.topk(min(k, values.shape[-1]), dim=-1)
+        return [[(self.names[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
+                for vals, idx in zip(best.values, best.indices)]
+
+
+class Monitor(_LayerRuntime):
+    """Context that records every real token's projection onto the vectors at the chosen layers."""
+
+    def __init__(self, model, vectors: VectorSet, layers=None, *, center: torch.Tensor | None = None,
+                 tokenizer=None, layer_modules=None, backend: str | None = None) -> None:
+        super().__init__(model, vectors, layers, layer_modules, backend)
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "emovec_tokenizer", None)
+        self.center = center
+        self._probes: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._capacity = 0
+        self._width = 0
+        self.scores = self.norms = self.real = self.ids = None
+        self._scratch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def enter(self) -> None:
+        unit = self.vectors.unit
+        self._unit = [unit[self.vectors.slice_of(layer)] for layer in self.layer_indices]
+
+    def _probe(self, position: int, device: torch.device) -> torch.Tensor:
+        key = (position, device, torch.float32)
+        if key not in self._probes:
+            self._probes[key] = self._unit[position].to(device).contiguous()
+        return self._probes[key]
+
+    def begin_step(self, step: _Step) -> None:
+        device = step.input_ids.device if step.input_ids is not None else (step.real.device if step.real is not None else None)
+        if device is None:
+            device = next(self.model.parameters()).device
+        L, K = len(self.layer_indices), len(self.vectors.names)
+        end = step.past + step.length
+        if step.past == 0 or self.scores is None or self.scores.shape[0] != step.batch:
+            self._capacity = 0  # a new run: start over
+        if end > self._capacity:
+            capacity = max(end, 2 * self._capacity, 64)
+            old = (self.scores, self.norms, self.real, self.ids, self._capacity)
+            self.scores = torch.zeros(step.batch, capacity, L, K, device=device)
+            self.norms = torch.zeros(step.batch, capacity, L, device=device)
+            self.real = torch.zeros(step.batch, capacity, dtype=torch.bool, device=device)
+            self.ids = torch.zeros(step.batch, capacity, dtype=torch.long, device=device)
+            if old[4]:
+                for new, prev in zip((self.scores, self.norms, self.real, self.ids), old[:4]):
+                    new[:, : old[4]] = prev[:, : old[4]]
+            self._capacity = capacity
+        cols = slice(step.past, end)
+        self.real[:, cols] = step.real if step.real is not None else True
+        if step.input_ids is not None:
+            self.ids[:, cols] = step.input_ids
+        self._width = end
+
+    def apply(self, position: int, flat: torch.Tensor) -> None:
+        step = self.step
+        key = (flat.shape[0], flat.device)
+        if key not in self._scratch:
+            self._scratch[key] = (torch.empty(flat.shape[0], len(self.vectors.names), device=flat.device),
+                                  torch.empty(flat.shape[0], device=flat.device))
+        scores, norms = self._scratch[key]
+        center = self.center.to(flat.device) if self.center is not None else None
+        steer_project(flat, probes=self._probe(position, flat.device), center=center, scores=scores, norms=norms,
+                      backend=self.backend, validate=False)
+        cols = slice(step.past, step.past + step.length)
+        self.scores[:, cols, position] = scores.view(step.batch, step.length, -1)
+        self.norms[:, cols, position] = norms.view(step.batch, step.length)
+
+    def result(self, decode: bool = True) -> MonitorResult:
+        """Everything recorded so far (copied to the CPU); ``decode`` turns token ids into strings."""
+        if self.scores is None:
+            raise RuntimeError("nothing was recorded: run the model inside the `with emovec.monitor(...)` block")
+        w = self._width
+        mask = self.real[:, :w].cpu()
+        scores = torch.where(mask[:, :, None, None], self.scores[:, :w].cpu(), 0.0)
+        norms = torch.where(mask[:, :, None], self.norms[:, :w].cpu(), 0.0)
+        ids = self.ids[:, :w].cpu()
+        positions = torch.where(mask, mask.long().cumsum(1) - 1, -1)
+        tokens = None
+        if decode and self.tokenizer is not None:
+            tokens = [self.tokenizer.convert_ids_to_tokens(ids[b][mask[b]].tolist()) for b in range(ids.shape[0])]
+            tokens = [[_readable(t, self.tokenizer) for t in seq] for seq in tokens]
+        return MonitorResult(list(self.vectors.names), list(self.layer_indices), scores, norms, mask, ids, positions, tokens)
+
+
+def _readable(token: str, tokenizer) -> str:
+    text = tokenizer.convert_tokens_to_string([token])
+    return text if text else token
+
+
+def monitor(model, vectors: VectorSet, layers=None, **kwargs) -> Monitor:
+    """Record, for every real token (prompt and generated), each vector's score at each chosen layer.
+
+    >>> with emovec.monitor(model, vectors, layers="all") as mon:
+    ...     model.generate(**inputs, max_new_tokens=20)
+    >>> result = mon.result()          # MonitorResult: scores (B, T, L, K), cosine, mask, tokens, ...
+    """
+    return Monitor(model, vectors, layers, **kwargs)
+
+
+# ========================================================================================== steer
+
+
+Recipe = dict[str, float]
+
+
+class Steer(_LayerRuntime):
+    """Context that adds vectors to the residual stream, per sequence and per position."""
+
+    order = 0
+
+    def __init__(self, model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], layers=None, *,
+                 positions: str | Sequence[tuple[int, int]] = "all", relative: bool = True, layer_modules=None,
+                 backend: str | None = None) -> None:
+        super().__init__(model, vectors, layers, layer_modules, backend)
+        self.recipes = [recipe] if isinstance(recipe, dict) else list(recipe)
+        self.per_sequence = not isinstance(recipe, dict)
+        for r in self.recipes:
+            if r is None:
+                continue
+            if not isinstance(r, dict):
+                raise TypeError(f"a steering recipe is a dict of name -> strength (e.g. {{'calm': 0.05}}), got {r!r}")
+            for name, strength in r.items():
+                vectors.index(name)
+                if not isinstance(strength, (int, float)):
+                    raise TypeError(f"strength of {name!r} must be a number, got {strength!r}")
+        if isinstance(positions, str):
+            if positions not in ("all", "prompt", "generated"):
+                raise ValueError(f"positions must be 'all', 'prompt', 'generated' or a list of (start, end) spans, "
+                                 f"got {positions!r}")
+        else:
+            positions = [(int(a), int(b)) for a, b in positions]
+        self.positions = positions
+        self.relative = relative
+        if relative and vectors.mean_norms is None:
+            raise ValueError("relative strength needs the layers' mean residual norms: use vectors with mean_norms "
+                             "(emovec.measure_mean_norms(model, vectors, texts)) or relative=False")
+
+    def enter(self) -> None:
+        unit = self.vectors.unit
+        distinct = [r for r in self.recipes if r is not None]
+        self._recipe_ids = [None if r is None else distinct.index(r) for r in self.recipes]
+        tables = []
+        for layer in self.layer_indices:
+            s = self.vectors.slice_of(layer)
+            scale = float(self.vectors.mean_norms[s]) if self.relative else 1.0
+            rows = [sum((strength * scale * unit[s, self.vectors.index(name)] for name, strength in r.items()),
+                        torch.zeros(self.vectors.hidden_size)) for r in distinct]
+            tables.append(torch.stack(rows) if rows else torch.zeros(1, self.vectors.hidden_size))
+        self._tables_cpu = tables
+        self._tables: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._first_width = None
+        self._real_count = None
+        self.slots = None
+
+    def _table(self, position: int, device, dtype) -> torch.Tensor:
+        key = (position, device, dtype)
+        if key not in self._tables:
+            self._tables[key] = self._tables_cpu[position].to(device=device, dtype=dtype).contiguous()
+        return self._tables[key]
+
+    def begin_step(self, step: _Step) -> None:
+        device = step.input_ids.device if step.input_ids is not None else next(self.model.parameters()).device
+        batch, length = step.batch, step.length
+        if self.per_sequence and len(self._recipe_ids) != batch:
+            raise ValueError(f"{len(self._recipe_ids)} steering recipes were given for a batch of {batch} sequences; "
+                             "give one recipe (or None) per sequence, or a single dict for all")
+        ids = self._recipe_ids if self.per_sequence else self._recipe_ids * batch
+        recipe_id = torch.tensor([-1 if i is None else i for i in ids], device=device)
+        real = step.real if step.real is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        if step.past == 0 or self._first_width is None:
+            self._first_width = length
+            self._real_count = torch.zeros(batch, dtype=torch.long, device=device)
+        columns = torch.arange(step.past, step.past + length, device=device)
+        if self.positions == "all":
+            chosen = real
+        elif self.positions == "prompt":
+            chosen = real & (columns < self._first_width)[None, :]
+        elif self.positions == "generated":
+            chosen = real & (columns >= self._first_width)[None, :]
+        else:
+            position = self._real_count[:, None] + real.long().cumsum(1) - 1
+            inside = torch.zeros_like(real)
+            for start, end in self.positions:
+                inside |= (position >= start) & (position < end)
+            chosen = real & inside
+        self._real_count = self._real_count + real.long().sum(1)
+        self.slots = torch.where(chosen, recipe_id[:, None], -1).reshape(-1)
+
+    def apply(self, position: int, flat: torch.Tensor) -> None:
+        steer_project(flat, slots=self.slots, table=self._table(position, flat.device, flat.dtype),
+                      compute_norms=False, backend=self.backend, validate=False)
+
+
+def steer(model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], layers=None, **kwargs) -> Steer:
+    """Add ``strength × vector`` to the residual stream at the chosen layers while the context is active.
+
+    ``recipe`` is ``{"calm": 0.05, ...}`` for every sequence, or a list with one dict (or None) per sequence.
+    With ``relative=True`` (default) strength is in units of the layer's mean residual norm (the research's
+    convention: ``s × mean‖h‖ × unit vector``); with ``relative=False`` it multiplies the unit vector.
+    ``positions``: "all", "prompt", "generated", or [(start, end), ...] spans of real-token positions.
+    Padding rows are never touched.
+    """
+    return Steer(model, vectors, recipe, layers, **kwargs)
+
+
+@torch.no_grad()
+def measure_mean_norms(model, vectors: VectorSet, texts: Sequence[str], tokenizer=None, layers=None,
+                       batch_size: int = 8) -> VectorSet:
+    """Return ``vectors`` with ``mean_norms`` measured as the mean ‖h‖ over the real tokens of ``texts``."""
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "emovec_tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("measure_mean_norms needs a tokenizer (pass tokenizer=...)")
+    target_layers = list(vectors.layers) or resolve_layer_indices("all", len(find_decoder_layers(model).layers))
+    if layers is not None:
+        target_layers = resolve_layer_indices(layers, len(find_decoder_layers(model).layers))
+    totals = torch.zeros(len(target_layers), dtype=torch.float64)
+    count = 0
+    device = next(model.parameters()).device
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True).to(device)
+        with Monitor(model, vectors, target_layers) as mon:
+            model(**batch)
+        res = mon.result(decode=False)
+        totals += res.norms[res.mask].double().sum(0)
+        count += int(res.mask.sum())
+    norms = (totals / max(count, 1)).float()
+    if vectors.layers:
+        full = vectors.mean_norms.clone() if vectors.mean_norms is not None else torch.zeros(len(vectors.layers))
+        for layer, value in zip(target_layers, norms):
+            full[vectors.slice_of(layer)] = value
+        norms = full
+    elif len(target_layers) > 1:
+        norms = norms.mean(0, keepdim=True)
+    return VectorSet(vectors.names, vectors.layers, vectors.vectors, mean_norms=norms, neutral_pcs=vectors.neutral_pcs,
+                     default_layer=vectors.default_layer, metadata=dict(vectors.metadata))

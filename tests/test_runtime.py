@@ -1,0 +1,286 @@
+"""monitor / steer inside forward() and generate(), each against a plain-torch computation on the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import emovec
+from emovec.vectors import VectorSet
+
+NAMES = ["calm", "afraid", "happy", "sad", "desperate"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128, pad_token_id=0,
+                         eos_token_id=299, bos_token_id=1)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None  # a random model may emit it; tests compare full-length outputs
+    vectors = VectorSet.from_tensor(torch.randn(4, len(NAMES), 64), NAMES, layers=[0, 1, 2, 3],
+                                    mean_norms=[1.0, 2.0, 3.0, 4.0])
+    return model, vectors
+
+
+def state(model):
+    """Everything that says whether a model was restored exactly."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [sorted(m.__dict__) for m in model.modules()],
+            [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()])
+
+
+def assert_same_state(a, b):
+    assert a[1] == b[1] and a[2] == b[2]
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+
+
+def hidden_at(model, input_ids, layer, attention_mask=None, position_ids=None):
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+    return out.hidden_states[layer + 1]
+
+
+def test_monitor_forward_matches_hidden_states(tiny):
+    model, vectors = tiny
+    ids = torch.randint(2, 290, (2, 9))
+    with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 2]) as mon:
+        model(input_ids=ids)
+    res = mon.result()
+    assert res.scores.shape == (2, 9, 2, len(NAMES)) and res.mask.all()
+    with torch.no_grad():
+        for li, layer in enumerate([0, 2]):
+            h = hidden_at(model, ids, layer)
+            want = h @ vectors.unit[layer].T
+            torch.testing.assert_close(res.scores[:, :, li], want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(res.norms[:, :, li], h.norm(dim=-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(res.cosine, res.scores / res.norms[..., None])
+
+
+def test_strength_zero_is_bit_identical(tiny):
+    model, vectors = tiny
+    ids = torch.randint(2, 290, (3, 7))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with emovec.steer(model, vectors, {"calm": 0.0, "sad": 0.0}, layers="all"):
+            steered = model(input_ids=ids).logits
+    assert torch.equal(plain, steered)
+
+
+def test_steering_equals_a_manual_add(tiny):
+    model, vectors = tiny
+    ids = torch.randint(2, 290, (2, 6))
+    layer, strength = 2, 0.5
+    add = strength * vectors.mean_norm(layer) * vectors.unit[vectors.slice_of(layer), vectors.index("afraid")]
+
+    def hook(module, args, output):
+        return output + add
+
+    with torch.no_grad():
+        handle = model.model.layers[layer].register_forward_hook(hook)
+        try:
+            want = model(input_ids=ids).logits
+        finally:
+            handle.remove()
+        with emovec.steer(model, vectors, {"afraid": strength}, layers=layer):
+            got = model(input_ids=ids).logits
+        absolute = strength * vectors.unit[vectors.slice_of(layer), vectors.index("afraid")]
+        handle = model.model.layers[layer].register_forward_hook(lambda m, a, o: o + absolute)
+        try:
+            want_abs = model(input_ids=ids).logits
+        finally:
+            handle.remove()
+        with emovec.steer(model, vectors, {"afraid": strength}, layers=layer, relative=False):
+            got_abs = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_abs, want_abs, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, got_abs)
+
+
+def test_generate_with_kv_cache_records_what_a_full_forward_sees(tiny):
+    model, vectors = tiny
+    ids = torch.randint(2, 290, (1, 5))
+    with torch.no_grad(), emovec.monitor(model, vectors, layers=[1, 2]) as mon:
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    res = mon.result()
+    # the last generated token is never fed back, so the record covers all but the last
+    assert res.token_ids.shape[1] == out.shape[1] - 1
+    assert torch.equal(res.token_ids[0], out[0, :-1])
+    with torch.no_grad():
+        for li, layer in enumerate([1, 2]):
+            want = hidden_at(model, out[:, :-1], layer) @ vectors.unit[layer].T
+            torch.testing.assert_close(res.scores[:, :, li], want, rtol=1e-4, atol=1e-4)
+
+
+def _pad_batch(seqs, side):
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if side == "left":
+            ids[b, width - len(s):], mask[b, width - len(s):] = torch.tensor(s), 1
+        else:
+            ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sequence_alone_equals_inside_a_padded_batch(tiny, side):
+    model, vectors = tiny
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(2, 290, (n,), generator=g).tolist() for n in (4, 9, 6)]
+    ids, mask = _pad_batch(seqs, side)
+    with torch.no_grad(), emovec.monitor(model, vectors, layers="all") as mon:
+        model(input_ids=ids, attention_mask=mask)
+    batched = mon.result()
+    for b, s in enumerate(seqs):
+        with torch.no_grad(), emovec.monitor(model, vectors, layers="all") as mon:
+            model(input_ids=torch.tensor([s]))
+        alone = mon.result()
+        got = batched.sequence(b)
+        assert got["token_ids"].tolist() == s
+        torch.testing.assert_close(got["scores"], alone.sequence(0)["scores"], rtol=1e-4, atol=1e-4)
+    assert (batched.scores[~batched.mask] == 0).all()
+
+
+def test_batched_generate_with_left_padding_equals_each_row_alone(tiny):
+    model, vectors = tiny
+    g = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(2, 290, (n,), generator=g).tolist() for n in (3, 8, 5)]
+    ids, mask = _pad_batch(seqs, "left")
+    with torch.no_grad(), emovec.monitor(model, vectors, layers=[1, 3]) as mon:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    batched = mon.result()
+    width = ids.shape[1]
+    for b, s in enumerate(seqs):
+        with torch.no_grad(), emovec.monitor(model, vectors, layers=[1, 3]) as mon:
+            alone_out = model.generate(torch.tensor([s]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        alone = mon.result()
+        assert out[b, width:].tolist() == alone_out[0, len(s):].tolist()
+        got = batched.sequence(b)
+        assert got["token_ids"].tolist() == alone.sequence(0)["token_ids"].tolist()
+        torch.testing.assert_close(got["scores"], alone.sequence(0)["scores"], rtol=1e-4, atol=2e-4)
+
+
+def test_different_recipes_per_sequence_equal_each_alone(tiny):
+    model, vectors = tiny
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(2, 290, (n,), generator=g).tolist() for n in (5, 7, 4)]
+    recipes = [{"calm": 0.4}, None, {"afraid": -0.3, "happy": 0.2}]
+    ids, mask = _pad_batch(seqs, "left")
+    with torch.no_grad(), emovec.steer(model, vectors, recipes, layers=[1, 2]):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True)
+    for b, (s, r) in enumerate(zip(seqs, recipes)):
+        with torch.no_grad(), emovec.steer(model, vectors, r or {}, layers=[1, 2]):
+            alone = model.generate(torch.tensor([s]), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                   output_scores=True, return_dict_in_generate=True)
+        assert out.sequences[b, ids.shape[1]:].tolist() == alone.sequences[0, len(s):].tolist()
+        for step_b, step_alone in zip(out.scores, alone.scores):
+            torch.testing.assert_close(step_b[b], step_alone[0], rtol=1e-4, atol=2e-4)
+
+
+def test_positions_prompt_and_generated_split_the_sequence(tiny):
+    model, vectors = tiny
+    ids = torch.randint(2, 290, (1, 6))
+    layer = 1
+    add = 2.0 * vectors.mean_norm(layer) * vectors.unit[vectors.slice_of(layer), 0]
+    recorded = {}
+    for positions in ("prompt", "generated", "all", [(2, 4)]):
+        with torch.no_grad(), emovec.monitor(model, vectors, layers=[layer]) as mon:
+            with emovec.steer(model, vectors, {"calm": 2.0}, layers=[layer], positions=positions):
+                model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        recorded[str(positions)] = mon.result()
+    with torch.no_grad(), emovec.monitor(model, vectors, layers=[layer]) as mon:
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    plain = mon.result()
+    shift = float(add @ vectors.unit[vectors.slice_of(layer), 0])
+    prompt = recorded["prompt"].scores[0, :6, 0, 0] - plain.scores[0, :6, 0, 0]
+    torch.testing.assert_close(prompt, torch.full((6,), shift), rtol=1e-4, atol=1e-3)
+    span = recorded["[(2, 4)]"].scores[0, :, 0, 0] - plain.scores[0, :, 0, 0]
+    assert span[:2].abs().max() < 1e-4 and (span[2:4] - shift).abs().max() < 1e-3
+    gen = recorded["generated"].scores[0, :, 0, 0] - plain.scores[0, :, 0, 0]
+    assert gen[:6].abs().max() < 1e-4 and (gen[6:] - shift).abs().max() < 1e-2 or not torch.equal(
+        recorded["generated"].token_ids, plain.token_ids)
+
+
+def test_padding_rows_are_never_steered(tiny):
+    model, vectors = tiny
+    ids, mask = _pad_batch([[5, 6, 7], [8, 9, 10, 11, 12]], "left")
+    seen = {}
+
+    def hook(module, args, output):
+        seen["h"] = output.clone()
+
+    handle = model.model.layers[1].register_forward_hook(hook)  # registered first: sees the layer's own output
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+            before = seen["h"]
+            with emovec.steer(model, vectors, {"sad": 1.0}, layers=[1]):
+                model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    # the plain hook runs after emovec's forward wrapper, so it sees the steered output
+    after = seen["h"]
+    pad = mask == 0
+    assert torch.equal(after[pad], before[pad])
+    assert not torch.allclose(after[~pad], before[~pad])
+
+
+def test_model_is_restored_after_an_exception_and_contexts_nest(tiny):
+    model, vectors = tiny
+    before = state(model)
+    with pytest.raises(ZeroDivisionError):
+        with emovec.monitor(model, vectors, layers="all"):
+            with emovec.steer(model, vectors, {"calm": 0.1}, layers=[0, 1]):
+                model(input_ids=torch.randint(2, 290, (1, 4)))
+                1 / 0
+    assert_same_state(before, state(model))
+    with emovec.steer(model, vectors, {"calm": 0.1}, layers=[1]):
+        with emovec.steer(model, vectors, {"sad": 0.1}, layers=[1]):
+            pass
+        assert "forward" in model.model.layers[1].__dict__
+    assert_same_state(before, state(model))
+
+
+def test_clear_errors(tiny):
+    model, vectors = tiny
+    with pytest.raises(KeyError, match="unknown concept 'clam'.*Did you mean 'calm'"):
+        emovec.steer(model, vectors, {"clam": 0.1})
+    with pytest.raises(ValueError, match="out of range"):
+        emovec.monitor(model, vectors, layers=[7])
+    with pytest.raises(ValueError, match="hidden size 32"):
+        emovec.monitor(model, VectorSet.from_tensor(torch.randn(2, 32), ["a", "b"]))
+    with pytest.raises(ValueError, match="2 steering recipes were given for a batch of 3"):
+        with emovec.steer(model, vectors, [{"calm": 0.1}, None]):
+            model(input_ids=torch.randint(2, 290, (3, 4)))
+    no_norms = VectorSet.from_tensor(torch.randn(3, 64), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="mean residual norms"):
+        emovec.steer(model, no_norms, {"a": 0.1})
+
+
+def test_measure_mean_norms_matches_hidden_states(tiny):
+    model, vectors = tiny
+
+    class Tok:  # a minimal tokenizer: one id per character
+        def __call__(self, texts, return_tensors="pt", padding=True):
+            seqs = [[3 + ord(c) % 280 for c in t] for t in texts]
+            ids, mask = _pad_batch(seqs, "right")
+
+            class Batch(dict):
+                def to(self, device):
+                    return self
+
+            return Batch(input_ids=ids, attention_mask=mask)
+
+    texts = ["hello there", "a much longer text to measure norms", "xyz"]
+    measured = emovec.measure_mean_norms(model, vectors, texts, tokenizer=Tok())
+    batch = Tok()(texts)
+    with torch.no_grad():
+        for layer in range(4):
+            h = hidden_at(model, batch["input_ids"], layer, batch["attention_mask"])
+            want = h[batch["attention_mask"].bool()].norm(dim=-1).mean()
+            assert abs(measured.mean_norm(layer) - float(want)) < 1e-3 * float(want)
