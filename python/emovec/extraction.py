@@ -1,0 +1,315 @@
+"""Extraction of concept vectors from labelled text, following the emotion research.
+
+For every chosen layer: each story's mean residual stream over its tokens from ``start_token`` on; the mean
+over a label's stories; minus the mean over labels; then the top principal components of neutral-dialogue
+activations (those explaining ``denoise_variance`` of their variance) are projected out. Activations are never
+stored: the fused op's segment capture sums them per story inside the forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emovec import corpus
+from emovec.layers import find_decoder_layers, resolve_layer_indices
+from emovec.ops import steer_project
+from emovec.runtime import _LayerRuntime, _Step
+from emovec.vectors import VectorSet, config_hash
+
+
+@dataclass(frozen=True)
+class ExtractionParams:
+    layers: Any = "all"
+    start_token: int = 50
+    denoise_variance: float = 0.5
+    batch_size: int = 8
+    max_length: int = 512
+
+    def key(self, corpus_hash: str, model_hash: str) -> str:
+        blob = json.dumps({**asdict(self), "corpus": corpus_hash, "model": model_hash}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class _Capture(_LayerRuntime):
+    """Per-layer capture during extraction: per-segment sums and counts, norms of captured rows, or a Gram matrix."""
+
+    order = 1
+
+    def __init__(self, model, layers, *, gram: bool = False) -> None:
+        super().__init__(model, None, layers)
+        self.gram = gram
+        self.segments: torch.Tensor | None = None  # (B*T,), set by the caller before each forward
+        self.num_segments = 0
+
+    def enter(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        L, d = len(self.layer_indices), self.found.hidden_size
+        self.sums = torch.zeros(L, max(self.num_segments, 1), d)
+        self.counts = torch.zeros(L, max(self.num_segments, 1))
+        self.norm_sum = torch.zeros(L, dtype=torch.float64)
+        if self.gram:
+            self.gram_sum = torch.zeros(L, d, d, dtype=torch.float64)
+            self.row_sum = torch.zeros(L, d, dtype=torch.float64)
+
+    def apply(self, position: int, flat: torch.Tensor) -> None:
+        keep = self.segments >= 0
+        if self.gram:  # neutral text: second moments of every real token (extraction only, not the hot path)
+            rows = flat[keep.to(flat.device)].double().cpu()
+            self.gram_sum[position] += rows.T @ rows
+            self.row_sum[position] += rows.sum(0)
+            self.norm_sum[position] += rows.norm(dim=1).sum()
+            return
+        segments = self.segments.to(flat.device)
+        sums = self.sums[position].to(flat.device)
+        counts = self.counts[position].to(flat.device)
+        norms = torch.empty(flat.shape[0], device=flat.device)
+        steer_project(flat, segments=segments, sums=sums, counts=counts, norms=norms, validate=False)
+        self.norm_sum[position] += float((norms * keep.to(flat.device)).double().sum())
+        if sums.device != self.sums.device:
+            self.sums[position], self.counts[position] = sums.cpu(), counts.cpu()
+
+
+def _tokenize(tokenizer, texts: Sequence[str], max_length: int, device) -> dict[str, torch.Tensor]:
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+
+def corpus_hash(stories: Sequence[dict], neutral: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for row in stories:
+        digest.update(f"{row['label']}\t{row['text']}\n".encode())
+    digest.update(b"--neutral--\n")
+    for text in neutral:
+        digest.update(text.encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def extract(
+    model,
+    tokenizer=None,
+    *,
+    stories: Sequence[dict] | None = None,
+    neutral: Sequence[str] | None = None,
+    layers: Any = "all",
+    start_token: int = 50,
+    denoise_variance: float = 0.5,
+    batch_size: int = 8,
+    max_length: int = 512,
+    labels: Sequence[str] | None = None,
+    progress: bool = True,
+    checkpoint: str | Path | None = None,
+) -> VectorSet:
+    """Extract one direction per label at each chosen layer.
+
+    Parameters
+    ----------
+    stories : dicts with ``text`` and ``label`` (or ``emotion``); default: the packaged emotion stories.
+    neutral : texts whose top principal components are projected out; default: the packaged neutral
+        dialogues. ``denoise_variance`` (default 0.5) is the fraction of their variance those components
+        explain; 0 turns denoising off.
+    layers : layer spec ("all", indices, fractions). ``start_token``: tokens before it are skipped (the story
+        must set up its emotion first); a story with no token past it falls back to its second half (counted
+        in ``metadata["short_story_fallbacks"]``).
+    labels : restrict to these labels, in this order.
+    checkpoint : a file where progress is saved after every batch; a rerun with the same inputs resumes there.
+    """
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "emovec_tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("extract needs the model's tokenizer: pass tokenizer=..., or load the model with emovec.load_model")
+    if not 0 <= denoise_variance < 1:
+        raise ValueError(f"denoise_variance must be in [0, 1), got {denoise_variance}")
+    if start_token < 0 or batch_size < 1:
+        raise ValueError("start_token must be >= 0 and batch_size >= 1")
+    rows = _normalise_rows(stories if stories is not None else corpus.load_stories())
+    if labels is not None:
+        known = {r["label"] for r in rows}
+        missing = [label for label in labels if label not in known]
+        if missing:
+            raise KeyError(f"no stories for {missing}; known labels include {sorted(known)[:8]}")
+        rows = [r for r in rows if r["label"] in set(labels)]
+        label_list = list(labels)
+    else:
+        label_list = sorted({r["label"] for r in rows}, key=[r["label"] for r in rows].index)
+    if len(label_list) < 2:
+        raise ValueError("extraction needs stories for at least two labels (vectors are relative to their mean)")
+    neutral_texts = list(neutral) if neutral is not None else [r["text"] for r in corpus.load_neutral()]
+    if denoise_variance == 0:
+        neutral_texts = []
+
+    found = find_decoder_layers(model)
+    layer_indices = resolve_layer_indices(layers, len(found.layers))
+    device = next(model.parameters()).device
+    params = ExtractionParams(layer_indices, start_token, denoise_variance, batch_size, max_length)
+    c_hash = corpus_hash(rows, neutral_texts)
+    m_hash = config_hash(model.config)
+    run_key = params.key(c_hash, m_hash)
+
+    # longest first: similar lengths share a batch (less padding); the order is fixed, so runs are deterministic
+    lengths = [len(r["text"]) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (-lengths[i], rows[i]["id"]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    L, d = len(layer_indices), found.hidden_size
+    state = {"key": run_key, "done": 0, "story_means": torch.zeros(len(rows), L, d), "fallbacks": 0,
+             "norm_sum": torch.zeros(L, dtype=torch.float64), "norm_count": 0}
+    checkpoint = Path(checkpoint) if checkpoint else None
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        if saved.get("key") == run_key:
+            state = saved
+            _say(progress, f"resuming extraction from {checkpoint} ({state['done']}/{len(batches)} batches done)")
+
+    capture = _Capture(model, layer_indices)
+    capture.num_segments = batch_size
+    bar = _progress(progress, total=len(batches), initial=state["done"], desc="stories")
+    with capture:
+        for b in range(state["done"], len(batches)):
+            members = batches[b]
+            batch = _tokenize(tokenizer, [rows[i]["text"] for i in members], max_length, device)
+            mask = batch["attention_mask"].cpu()
+            lengths_b = mask.sum(1)
+            positions = mask.long().cumsum(1) - 1  # index among the story's real tokens, whichever side pads
+            starts = torch.where(lengths_b > start_token, torch.full_like(lengths_b, start_token), lengths_b // 2)
+            state["fallbacks"] += int((lengths_b <= start_token).sum())
+            chosen = (positions >= starts[:, None]) & mask.bool()
+            capture.segments = torch.where(chosen, torch.arange(len(members))[:, None], -1).reshape(-1).to(device)
+            capture.reset()
+            model(**batch)
+            means = capture.sums[:, : len(members)] / capture.counts[:, : len(members), None].clamp(min=1)
+            state["story_means"][members] = means.permute(1, 0, 2)
+            state["norm_sum"] += capture.norm_sum
+            state["norm_count"] += int(chosen.sum())
+            state["done"] = b + 1
+            if checkpoint is not None:
+                _atomic_torch_save(state, checkpoint)
+            bar.update(1)
+    bar.close()
+
+    label_index = {label: i for i, label in enumerate(label_list)}
+    story_label = torch.tensor([label_index[r["label"]] for r in rows])
+    label_means = torch.zeros(len(label_list), L, d).index_add_(0, story_label, state["story_means"])
+    label_means /= torch.bincount(story_label, minlength=len(label_list)).clamp(min=1)[:, None, None]
+    raw = (label_means - label_means.mean(0, keepdim=True)).permute(1, 0, 2).contiguous()  # (L, K, d)
+
+    pcs, explained_info = None, {}
+    if neutral_texts:
+        pcs, explained_info = _neutral_components(model, tokenizer, neutral_texts, layer_indices, denoise_variance,
+                                                  batch_size, max_length, device, progress)
+        projection = torch.einsum("lpd,lkd->lkp", pcs, raw)
+        raw = raw - torch.einsum("lkp,lpd->lkd", projection, pcs)
+    mean_norms = (state["norm_sum"] / max(state["norm_count"], 1)).float()
+    metadata = {
+        "model": getattr(model, "emovec_name", getattr(model.config, "_name_or_path", type(model).__name__)),
+        "model_class": type(model).__name__, "config_hash": m_hash, "hidden_size": d,
+        "num_layers": len(found.layers), "params": asdict(params), "corpus_hash": c_hash,
+        "num_stories": len(rows), "num_neutral": len(neutral_texts),
+        "short_story_fallbacks": state["fallbacks"], "emovec_version": _version(), **explained_info,
+    }
+    target = round(2 * (len(found.layers) - 1) / 3)
+    default_layer = min(layer_indices, key=lambda layer: abs(layer - target))
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()
+    return VectorSet(label_list, layer_indices, raw, mean_norms=mean_norms, neutral_pcs=pcs,
+                     default_layer=default_layer, metadata=metadata)
+
+
+def _neutral_components(model, tokenizer, texts, layer_indices, variance, batch_size, max_length, device, progress):
+    capture = _Capture(model, layer_indices, gram=True)
+    count = 0
+    bar = _progress(progress, total=(len(texts) + batch_size - 1) // batch_size, desc="neutral")
+    with capture:
+        for i in range(0, len(texts), batch_size):
+            batch = _tokenize(tokenizer, texts[i : i + batch_size], max_length, device)
+            capture.segments = torch.where(batch["attention_mask"].bool(), 0, -1).reshape(-1).to(device)
+            model(**batch)
+            count += int(batch["attention_mask"].sum())
+            bar.update(1)
+    bar.close()
+    mean = capture.row_sum / count
+    covariance = capture.gram_sum / count - mean[:, :, None] * mean[:, None, :]
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    eigenvalues, eigenvectors = eigenvalues.flip(-1).clamp(min=0), eigenvectors.flip(-1)
+    fractions = eigenvalues.cumsum(-1) / eigenvalues.sum(-1, keepdim=True)
+    per_layer = [int((f < variance).sum()) + 1 for f in fractions]
+    width = max(per_layer)
+    pcs = torch.zeros(len(layer_indices), width, covariance.shape[-1])
+    for li, p in enumerate(per_layer):
+        pcs[li, :p] = eigenvectors[li, :, :p].T.float()
+    return pcs, {"neutral_pcs_per_layer": per_layer, "neutral_tokens": count}
+
+
+def _normalise_rows(stories: Sequence[dict]) -> list[dict]:
+    rows = []
+    for i, row in enumerate(stories):
+        label = row.get("label", row.get("emotion"))
+        if label is None or "text" not in row:
+            raise ValueError(f"row {i} of the labelled data has no 'label' (or 'emotion') and 'text'; got keys {sorted(row)}")
+        rows.append({"id": str(row.get("id", i)), "label": str(label), "text": str(row["text"])})
+    if not rows:
+        raise ValueError("no labelled texts to extract from")
+    return rows
+
+
+def _progress(enabled: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, file=sys.stderr, **kwargs)
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, file=sys.stderr)
+
+
+def _version() -> str:
+    from emovec import __version__
+
+    return __version__
+
+
+def default_vectors_path(model) -> Path:
+    from emovec.models import cache_dir
+
+    name = str(getattr(model, "emovec_name", "model")).replace("/", "--")
+    stories = _normalise_rows(corpus.load_stories())
+    neutral = [r["text"] for r in corpus.load_neutral()]
+    key = ExtractionParams().key(corpus_hash(stories, neutral), config_hash(model.config))
+    return cache_dir() / "vectors" / f"{name}-{key}.safetensors"
+
+
+def default_vectors(model, progress: bool = True) -> VectorSet:
+    """The 171 emotion vectors for ``model`` at every layer: extracted once with the packaged stories, then cached."""
+    path = default_vectors_path(model)
+    if path.exists():
+        return VectorSet.load(path, model=model)
+    _say(progress, f"emovec: extracting the emotion vectors for {getattr(model, 'emovec_name', 'this model')} once "
+                   f"(a few minutes on a CPU); they are cached at {path}")
+    checkpoint = path.with_suffix(".partial.pt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vectors = extract(model, progress=progress, checkpoint=checkpoint)
+    vectors.save(path)
+    return vectors
+
+
+def resolve_vectors(path: str | Path | None, model) -> VectorSet:
+    """The VectorSet from ``path`` (checked against ``model``), or the cached default emotion vectors."""
+    if path is not None:
+        return VectorSet.load(path, model=model)
+    return default_vectors(model)

@@ -1,0 +1,194 @@
+"""Extraction: a known-answer test with planted directions, determinism, resume, and the vectors file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import emovec
+from emovec.extraction import extract
+from emovec.vectors import VectorFileError, VectorSet
+
+D = 32
+LABELS = ["joy", "fear", "anger", "calm"]
+
+
+class WordTokenizer:
+    """Texts are space-separated integers; one token each. Pads on the right unless told otherwise."""
+
+    def __init__(self, padding_side="right"):
+        self.padding_side = padding_side
+
+    def __call__(self, texts, return_tensors="pt", padding=True, truncation=True, max_length=512):
+        seqs = [[int(w) for w in t.split()][:max_length] for t in texts]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            sl = slice(width - len(s), width) if self.padding_side == "left" else slice(0, len(s))
+            ids[b, sl], mask[b, sl] = torch.tensor(s), 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A Llama whose layers pass the residual stream through unchanged (o_proj and down_proj zeroed), so every
+    layer's output is the token embedding. Emotion-label tokens carry a planted direction; a 'style' direction
+    with large variance appears in neutral text and, at random, in stories: denoising must remove it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=D, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=400, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.data.zero_()
+        layer.mlp.down_proj.weight.data.zero_()
+    q, _ = torch.linalg.qr(torch.randn(D, len(LABELS) + 1))
+    directions, style = q.T[: len(LABELS)], q.T[len(LABELS)]
+    emb = model.model.embed_tokens.weight.data
+    emb[:] = 0.3 * torch.randn_like(emb)
+    # tokens 10..209: label tokens (50 per label); 210..399: neutral tokens, half of them carry +-style
+    for i, _ in enumerate(LABELS):
+        emb[10 + 50 * i : 60 + 50 * i] += 3.0 * directions[i]
+    emb[210:300] += 6.0 * style
+    emb[300:390] -= 6.0 * style
+    g = torch.Generator().manual_seed(1)
+    stories = []
+    for i, label in enumerate(LABELS):
+        for j in range(5):
+            n = int(torch.randint(8, 30, (1,), generator=g))
+            words = torch.randint(10 + 50 * i, 60 + 50 * i, (n,), generator=g)
+            noise = torch.randint(210, 390, (n // 3,), generator=g)
+            text = " ".join(str(int(w)) for w in torch.cat([words, noise])[torch.randperm(n + n // 3, generator=g)])
+            stories.append({"id": f"{label}-{j}", "label": label, "text": text})
+    neutral = [" ".join(str(int(w)) for w in torch.randint(210, 390, (20,), generator=g)) for _ in range(12)]
+    return model, stories, neutral, directions, style
+
+
+def test_planted_directions_are_recovered_and_style_is_removed(planted):
+    model, stories, neutral, directions, style = planted
+    vs = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, progress=False)
+    assert vs.names == LABELS and vs.layers == [0, 1, 2]
+    expected = directions - directions.mean(0)
+    for layer in range(3):
+        got = vs.vectors[vs.slice_of(layer)]
+        cos = torch.nn.functional.cosine_similarity(got, expected, dim=1)
+        assert (cos > 0.95).all(), cos
+        assert (vs.unit[vs.slice_of(layer)] @ style).abs().max() < 0.03  # denoised (the top PC is style + noise)
+    no_denoise = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4,
+                         denoise_variance=0, progress=False)
+    before, after = (no_denoise.unit[0] @ style).abs().max(), (vs.unit[0] @ style).abs().max()
+    assert before > 0.05 and after < before / 5, (before, after)  # the style direction was there before denoising
+    assert vs.metadata["neutral_pcs_per_layer"][0] >= 1 and vs.neutral_pcs is not None
+
+
+def test_extraction_is_deterministic_and_padding_side_does_not_matter(planted):
+    model, stories, neutral, *_ = planted
+    a = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, batch_size=3, progress=False)
+    b = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, batch_size=3, progress=False)
+    c = extract(model, WordTokenizer("left"), stories=stories, neutral=neutral, start_token=4, batch_size=3,
+                progress=False)
+    assert torch.equal(a.vectors, b.vectors)
+    torch.testing.assert_close(a.vectors, c.vectors, rtol=1e-4, atol=1e-4)
+
+
+def test_start_token_and_short_story_fallback(planted):
+    model, stories, neutral, *_ = planted
+    vs = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=25, progress=False)
+    lengths = [len(s["text"].split()) for s in stories]
+    assert vs.metadata["short_story_fallbacks"] == sum(n <= 25 for n in lengths)
+    assert vs.metadata["params"]["start_token"] == 25
+
+
+def test_story_mean_matches_a_manual_computation(planted):
+    """Independent check: the vector is the mean of per-story means (from hidden_states), minus the label mean."""
+    model, stories, neutral, *_ = planted
+    vs = extract(model, WordTokenizer(), stories=stories, denoise_variance=0, start_token=3, layers=[1],
+                 progress=False)
+    tok = WordTokenizer()
+    label_means = []
+    with torch.no_grad():
+        for label in LABELS:
+            means = []
+            for s in (s for s in stories if s["label"] == label):
+                batch = tok([s["text"]])
+                h = model(**batch, output_hidden_states=True).hidden_states[2][0]
+                means.append(h[3:].mean(0))
+            label_means.append(torch.stack(means).mean(0))
+    label_means = torch.stack(label_means)
+    torch.testing.assert_close(vs.vectors[0], label_means - label_means.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_extraction_resumes_from_its_checkpoint(planted, tmp_path, monkeypatch):
+    model, stories, neutral, *_ = planted
+    full = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, batch_size=4, progress=False)
+    checkpoint = tmp_path / "run.partial.pt"
+    calls = {"n": 0}
+    original = model.forward
+
+    def failing_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing_forward)
+    with pytest.raises(KeyboardInterrupt):
+        extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, batch_size=4,
+                progress=False, checkpoint=checkpoint)
+    monkeypatch.undo()
+    assert checkpoint.exists() and torch.load(checkpoint, weights_only=False)["done"] == 2
+    resumed = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, batch_size=4,
+                      progress=False, checkpoint=checkpoint)
+    torch.testing.assert_close(resumed.vectors, full.vectors)
+    assert not checkpoint.exists()
+
+
+def test_vector_file_round_trip_and_mismatch(planted, tmp_path):
+    model, stories, neutral, *_ = planted
+    vs = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, progress=False)
+    path = vs.save(tmp_path / "v.safetensors")
+    back = VectorSet.load(path, model=model)
+    assert back.names == vs.names and back.layers == vs.layers and back.default_layer == vs.default_layer
+    assert torch.equal(back.vectors, vs.vectors) and torch.equal(back.mean_norms, vs.mean_norms)
+    assert torch.equal(back.neutral_pcs, vs.neutral_pcs) and back.metadata == vs.metadata
+    sub = back.select(names=["calm", "joy"], layers=[2])
+    assert sub.names == ["calm", "joy"] and torch.equal(sub.vectors[0, 0], vs.vectors[2, 3])
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=100))
+    with pytest.raises(VectorFileError, match="hidden size 32 != the model's 48"):
+        VectorSet.load(path, model=other)
+    same_shape = LlamaForCausalLM(LlamaConfig(hidden_size=D, intermediate_size=96, num_hidden_layers=3,
+                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=400))
+    with pytest.raises(VectorFileError, match="config hash"):
+        VectorSet.load(path, model=same_shape)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(VectorFileError, match="corrupt"):
+        VectorSet.load(corrupt)
+    with pytest.raises(VectorFileError, match="does not exist"):
+        VectorSet.load(tmp_path / "missing.safetensors")
+    with pytest.raises(KeyError, match="unknown concept 'jyo'.*'joy'"):
+        back.index("jyo")
+
+
+def test_bad_labelled_data_is_refused(planted):
+    model, *_ = planted
+    with pytest.raises(ValueError, match="no 'label'"):
+        extract(model, WordTokenizer(), stories=[{"text": "1 2 3"}], progress=False)
+    with pytest.raises(ValueError, match="at least two labels"):
+        extract(model, WordTokenizer(), stories=[{"label": "a", "text": "1 2 3"}], progress=False, denoise_variance=0)
+
+
+def test_vectors_drive_monitor_and_steer(planted):
+    """A label's own tokens score highest on its vector when monitored."""
+    model, stories, neutral, directions, _ = planted
+    vs = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, progress=False)
+    with torch.no_grad(), emovec.monitor(model, vs, layers=[1]) as mon:
+        model(input_ids=torch.tensor([[15, 16, 70, 71, 120, 121, 170, 171]]))
+    top = [t[0][0] for t in mon.result().top(0)]
+    assert top == ["joy", "joy", "fear", "fear", "anger", "anger", "calm", "calm"]
