@@ -125,7 +125,7 @@ def test_interrupted_extraction_resumes_from_its_checkpoint(planted, tmp_path, m
     full = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, batch_size=4, progress=False)
     checkpoint = tmp_path / "run.partial.pt"
     calls = {"n": 0}
-    original = model.forward
+    original = model.model.forward
 
     def failing_forward(*args, **kwargs):
         calls["n"] += 1
@@ -133,7 +133,7 @@ def test_interrupted_extraction_resumes_from_its_checkpoint(planted, tmp_path, m
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", failing_forward)
+    monkeypatch.setattr(model.model, "forward", failing_forward)
     with pytest.raises(KeyboardInterrupt):
         extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, batch_size=4,
                 progress=False, checkpoint=checkpoint)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
+import os
 import platform
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import click
 
 from emovec import __version__
+from emovec.ops import BACKENDS
 
 
 class UserError(click.ClickException):
@@ -84,6 +95,392 @@ def demo(rows: int, hidden: int, num_vectors: int, backend: str | None) -> None:
     click.echo("scores of row 0: " + ", ".join(f"{v:+.3f}" for v in got.scores[0].tolist()))
     if error > 1e-3:
         raise UserError("the backend disagrees with the reference; please report this with `emovec info`")
+
+
+# ============================================================================================ the runtime commands
+#
+# monitor, steer and chat share: a model cache (a process that runs several commands, such as a test session, loads
+# each model once), the vector file, the layer spec, the backend, and the translation of emovec's errors into one
+# clear line (UserError) instead of a stack trace.
+
+_MODELS: dict[tuple[str | None, str | None], Any] = {}
+
+
+def _load_model(name: str | None = None, device: str | None = None):
+    """``emovec.models.load_model(name, device=device)``, loaded once per process and kept."""
+    key = (name, device)
+    if key not in _MODELS:
+        from emovec import models
+
+        _MODELS[key] = models.load_model(name, device=device)
+    return _MODELS[key]
+
+
+def _one_line(error: BaseException) -> str:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return " ".join(str(message).split()) or type(error).__name__
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn emovec's errors about the user's input (model, vector file, concept names, layers, backend) into
+    UserError: one clear line, exit code 1."""
+    from emovec.models import ModelLoadError
+    from emovec.ops import BackendUnavailable
+
+    try:
+        yield
+    except (ModelLoadError, BackendUnavailable, ValueError, KeyError) as error:
+        raise UserError(_one_line(error)) from None
+
+
+def _resolve_vectors(path: str | None, model):
+    from emovec import extraction
+
+    try:
+        return extraction.resolve_vectors(path, model)
+    except NotImplementedError:
+        raise UserError("no default emotion vectors are available for this model yet; pass --vectors FILE "
+                        "(made with `emovec extract`)") from None
+
+
+def _setup(model_name: str | None, vectors_path: str | None, device: str | None):
+    with _user_errors():
+        loaded = _load_model(model_name, device)
+        vectors = _resolve_vectors(vectors_path, loaded.model)
+    return loaded, vectors
+
+
+def _model_options(command):
+    """The options every runtime command takes: --model, --vectors, --layer, --backend, --device."""
+    options = [
+        click.option("--model", "model_name", default=None, metavar="NAME_OR_PATH",
+                     help="a local model folder or a hub id in the local Hugging Face cache (default: SmolLM2-135M-Instruct)"),
+        click.option("--vectors", "vectors_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+                     help="a vector file from `emovec extract` (default: the cached default emotion vectors)"),
+        click.option("--layer", default=None, metavar="SPEC",
+                     help="layer(s): 19, -1, 0.66 (fraction of depth), 10-14, 3,5,7 or all (default: the vectors' default layer)"),
+        click.option("--backend", default=None, type=click.Choice(BACKENDS),
+                     help="backend of the fused op (default: by device)"),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, emoji=False, markup=False)
+
+
+def _device_of(model):
+    return next(model.parameters()).device
+
+
+def _encode(tokenizer, text: str, *, chat: bool, generation_prompt: bool, device, system: str | None = None,
+            history: Sequence[dict[str, str]] = ()):
+    """Token ids of ``text``, or of the chat ``history`` plus ``text`` as the user's turn, wrapped in the chat template."""
+    if not chat:
+        return tokenizer(text, return_tensors="pt").to(device)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("this model's tokenizer has no chat template; leave out --chat (or use `emovec monitor` on plain text)")
+    messages = ([{"role": "system", "content": system}] if system else []) + list(history)
+    if text:
+        messages.append({"role": "user", "content": text})
+    wrapped = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(wrapped, return_tensors="pt", add_special_tokens=False).to(device)
+
+
+def _special_flags(tokenizer, ids: Sequence[int]) -> list[bool]:
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return [i in special for i in ids]
+
+
+def _parse_recipe(items: Sequence[str]) -> dict[str, float]:
+    """``["calm=0.05", "afraid=-0.02"]`` (or ``"calm=0.05,afraid=-0.02"``) -> {"calm": 0.05, "afraid": -0.02}."""
+    recipe: dict[str, float] = {}
+    for item in items:
+        for term in (t for t in re.split(r"[,\s]+", item) if t):
+            name, sep, value = term.rpartition("=")
+            name = name.strip()
+            if not sep or not name or not value.strip():
+                raise UserError(f"bad steering term {term!r}: write NAME=STRENGTH, e.g. --add calm=0.05")
+            try:
+                strength = float(value)
+            except ValueError:
+                raise UserError(f"bad strength {value!r} in {term!r}: it must be a number, e.g. calm=0.05") from None
+            if not math.isfinite(strength):
+                raise UserError(f"bad strength {value!r} in {term!r}: it must be a finite number")
+            if name in recipe:
+                raise UserError(f"{name!r} is given twice; give each concept once")
+            recipe[name] = strength
+    return recipe
+
+
+def _check_recipe(recipe: dict[str, float], vectors) -> None:
+    with _user_errors():
+        for name in recipe:
+            vectors.index(name)
+
+
+def _describe_recipe(recipe: dict[str, float], absolute: bool) -> str:
+    terms = ", ".join(f"{name}={strength:+g}" for name, strength in recipe.items())
+    return f"{terms} ({'absolute' if absolute else 'relative'})" if recipe else "none"
+
+
+def _generation_config(model, tokenizer, max_new_tokens: int):
+    """The model's generation config, made greedy (sampling parameters cleared) with ``max_new_tokens``."""
+    config = copy.deepcopy(model.generation_config)
+    config.do_sample = False
+    config.num_beams = 1
+    for name in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
+        if getattr(config, name, None) is not None:
+            setattr(config, name, None)
+    config.max_new_tokens = max_new_tokens
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def _write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"cannot write {path}: the folder {folder} does not exist")
+    tmp = None
+    try:
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=folder, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False) as handle:
+            tmp = handle.name
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _quiet():
+    from emovec.models import _quiet_transformers
+
+    return _quiet_transformers()
+
+
+@main.command()
+@click.argument("text")
+@_model_options
+@click.option("--top", default=3, show_default=True, type=click.IntRange(min=1), help="emotions shown per token")
+@click.option("--chat", is_flag=True, help="wrap TEXT in the chat template as the user's turn")
+@click.option("--emotion", default=None, metavar="NAME",
+              help="an emotion to show in its own column and to highlight in --html (default there: the strongest)")
+@click.option("--html", "html_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="also write a self-contained HTML page with the tokens highlighted")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="also write the top emotions per token as JSON")
+def monitor(text: str, model_name, vectors_path, layer, backend, device, top, chat, emotion, html_path, json_path) -> None:
+    """Show, per token of TEXT ("-" reads stdin), the strongest emotions in the residual stream."""
+    import json
+
+    import torch
+
+    import emovec
+    from emovec import render
+
+    if text == "-":
+        text = sys.stdin.read()
+    loaded, vectors = _setup(model_name, vectors_path, device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    with _user_errors():
+        if emotion is not None:
+            vectors.index(emotion)
+        context = emovec.monitor(model, vectors, layer, tokenizer=tokenizer, backend=backend)
+        encoded = _encode(tokenizer, text, chat=chat, generation_prompt=False, device=_device_of(model))
+        with torch.no_grad(), context as mon:
+            model(**encoded, use_cache=False)
+    result = mon.result()
+    special = _special_flags(tokenizer, result.sequence(0)["token_ids"].tolist())
+    layers = ", ".join(str(x) for x in result.layers)
+    summary = (f"{loaded.name} · {len(special)} tokens · layer{'s' if len(result.layers) > 1 else ''} {layers} · "
+               f"{len(vectors.names)} emotions")
+    console = _console()
+    console.print(render.monitor_table(result, top=top, emotion=emotion, special=special, title=summary))
+    if html_path is not None:
+        page = render.monitor_html(result, emotion=emotion, top=max(top, 5), special=special,
+                                   title="emovec monitor", subtitle=summary)
+        _write_atomic(html_path, page)
+        click.echo(f"wrote {html_path}", err=True)
+    if json_path is not None:
+        data = render.monitor_json(result, top=top, model=loaded.name, text=text, chat=chat)
+        _write_atomic(json_path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        click.echo(f"wrote {json_path}", err=True)
+
+
+@main.command()
+@click.argument("prompt")
+@_model_options
+@click.option("--add", "adds", multiple=True, metavar="NAME=STRENGTH",
+              help="steer towards NAME (negative: away from it); repeat for several")
+@click.option("--absolute", is_flag=True,
+              help="strength multiplies the unit vector (default: relative, in units of the layer's mean residual norm)")
+@click.option("--positions", default="all", show_default=True, type=click.Choice(["all", "prompt", "generated"]),
+              help="which tokens are steered")
+@click.option("--max-new-tokens", default=40, show_default=True, type=click.IntRange(min=1))
+@click.option("--chat", is_flag=True, help="wrap PROMPT in the chat template (user turn, then the assistant's)")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+              help="also write both generations as JSON")
+def steer(prompt: str, model_name, vectors_path, layer, backend, device, adds, absolute, positions, max_new_tokens,
+          chat, json_path) -> None:
+    """Generate from PROMPT greedily, plain and steered, and show both side by side."""
+    import json
+
+    import torch
+
+    import emovec
+    from emovec import render
+
+    recipe = _parse_recipe(adds)
+    if not recipe:
+        raise UserError("give at least one --add NAME=STRENGTH, e.g. --add calm=0.05")
+    loaded, vectors = _setup(model_name, vectors_path, device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    _check_recipe(recipe, vectors)
+    config = _generation_config(model, tokenizer, max_new_tokens)
+    with _user_errors():
+        # one batch of two copies of the prompt: the first unsteered, the second steered
+        context = emovec.steer(model, vectors, [None, recipe], layer, positions=positions, relative=not absolute,
+                               backend=backend)
+        encoded = _encode(tokenizer, prompt, chat=chat, generation_prompt=True, device=_device_of(model))
+        batch = {key: value.repeat(2, 1) for key, value in encoded.items()}
+        with torch.no_grad(), _quiet(), context:
+            out = model.generate(**batch, generation_config=config)
+    new = out[:, batch["input_ids"].shape[1]:]
+    plain, steered = tokenizer.batch_decode(new, skip_special_tokens=True)
+    described = _describe_recipe(recipe, absolute)
+    layers = ", ".join(str(x) for x in context.layer_indices)
+    console = _console()
+    from rich.text import Text
+
+    console.print(Text(f"{loaded.name} · layer{'s' if len(context.layer_indices) > 1 else ''} {layers} · "
+                       f"positions {positions} · {max_new_tokens} new tokens, greedy", style="dim"))
+    console.print(Text("prompt: ", style="bold") + Text(prompt))
+    console.print(render.steer_table(plain.strip(), steered.strip(), f"steered: {described}"))
+    if plain == steered:
+        console.print(Text("(the steered generation is identical to the plain one)", style="dim"))
+    if json_path is not None:
+        data = {"model": loaded.name, "prompt": prompt, "chat": chat, "recipe": recipe, "relative": not absolute,
+                "layers": list(context.layer_indices), "positions": positions, "max_new_tokens": max_new_tokens,
+                "plain": plain, "steered": steered}
+        _write_atomic(json_path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        click.echo(f"wrote {json_path}", err=True)
+
+
+_CHAT_HELP = ("commands: /steer NAME=STRENGTH ... (replace the steering; /steer alone turns it off), "
+              "/reset (forget the conversation), /quit")
+
+
+def _streamer(tokenizer):
+    """A streamer that echoes the reply as generate produces it (through click, so tests can capture it)."""
+    from transformers import TextStreamer
+
+    class _Echo(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            click.echo(text, nl=stream_end)
+
+    return _Echo(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+@main.command()
+@_model_options
+@click.option("--add", "adds", multiple=True, metavar="NAME=STRENGTH", help="steer the whole session (repeatable)")
+@click.option("--absolute", is_flag=True, help="absolute strengths (default: relative to the layer's mean norm)")
+@click.option("--positions", default="all", show_default=True, type=click.Choice(["all", "prompt", "generated"]),
+              help="which tokens are steered")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="per reply")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(min=1), help="emotions shown per reply")
+@click.option("--system", default=None, help="a system prompt (default: the chat template's own)")
+def chat(model_name, vectors_path, layer, backend, device, adds, absolute, positions, max_new_tokens, top, system) -> None:
+    """Chat with the model; after each reply, its strongest emotions (mean cosine over the reply's tokens)."""
+    import torch
+    from rich.text import Text
+
+    import emovec
+    from emovec import render
+
+    recipe = _parse_recipe(adds)
+    loaded, vectors = _setup(model_name, vectors_path, device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    _check_recipe(recipe, vectors)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{loaded.name}'s tokenizer has no chat template, so it cannot chat; use `emovec steer`")
+    with _user_errors():  # check the layer spec and the steering once, before the first turn
+        probe = emovec.monitor(model, vectors, layer, tokenizer=tokenizer, backend=backend)
+        if recipe:
+            emovec.steer(model, vectors, recipe, layer, positions=positions, relative=not absolute, backend=backend)
+    layers = ", ".join(str(x) for x in probe.layer_indices)
+    config = _generation_config(model, tokenizer, max_new_tokens)
+    console = _console()
+    console.print(Text(f"chatting with {loaded.name} · emotions at layer{'s' if len(probe.layer_indices) > 1 else ''} "
+                       f"{layers} · steering: {_describe_recipe(recipe, absolute)}", style="dim"))
+    console.print(Text(_CHAT_HELP, style="dim"))
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message.startswith("/"):
+            command, _, rest = message.partition(" ")
+            if command in ("/quit", "/exit", "/q"):
+                break
+            if command == "/reset":
+                history.clear()
+                console.print(Text("(conversation forgotten)", style="dim"))
+            elif command == "/steer":
+                try:
+                    new_recipe = _parse_recipe([rest])
+                    _check_recipe(new_recipe, vectors)
+                except click.ClickException as error:
+                    console.print(Text(f"error: {error.format_message()}", style="red"))
+                    continue
+                recipe = new_recipe
+                console.print(Text(f"(steering: {_describe_recipe(recipe, absolute)})", style="dim"))
+            else:
+                console.print(Text(f"unknown command {command!r}; {_CHAT_HELP}", style="red"))
+            continue
+
+        encoded = _encode(tokenizer, message, chat=True, generation_prompt=True, device=_device_of(model),
+                          system=system, history=history)
+        prompt_length = encoded["input_ids"].shape[1]
+        click.echo("assistant> ", nl=False)
+        try:
+            with _user_errors(), torch.no_grad(), _quiet(), contextlib.ExitStack() as stack:
+                if recipe:
+                    stack.enter_context(emovec.steer(model, vectors, recipe, layer, positions=positions,
+                                                     relative=not absolute, backend=backend))
+                mon = stack.enter_context(emovec.monitor(model, vectors, layer, tokenizer=tokenizer, backend=backend))
+                out = model.generate(**encoded, generation_config=config, streamer=_streamer(tokenizer))
+        except KeyboardInterrupt:
+            console.print(Text("\n(interrupted; that turn is dropped)", style="dim"))
+            continue
+        reply = tokenizer.decode(out[0, prompt_length:], skip_special_tokens=True).strip()
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
+        pairs = render.mean_emotions(mon.result(decode=False), start=prompt_length, k=top)
+        if pairs:
+            console.print(Text("emotions: ", style="bold") + render.emotion_text(pairs))
+        else:
+            console.print(Text("emotions: (the reply has no tokens to score)", style="dim"))
 
 
 if __name__ == "__main__":

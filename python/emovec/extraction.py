@@ -39,6 +39,10 @@ class ExtractionParams:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class _StopForward(Exception):
+    """Raised after the deepest captured layer: extraction needs nothing above it (no further layers, no logits)."""
+
+
 class _Capture(_LayerRuntime):
     """Per-layer capture during extraction: per-segment sums and counts, norms of captured rows, or a Gram matrix."""
 
@@ -62,7 +66,19 @@ class _Capture(_LayerRuntime):
             self.gram_sum = torch.zeros(L, d, d, dtype=torch.float64)
             self.row_sum = torch.zeros(L, d, dtype=torch.float64)
 
+    def run(self, batch: dict[str, torch.Tensor]) -> None:
+        """One forward pass of the layers' owner (no language-model head), stopped after the deepest layer."""
+        try:
+            self.found.base(**batch)
+        except _StopForward:
+            pass
+
     def apply(self, position: int, flat: torch.Tensor) -> None:
+        self._capture(position, flat)
+        if position == len(self.layer_indices) - 1:
+            raise _StopForward
+
+    def _capture(self, position: int, flat: torch.Tensor) -> None:
         keep = self.segments >= 0
         if self.gram:  # neutral text: second moments of every real token (extraction only, not the hot path)
             rows = flat[keep.to(flat.device)].double().cpu()
@@ -191,7 +207,7 @@ def extract(
             chosen = (positions >= starts[:, None]) & mask.bool()
             capture.segments = torch.where(chosen, torch.arange(len(members))[:, None], -1).reshape(-1).to(device)
             capture.reset()
-            model(**batch)
+            capture.run(batch)
             means = capture.sums[:, : len(members)] / capture.counts[:, : len(members), None].clamp(min=1)
             state["story_means"][members] = means.permute(1, 0, 2)
             state["norm_sum"] += capture.norm_sum
@@ -238,7 +254,7 @@ def _neutral_components(model, tokenizer, texts, layer_indices, variance, batch_
         for i in range(0, len(texts), batch_size):
             batch = _tokenize(tokenizer, texts[i : i + batch_size], max_length, device)
             capture.segments = torch.where(batch["attention_mask"].bool(), 0, -1).reshape(-1).to(device)
-            model(**batch)
+            capture.run(batch)
             count += int(batch["attention_mask"].sum())
             bar.update(1)
     bar.close()
