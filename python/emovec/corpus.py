@@ -218,7 +218,9 @@ def emotion_word_pattern(emotion: str) -> re.Pattern[str]:
             alternatives.append(re.escape(emotion[:-1]) + r"i\w*")
     for form in _EXTRA_FORMS.get(emotion, ()):
         form_parts = re.split(r"[\s-]+", form)
-        alternatives.append(r"[\s-]+".join(re.escape(p) for p in form_parts) + inflection)
+        # forms of 4+ letters match as prefixes (fear -> fearfully); shorter ones (ire, joy) only inflected
+        ending = r"\w*" if len(form) >= 4 else inflection
+        alternatives.append(r"[\s-]+".join(re.escape(p) for p in form_parts) + ending)
     return re.compile(r"\b(?:" + "|".join(alternatives) + r")", re.IGNORECASE)
 
 
