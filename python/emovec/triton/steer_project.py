@@ -140,10 +140,11 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
     k = probes.shape[0] if probes is not None else 0
     a = ablate.shape[0] if ablate is not None else 0
     edits = table is not None or ablate is not None
-    block_d = min(64, triton.next_power_of_2(d))
     block_a = max(1, triton.next_power_of_2(a))
     # tl.dot needs tiles of at least 16; under the interpreter it is exact only in fp32 (see DESIGN.md)
     use_dot = n > SMALL_N and k > 0
+    # the broadcast-sum path holds BLOCK_N x BLOCK_K x BLOCK_D products in registers: keep BLOCK_D small there
+    block_d = max(16, min(64, triton.next_power_of_2(d))) if use_dot else min(32, triton.next_power_of_2(d))
     dot_ieee = h.dtype == torch.float32 or interpreting
     flags = dict(
         HAS_SLOTS=slots is not None, HAS_TABLE=table is not None, HAS_ABLATE=ablate is not None,
