@@ -24,6 +24,21 @@ SMALL_N = 16
 
 
 @triton.jit
+def _probe_tile_dot(x, probes_ptr, k_offsets, cols, K, D, col_mask, h_dtype: tl.constexpr, USE_DOT: tl.constexpr,
+                    DOT_IEEE: tl.constexpr):
+    """x (BLOCK_N, BLOCK_D) fp32 times the probe tile (BLOCK_K, BLOCK_D) transposed, accumulated in fp32."""
+    p = tl.load(probes_ptr + k_offsets[:, None] * D + cols[None, :], mask=(k_offsets[:, None] < K) & col_mask[None, :], other=0.0)
+    if USE_DOT:  # constexpr branches: one single return keeps every Triton version happy
+        if DOT_IEEE:
+            out = tl.dot(x, tl.trans(p.to(tl.float32)), input_precision="ieee")
+        else:
+            out = tl.dot(x.to(h_dtype), tl.trans(p.to(h_dtype)))
+    else:
+        out = tl.sum(x[:, None, :] * p.to(tl.float32)[None, :, :], axis=2)
+    return out
+
+
+@triton.jit
 def _steer_project_kernel(
     h_ptr, h_row_stride, slots_ptr, table_ptr, ablate_ptr, probes_ptr, center_ptr,
     scores_ptr, norms_ptr, segments_ptr, sums_ptr, counts_ptr,
@@ -94,14 +109,7 @@ def _steer_project_kernel(
             if HAS_NORMS:
                 squares += tl.sum(x * x, axis=1)
             if HAS_SCORES:
-                p = tl.load(probes_ptr + k_offsets[:, None] * D + cols[None, :], mask=(k_offsets[:, None] < K) & col_mask[None, :], other=0.0)
-                if USE_DOT:
-                    if DOT_IEEE:
-                        acc += tl.dot(x, tl.trans(p.to(tl.float32)), input_precision="ieee")
-                    else:
-                        acc += tl.dot(x.to(h_ptr.dtype.element_ty), tl.trans(p.to(h_ptr.dtype.element_ty)))
-                else:
-                    acc += tl.sum(x[:, None, :] * p.to(tl.float32)[None, :, :], axis=2)
+                acc += _probe_tile_dot(x, probes_ptr, k_offsets, cols, K, D, col_mask, h_ptr.dtype.element_ty, USE_DOT, DOT_IEEE)
     if HAS_NORMS:
         tl.store(norms_ptr + rows, tl.sqrt(squares), mask=row_mask)
     if HAS_CAPTURE:
@@ -121,14 +129,7 @@ def _steer_project_kernel(
                 x = tl.load(h_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
                 if HAS_CENTER:
                     x -= tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-                p = tl.load(probes_ptr + k_offsets[:, None] * D + cols[None, :], mask=(k_offsets[:, None] < K) & col_mask[None, :], other=0.0)
-                if USE_DOT:
-                    if DOT_IEEE:
-                        acc += tl.dot(x, tl.trans(p.to(tl.float32)), input_precision="ieee")
-                    else:
-                        acc += tl.dot(x.to(h_ptr.dtype.element_ty), tl.trans(p.to(h_ptr.dtype.element_ty)))
-                else:
-                    acc += tl.sum(x[:, None, :] * p.to(tl.float32)[None, :, :], axis=2)
+                acc += _probe_tile_dot(x, probes_ptr, k_offsets, cols, K, D, col_mask, h_ptr.dtype.element_ty, USE_DOT, DOT_IEEE)
             tl.store(scores_ptr + rows[:, None] * K + k_offsets[None, :], acc, mask=row_mask[:, None] & (k_offsets[None, :] < K))
 
 
