@@ -17,3 +17,11 @@ def pytest_addoption(parser):
 def device(request) -> torch.device:
     name = request.config.getoption("--device") or ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The default model (SmolLM2-135M-Instruct), loaded once per test session from emovec's cache."""
+    import emovec
+
+    return emovec.load_model()

@@ -137,11 +137,7 @@ def _user_errors() -> Iterator[None]:
 def _resolve_vectors(path: str | None, model):
     from emovec import extraction
 
-    try:
-        return extraction.resolve_vectors(path, model)
-    except NotImplementedError:
-        raise UserError("no default emotion vectors are available for this model yet; pass --vectors FILE "
-                        "(made with `emovec extract`)") from None
+    return extraction.resolve_vectors(path, model)
 
 
 def _setup(model_name: str | None, vectors_path: str | None, device: str | None):
@@ -170,9 +166,14 @@ def _model_options(command):
 
 
 def _console():
+    """A rich console on stdout; when stdout is not a terminal (a pipe, a file) and COLUMNS is not set, its lines are
+    160 columns wide instead of rich's 80, so tables wrap less."""
     from rich.console import Console
 
-    return Console(highlight=False, emoji=False, markup=False)
+    console = Console(highlight=False, emoji=False, markup=False)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = 160
+    return console
 
 
 def _device_of(model):
@@ -202,11 +203,11 @@ def _parse_recipe(items: Sequence[str]) -> dict[str, float]:
     """``["calm=0.05", "afraid=-0.02"]`` (or ``"calm=0.05,afraid=-0.02"``) -> {"calm": 0.05, "afraid": -0.02}."""
     recipe: dict[str, float] = {}
     for item in items:
-        for term in (t for t in re.split(r"[,\s]+", item) if t):
+        for term in (t for t in re.split(r"[,\s]+", re.sub(r"\s*=\s*", "=", item)) if t):
             name, sep, value = term.rpartition("=")
             name = name.strip()
             if not sep or not name or not value.strip():
-                raise UserError(f"bad steering term {term!r}: write NAME=STRENGTH, e.g. --add calm=0.05")
+                raise UserError(f"bad steering term {term!r}: write NAME=STRENGTH, e.g. calm=0.05")
             try:
                 strength = float(value)
             except ValueError:
@@ -223,6 +224,12 @@ def _check_recipe(recipe: dict[str, float], vectors) -> None:
     with _user_errors():
         for name in recipe:
             vectors.index(name)
+
+
+def _check_relative(recipe: dict[str, float], vectors, absolute: bool) -> None:
+    if recipe and not absolute and vectors.mean_norms is None:
+        raise UserError("these vectors have no mean residual norms, which relative strengths are measured in; pass "
+                        "--absolute (strength then multiplies the unit vector) or use vectors with mean norms")
 
 
 def _describe_recipe(recipe: dict[str, float], absolute: bool) -> str:
@@ -306,7 +313,7 @@ def monitor(text: str, model_name, vectors_path, layer, backend, device, top, ch
     special = _special_flags(tokenizer, result.sequence(0)["token_ids"].tolist())
     layers = ", ".join(str(x) for x in result.layers)
     summary = (f"{loaded.name} · {len(special)} tokens · layer{'s' if len(result.layers) > 1 else ''} {layers} · "
-               f"{len(vectors.names)} emotions")
+               f"{len(vectors.names)} emotions · top {top} by cosine")
     console = _console()
     console.print(render.monitor_table(result, top=top, emotion=emotion, special=special, title=summary))
     if html_path is not None:
@@ -349,6 +356,7 @@ def steer(prompt: str, model_name, vectors_path, layer, backend, device, adds, a
     loaded, vectors = _setup(model_name, vectors_path, device)
     model, tokenizer = loaded.model, loaded.tokenizer
     _check_recipe(recipe, vectors)
+    _check_relative(recipe, vectors, absolute)
     config = _generation_config(model, tokenizer, max_new_tokens)
     with _user_errors():
         # one batch of two copies of the prompt: the first unsteered, the second steered
@@ -415,6 +423,7 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
     loaded, vectors = _setup(model_name, vectors_path, device)
     model, tokenizer = loaded.model, loaded.tokenizer
     _check_recipe(recipe, vectors)
+    _check_relative(recipe, vectors, absolute)
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{loaded.name}'s tokenizer has no chat template, so it cannot chat; use `emovec steer`")
     with _user_errors():  # check the layer spec and the steering once, before the first turn
@@ -451,6 +460,7 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
                 try:
                     new_recipe = _parse_recipe([rest])
                     _check_recipe(new_recipe, vectors)
+                    _check_relative(new_recipe, vectors, absolute)
                 except click.ClickException as error:
                     console.print(Text(f"error: {error.format_message()}", style="red"))
                     continue
@@ -482,6 +492,8 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
         else:
             console.print(Text("emotions: (the reply has no tokens to score)", style="dim"))
 
+
+from emovec import cli_data  # noqa: E402, F401  (registers `extract` and `stories generate` on `main`)
 
 if __name__ == "__main__":
     main()

@@ -6,16 +6,12 @@ import time
 
 import click
 
-from emovec.cli import UserError, main
+from emovec.cli import UserError, _load_model, _one_line, _user_errors, main
 
 
 def _load(model_name: str | None):
-    from emovec.models import ModelLoadError, load_model
-
-    try:
-        return load_model(model_name)
-    except (ModelLoadError, ValueError) as error:
-        raise UserError(str(error)) from None
+    with _user_errors():
+        return _load_model(model_name)
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -54,7 +50,7 @@ def extract(out, model_name, data, neutral, labels, layers, start_token, denoise
                               max_length=max_length, labels=_names(labels), progress=not quiet,
                               checkpoint=str(out) + ".partial.pt")
     except (ValueError, KeyError) as error:
-        raise UserError(str(error).strip("'\"")) from None
+        raise UserError(_one_line(error)) from None
     path = vectors.save(out)
     click.echo(f"wrote {path}: {len(vectors.names)} vectors x {len(vectors.layers)} layers (hidden "
                f"{vectors.hidden_size}) from {vectors.metadata['num_stories']} texts in "
