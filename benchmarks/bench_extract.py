@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import command_line  # noqa: E402
-
 import emovec  # noqa: E402
 from emovec.extraction import default_vectors_path, extract  # noqa: E402
+from harness import command_line  # noqa: E402
 
 
 def geometry(vectors: emovec.VectorSet, layer: int) -> dict:

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import copy_bandwidth_gbs, measure, print_table, write_csv  # noqa: E402
-
 import emovec  # noqa: E402
 from emovec.reference import naive_sequence  # noqa: E402
+from harness import copy_bandwidth_gbs, measure, print_table, write_csv  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

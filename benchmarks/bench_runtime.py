@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import measure, print_table, write_csv  # noqa: E402
-
 import emovec  # noqa: E402
 from emovec.layers import find_decoder_layers, layer_output_hidden  # noqa: E402
+from harness import measure, print_table, write_csv  # noqa: E402
 
 
 class NaiveHooks:

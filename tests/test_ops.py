@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from op_cases import Case, assert_close_by_rule, make_inputs, oracle, torch_own
 
 import emovec
 from emovec.ops import backend_status
+from op_cases import Case, assert_close_by_rule, make_inputs, oracle, torch_own
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from collections.abc import Iterable, Iterator
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator
 
 # Suffixes stripped to find a word's stem. The stem must keep at least 5 letters, otherwise the whole
 # word is the stem (so "content" does not forbid "continue", but "anxious" forbids "anxiously").
@@ -196,7 +196,7 @@ def _stem(word: str) -> str:
     return word
 
 
-@lru_cache(maxsize=None)
+@cache
 def emotion_word_pattern(emotion: str) -> re.Pattern[str]:
     """A case-insensitive regex matching the emotion word and its word family.
 

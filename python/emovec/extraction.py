@@ -22,7 +22,7 @@ import torch
 from emovec import corpus
 from emovec.layers import find_decoder_layers, resolve_layer_indices
 from emovec.ops import steer_project
-from emovec.runtime import _LayerRuntime, _Step
+from emovec.runtime import _LayerRuntime
 from emovec.vectors import VectorSet, config_hash
 
 
@@ -81,10 +81,11 @@ class _Capture(_LayerRuntime):
     def _capture(self, position: int, flat: torch.Tensor) -> None:
         keep = self.segments >= 0
         if self.gram:  # neutral text: second moments of every real token (extraction only, not the hot path)
-            rows = flat[keep.to(flat.device)].double().cpu()
-            self.gram_sum[position] += rows.T @ rows
-            self.row_sum[position] += rows.sum(0)
-            self.norm_sum[position] += rows.norm(dim=1).sum()
+            rows = flat[keep.to(flat.device)].float()
+            # one batch's Gram matrix in fp32 (fast), accumulated across batches in fp64
+            self.gram_sum[position] += (rows.T @ rows).double().cpu()
+            self.row_sum[position] += rows.sum(0).double().cpu()
+            self.norm_sum[position] += rows.norm(dim=1).double().sum().cpu()
             return
         segments = self.segments.to(flat.device)
         sums = self.sums[position].to(flat.device)

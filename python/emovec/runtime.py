@@ -8,8 +8,9 @@ Per step the host does only row bookkeeping from tensor shapes: no host-device s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
