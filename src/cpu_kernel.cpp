@@ -20,9 +20,13 @@
 namespace emovec {
 namespace {
 
-constexpr int kRows = 4;     // rows per register block
-constexpr int kProbes = 4;   // probes per register block
-constexpr int kLanes = 8;    // independent accumulators per dot (one AVX2 register of fp32)
+constexpr int kRows = 2;        // rows per register block (2 x 4 x 8 accumulators fit AVX2's 16 registers)
+constexpr int kProbes = 4;      // probes per register block
+constexpr int kLanes = 8;       // independent accumulators per dot (one AVX2 register of fp32)
+constexpr int kRowTile = 24;    // rows prepared together (a multiple of kPanelRows)
+constexpr int kPanelRows = 6;   // outer-product micro-kernel: 6 rows x 16 probes = 12 AVX2 accumulators
+constexpr int kPanelWidth = 16;
+constexpr int64_t kPackMinRows = 32;  // below this, packing the probes costs more than it saves
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -48,22 +52,78 @@ struct Fp32Rows {
   }
 };
 
-// out[r][p] = dot(x[r], probe[p]) for kRows rows and P probes; x rows have stride `dp` (multiple of kLanes).
+// out[r][p] += dot(x[r][0:len], probe[p][0:len]) for kRows rows and P probes; len is a multiple of kLanes.
 template <int P>
-inline void dot_block(const float* x, int64_t dp, const float* const* probe, float out[kRows][kProbes]) {
+inline void dot_block(const float* x, int64_t x_stride, const float* const* probe, int64_t len,
+                      float* out, int64_t out_stride) {
   float acc[kRows][P][kLanes] = {};
-  for (int64_t j = 0; j < dp; j += kLanes) {
+  for (int64_t j = 0; j < len; j += kLanes) {
     for (int r = 0; r < kRows; ++r)
       for (int p = 0; p < P; ++p)
 #pragma omp simd
-        for (int l = 0; l < kLanes; ++l) acc[r][p][l] += x[r * dp + j + l] * probe[p][j + l];
+        for (int l = 0; l < kLanes; ++l) acc[r][p][l] += x[r * x_stride + j + l] * probe[p][j + l];
   }
   for (int r = 0; r < kRows; ++r)
     for (int p = 0; p < P; ++p) {
       float s = 0.0f;
       for (int l = 0; l < kLanes; ++l) s += acc[r][p][l];
-      out[r][p] = s;
+      out[r * out_stride + p] += s;
     }
+}
+
+// scores of a tile of rows with the dot-product kernel (no packing; best for a handful of rows).
+inline void project_tile_dots(const float* x, int64_t dp, int rows, const float* probes, int64_t probe_stride,
+                              int64_t K, float* tile_scores) {
+  std::fill(tile_scores, tile_scores + kRowTile * K, 0.0f);
+  const int row_blocks = (rows + kRows - 1) / kRows;
+  const float* p[kProbes];
+  int64_t k = 0;
+  for (; k + kProbes <= K; k += kProbes) {
+    for (int q = 0; q < kProbes; ++q) p[q] = probes + (k + q) * probe_stride;
+    for (int rb = 0; rb < row_blocks; ++rb)
+      dot_block<kProbes>(x + rb * kRows * dp, dp, p, dp, tile_scores + rb * kRows * K + k, K);
+  }
+  for (; k < K; ++k) {
+    p[0] = probes + k * probe_stride;
+    for (int rb = 0; rb < row_blocks; ++rb)
+      dot_block<1>(x + rb * kRows * dp, dp, p, dp, tile_scores + rb * kRows * K + k, K);
+  }
+}
+
+// Probes packed in panels of 16: panel[(t * d + j) * 16 + q] = probe[t * 16 + q][j] (zero past K).
+std::vector<float> pack_probes(const float* probes, int64_t probe_stride, int64_t K, int64_t d, int num_threads) {
+  const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth;
+  std::vector<float> packed(panels * d * kPanelWidth, 0.0f);
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (K * d > 65536)
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t t = k / kPanelWidth, q = k % kPanelWidth;
+    for (int64_t j = 0; j < d; ++j) packed[(t * d + j) * kPanelWidth + q] = probes[k * probe_stride + j];
+  }
+  return packed;
+}
+
+// scores of a tile of rows with the outer-product kernel: acc[r][q] += x[r][j] * panel[j][q], a GEMM micro-kernel
+// with no horizontal sums (the form BLAS uses), 6 rows x 16 probes at a time.
+inline void project_tile_packed(const float* x, int64_t dp, int64_t d, int rows, const float* packed, int64_t K,
+                                float* tile_scores) {
+  const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth;
+  for (int r0 = 0; r0 < rows; r0 += kPanelRows) {
+    for (int64_t t = 0; t < panels; ++t) {
+      const float* panel = packed + t * d * kPanelWidth;
+      float acc[kPanelRows][kPanelWidth] = {};
+      for (int64_t j = 0; j < d; ++j) {
+        const float* pj = panel + j * kPanelWidth;
+        for (int r = 0; r < kPanelRows; ++r) {
+          const float xv = x[(r0 + r) * dp + j];
+#pragma omp simd
+          for (int q = 0; q < kPanelWidth; ++q) acc[r][q] += xv * pj[q];
+        }
+      }
+      const int64_t width = std::min<int64_t>(kPanelWidth, K - t * kPanelWidth);
+      for (int r = 0; r < kPanelRows && r0 + r < rows; ++r)
+        std::copy(acc[r], acc[r] + width, tile_scores + (r0 + r) * K + t * kPanelWidth);
+    }
+  }
 }
 
 template <typename H, typename W>
@@ -76,18 +136,22 @@ void run(const SteerProjectArgs& a, int num_threads) {
 
   Fp32Rows<W> probes(a.probes, K, d, dp), ablate(a.ablate, A, d, d), table(a.table, a.table_rows, d, d),
       center(a.center, 1, d, d);
+  const bool packed_path = a.scores != nullptr && n >= kPackMinRows;
+  const std::vector<float> packed =
+      packed_path ? pack_probes(probes.data, probes.stride, K, d, num_threads) : std::vector<float>();
 
   if (edits || projects) {
-    const int64_t blocks = (n + kRows - 1) / kRows;
+    const int64_t blocks = (n + kRowTile - 1) / kRowTile;
 #pragma omp parallel num_threads(num_threads) if (blocks > 1)
     {
-      std::vector<float> x(kRows * dp, 0.0f);  // this block's rows, fp32, centered, zero-padded
+      std::vector<float> x(kRowTile * dp, 0.0f);  // this tile's rows, fp32, centered, zero-padded
+      std::vector<float> tile_scores(a.scores ? kRowTile * K : 0);
       std::vector<float> coef(A);
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t row0 = b * kRows;
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, n - row0));
-        for (int r = 0; r < kRows; ++r) {
+        const int64_t row0 = b * kRowTile;
+        const int rows = static_cast<int>(std::min<int64_t>(kRowTile, n - row0));
+        for (int r = 0; r < kRowTile; ++r) {
           float* xr = x.data() + r * dp;
           if (r >= rows) { std::fill(xr, xr + dp, 0.0f); continue; }
           const int64_t i = row0 + r;
@@ -123,20 +187,9 @@ void run(const SteerProjectArgs& a, int num_threads) {
           }
         }
         if (a.scores == nullptr) continue;
-        float out[kRows][kProbes];
-        const float* p[kProbes];
-        int64_t k = 0;
-        for (; k + kProbes <= K; k += kProbes) {
-          for (int q = 0; q < kProbes; ++q) p[q] = probes.data + (k + q) * probes.stride;
-          dot_block<kProbes>(x.data(), dp, p, out);
-          for (int r = 0; r < rows; ++r)
-            for (int q = 0; q < kProbes; ++q) a.scores[(row0 + r) * K + k + q] = out[r][q];
-        }
-        for (; k < K; ++k) {
-          p[0] = probes.data + k * probes.stride;
-          dot_block<1>(x.data(), dp, p, out);
-          for (int r = 0; r < rows; ++r) a.scores[(row0 + r) * K + k] = out[r][0];
-        }
+        if (packed_path) project_tile_packed(x.data(), dp, d, rows, packed.data(), K, tile_scores.data());
+        else project_tile_dots(x.data(), dp, rows, probes.data, probes.stride, K, tile_scores.data());
+        std::copy(tile_scores.begin(), tile_scores.begin() + rows * K, a.scores + row0 * K);
       }
     }
   }
