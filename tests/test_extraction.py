@@ -136,7 +136,7 @@ def test_interrupted_extraction_resumes_from_its_checkpoint(planted, tmp_path, m
     monkeypatch.setattr(model.model, "forward", failing_forward)
     with pytest.raises(KeyboardInterrupt):
         extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, batch_size=4,
-                progress=False, checkpoint=checkpoint)
+                progress=False, checkpoint=checkpoint, checkpoint_every=0)
     monkeypatch.undo()
     assert checkpoint.exists() and torch.load(checkpoint, weights_only=False)["done"] == 2
     resumed = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, batch_size=4,

@@ -42,6 +42,9 @@ def h_(n=4, d=8, dtype=torch.float32):
         (dict(sums=torch.zeros(2, 8), counts=torch.zeros(2)), ValueError, "without segments"),
         (dict(segments=torch.zeros(4, dtype=torch.long), sums=torch.zeros(2, 8), counts=torch.zeros(3)), ValueError, r"counts must have shape \(2,\)"),
         (dict(probes=torch.randn(3, 8), backend="gpu"), ValueError, "backend must be one of"),
+        (dict(h=torch.randn(1, 16)[:, ::2], probes=torch.randn(3, 8)), ValueError, "last dimension must be contiguous"),
+        (dict(h=torch.zeros(1, 1).expand(1, 8), probes=torch.randn(3, 8)), ValueError, "last dimension must be contiguous"),
+        (dict(ablate=torch.randn(65, 8)), ValueError, "at most 64"),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs, error, pattern):

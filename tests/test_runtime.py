@@ -282,5 +282,28 @@ def test_measure_mean_norms_matches_hidden_states(tiny):
     with torch.no_grad():
         for layer in range(3):  # hidden_states of the last layer come after the final norm
             h = hidden_at(model, batch["input_ids"], layer, batch["attention_mask"])
-            want = h[batch["attention_mask"].bool()].norm(dim=-1).mean()
+            keep = batch["attention_mask"].bool()
+            keep[:, 0] = False  # right padding: column 0 is each text's first token, left out (attention sink)
+            want = h[keep].norm(dim=-1).mean()
             assert abs(measured.mean_norm(layer) - float(want)) < 1e-3 * float(want)
+
+
+def test_monitor_can_leave_position_ids_alone():
+    """By default the runtime derives position_ids from the mask (as generate() does); with
+    positions_from_mask=False a monitor is fully passive, also for absolute-position models like GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, bos_token_id=1,
+                                       eos_token_id=2, pad_token_id=0)).eval()
+    vectors = VectorSet.from_tensor(torch.randn(3, 32), ["a", "b", "c"])
+    ids, mask = _pad_batch([[5, 6, 7], [8, 9, 10, 11, 12]], "left")
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with emovec.monitor(model, vectors, layers="all", positions_from_mask=False):
+            passive = model(input_ids=ids, attention_mask=mask).logits
+        with emovec.monitor(model, vectors, layers="all"):
+            fixed = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert torch.equal(plain, passive)
+    torch.testing.assert_close(fixed[0, 2:], alone[0], rtol=1e-4, atol=1e-4)  # the padded row as if alone

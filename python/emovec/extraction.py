@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class ExtractionParams:
     denoise_variance: float = 0.5
     batch_size: int = 8
     max_length: int = 512
+    neutral_skip: int = 1  # the first token is an attention sink (norm ~100x the rest): keep it out of the PCA
 
     def key(self, corpus_hash: str, model_hash: str) -> str:
         blob = json.dumps({**asdict(self), "corpus": corpus_hash, "model": model_hash}, sort_keys=True, default=str)
@@ -114,8 +116,15 @@ def corpus_hash(stories: Sequence[dict], neutral: Sequence[str]) -> str:
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 @torch.no_grad()
@@ -131,8 +140,10 @@ def extract(
     batch_size: int = 8,
     max_length: int = 512,
     labels: Sequence[str] | None = None,
+    neutral_skip: int = 1,
     progress: bool = True,
     checkpoint: str | Path | None = None,
+    checkpoint_every: float = 30.0,
 ) -> VectorSet:
     """Extract one direction per label at each chosen layer.
 
@@ -146,7 +157,10 @@ def extract(
         must set up its emotion first); a story with no token past it falls back to its second half (counted
         in ``metadata["short_story_fallbacks"]``).
     labels : restrict to these labels, in this order.
-    checkpoint : a file where progress is saved after every batch; a rerun with the same inputs resumes there.
+    neutral_skip : leading tokens of each neutral text left out of the PCA (the first token is an attention
+        sink whose norm dwarfs every other token's; with it the top component is just that sink).
+    checkpoint : a file where progress is saved (at most every ``checkpoint_every`` seconds, and when the
+        stories are done); a rerun with the same inputs resumes there.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "emovec_tokenizer", None)
     if tokenizer is None:
@@ -174,7 +188,7 @@ def extract(
     found = find_decoder_layers(model)
     layer_indices = resolve_layer_indices(layers, len(found.layers))
     device = next(model.parameters()).device
-    params = ExtractionParams(layer_indices, start_token, denoise_variance, batch_size, max_length)
+    params = ExtractionParams(layer_indices, start_token, denoise_variance, batch_size, max_length, neutral_skip)
     c_hash = corpus_hash(rows, neutral_texts)
     m_hash = config_hash(model.config)
     run_key = params.key(c_hash, m_hash)
@@ -195,6 +209,7 @@ def extract(
 
     capture = _Capture(model, layer_indices)
     capture.num_segments = batch_size
+    last_save = time.monotonic()
     bar = _progress(progress, total=len(batches), initial=state["done"], desc="stories")
     with capture:
         for b in range(state["done"], len(batches)):
@@ -214,8 +229,9 @@ def extract(
             state["norm_sum"] += capture.norm_sum
             state["norm_count"] += int(chosen.sum())
             state["done"] = b + 1
-            if checkpoint is not None:
+            if checkpoint is not None and (time.monotonic() - last_save >= checkpoint_every or b + 1 == len(batches)):
                 _atomic_torch_save(state, checkpoint)
+                last_save = time.monotonic()
             bar.update(1)
     bar.close()
 
@@ -228,7 +244,7 @@ def extract(
     pcs, explained_info = None, {}
     if neutral_texts:
         pcs, explained_info = _neutral_components(model, tokenizer, neutral_texts, layer_indices, denoise_variance,
-                                                  batch_size, max_length, device, progress)
+                                                  batch_size, max_length, device, progress, neutral_skip)
         projection = torch.einsum("lpd,lkd->lkp", pcs, raw)
         raw = raw - torch.einsum("lkp,lpd->lkd", projection, pcs)
     mean_norms = (state["norm_sum"] / max(state["norm_count"], 1)).float()
@@ -247,16 +263,19 @@ def extract(
                      default_layer=default_layer, metadata=metadata)
 
 
-def _neutral_components(model, tokenizer, texts, layer_indices, variance, batch_size, max_length, device, progress):
+def _neutral_components(model, tokenizer, texts, layer_indices, variance, batch_size, max_length, device, progress,
+                        skip):
     capture = _Capture(model, layer_indices, gram=True)
     count = 0
     bar = _progress(progress, total=(len(texts) + batch_size - 1) // batch_size, desc="neutral")
     with capture:
         for i in range(0, len(texts), batch_size):
             batch = _tokenize(tokenizer, texts[i : i + batch_size], max_length, device)
-            capture.segments = torch.where(batch["attention_mask"].bool(), 0, -1).reshape(-1).to(device)
+            mask = batch["attention_mask"].bool()
+            kept = mask & (mask.long().cumsum(1) > skip)
+            capture.segments = torch.where(kept, 0, -1).reshape(-1).to(device)
             capture.run(batch)
-            count += int(batch["attention_mask"].sum())
+            count += int(kept.sum())
             bar.update(1)
     bar.close()
     mean = capture.row_sum / count

@@ -19,6 +19,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 # below this many rows the CUDA kernel's single launch beats Triton; above, Triton's tl.dot tiles win
 CUDA_MAX_ROWS = 64
+# ablation directions per call: the kernels keep one coefficient per direction and row in registers/shared memory
+MAX_ABLATE = 64
 
 
 class SteerProjectResult(NamedTuple):
@@ -178,7 +180,7 @@ def steer_project(
         raise ValueError("h must have at least one column (d >= 1)")
     if h.dtype not in FLOAT_DTYPES:
         raise TypeError(f"h must be float32, float16 or bfloat16, got {str(h.dtype).replace('torch.', '')}")
-    if n > 1 and h.stride(1) != 1:
+    if d > 1 and h.stride(1) != 1:
         raise ValueError(f"h's last dimension must be contiguous (stride 1), got strides {h.stride()}; use h.contiguous()")
     if n > 1 and h.stride(0) < d:
         raise ValueError(f"h's row stride must be >= d={d}, got {h.stride(0)}")
@@ -200,6 +202,9 @@ def steer_project(
         _check_tensor("ablate", ablate, ndim=2, device=device, dtypes=weight_dtypes, shape=(None, d))
         if ablate.shape[0] == 0:
             ablate = None
+        elif ablate.shape[0] > MAX_ABLATE:
+            raise ValueError(f"ablate has {ablate.shape[0]} directions; the fused op projects out at most {MAX_ABLATE} "
+                             "(for more, project them out of your vectors instead)")
     if probes is not None:
         _check_tensor("probes", probes, ndim=2, device=device, dtypes=weight_dtypes, shape=(None, d))
     if center is not None:

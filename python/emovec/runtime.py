@@ -88,8 +88,10 @@ class _LayerRuntime:
     """Shared machinery of monitor and steer: layer wrapping, the pre-hook, exact restoration."""
 
     def __init__(self, model: torch.nn.Module, vectors: VectorSet | None, layers: Any = None,
-                 layer_modules: Sequence[torch.nn.Module] | None = None, backend: str | None = None) -> None:
+                 layer_modules: Sequence[torch.nn.Module] | None = None, backend: str | None = None,
+                 positions_from_mask: bool = True) -> None:
         self.model = model
+        self.positions_from_mask = positions_from_mask
         self.found = find_decoder_layers(model, layer_modules)
         num_layers = len(self.found.layers)
         if vectors is not None and vectors.hidden_size != self.found.hidden_size:
@@ -126,8 +128,9 @@ class _LayerRuntime:
         if mask is not None and mask.ndim == 2:
             past = mask.shape[1] - length
             real = mask[:, -length:].bool()
-            if kwargs.get("position_ids") is None:
+            if self.positions_from_mask and kwargs.get("position_ids") is None:
                 # positions count real tokens only, so a left-padded sequence sees the positions it would alone
+                # (what generate() does; without it, absolute-position models such as GPT-2 shift padded rows)
                 kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
         else:
             cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.2x renamed it "cache"
@@ -222,10 +225,11 @@ class Monitor(_LayerRuntime):
     """Context that records every real token's projection onto the vectors at the chosen layers."""
 
     def __init__(self, model, vectors: VectorSet, layers=None, *, center: torch.Tensor | None = None,
-                 tokenizer=None, layer_modules=None, backend: str | None = None) -> None:
-        super().__init__(model, vectors, layers, layer_modules, backend)
+                 tokenizer=None, layer_modules=None, backend: str | None = None, positions_from_mask: bool = True) -> None:
+        super().__init__(model, vectors, layers, layer_modules, backend, positions_from_mask)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "emovec_tokenizer", None)
         self.center = center
+        self._centers: dict[torch.device, torch.Tensor] = {}
         self._probes: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self._capacity = 0
         self._width = 0
@@ -235,6 +239,13 @@ class Monitor(_LayerRuntime):
     def enter(self) -> None:
         unit = self.vectors.unit
         self._unit = [unit[self.vectors.slice_of(layer)] for layer in self.layer_indices]
+
+    def _center(self, device: torch.device) -> torch.Tensor | None:
+        if self.center is None:
+            return None
+        if device not in self._centers:  # copied once per device, never inside the forward pass again
+            self._centers[device] = self.center.to(device=device, dtype=torch.float32).contiguous()
+        return self._centers[device]
 
     def _probe(self, position: int, device: torch.device) -> torch.Tensor:
         key = (position, device, torch.float32)
@@ -274,7 +285,7 @@ class Monitor(_LayerRuntime):
             self._scratch[key] = (torch.empty(flat.shape[0], len(self.vectors.names), device=flat.device),
                                   torch.empty(flat.shape[0], device=flat.device))
         scores, norms = self._scratch[key]
-        center = self.center.to(flat.device) if self.center is not None else None
+        center = self._center(flat.device)
         steer_project(flat, probes=self._probe(position, flat.device), center=center, scores=scores, norms=norms,
                       backend=self.backend, validate=False)
         cols = slice(step.past, step.past + step.length)
@@ -326,8 +337,8 @@ class Steer(_LayerRuntime):
 
     def __init__(self, model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], layers=None, *,
                  positions: str | Sequence[tuple[int, int]] = "all", relative: bool = True, layer_modules=None,
-                 backend: str | None = None) -> None:
-        super().__init__(model, vectors, layers, layer_modules, backend)
+                 backend: str | None = None, positions_from_mask: bool = True) -> None:
+        super().__init__(model, vectors, layers, layer_modules, backend, positions_from_mask)
         self.recipes = [recipe] if isinstance(recipe, dict) else list(recipe)
         self.per_sequence = not isinstance(recipe, dict)
         for r in self.recipes:
@@ -367,6 +378,8 @@ class Steer(_LayerRuntime):
         self._first_width = None
         self._real_count = None
         self.slots = None
+        self._slots_on: dict[torch.device, torch.Tensor] = {}
+        self._recipe_tensors: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def _table(self, position: int, device, dtype) -> torch.Tensor:
         key = (position, device, dtype)
@@ -380,8 +393,7 @@ class Steer(_LayerRuntime):
         if self.per_sequence and len(self._recipe_ids) != batch:
             raise ValueError(f"{len(self._recipe_ids)} steering recipes were given for a batch of {batch} sequences; "
                              "give one recipe (or None) per sequence, or a single dict for all")
-        ids = self._recipe_ids if self.per_sequence else self._recipe_ids * batch
-        recipe_id = torch.tensor([-1 if i is None else i for i in ids], device=device)
+        recipe_id = self._recipe_tensor(batch, device)
         real = step.real if step.real is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
         if step.past == 0 or self._first_width is None:
             self._first_width = length
@@ -401,9 +413,21 @@ class Steer(_LayerRuntime):
             chosen = real & inside
         self._real_count = self._real_count + real.long().sum(1)
         self.slots = torch.where(chosen, recipe_id[:, None], -1).reshape(-1)
+        self._slots_on = {self.slots.device: self.slots}
+
+    def _recipe_tensor(self, batch: int, device) -> torch.Tensor:
+        """The recipe index of each sequence (-1: none), built once per batch size and device (no per-step copy)."""
+        key = (batch, device)
+        if key not in self._recipe_tensors:
+            ids = self._recipe_ids if self.per_sequence else self._recipe_ids * batch
+            self._recipe_tensors[key] = torch.tensor([-1 if i is None else i for i in ids], device=device)
+        return self._recipe_tensors[key]
 
     def apply(self, position: int, flat: torch.Tensor) -> None:
-        steer_project(flat, slots=self.slots, table=self._table(position, flat.device, flat.dtype),
+        slots = self._slots_on.get(flat.device)
+        if slots is None:  # a model split across devices: one copy per device per step
+            slots = self._slots_on[flat.device] = self.slots.to(flat.device)
+        steer_project(flat, slots=slots, table=self._table(position, flat.device, flat.dtype),
                       compute_norms=False, backend=self.backend, validate=False)
 
 
@@ -421,8 +445,12 @@ def steer(model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], l
 
 @torch.no_grad()
 def measure_mean_norms(model, vectors: VectorSet, texts: Sequence[str], tokenizer=None, layers=None,
-                       batch_size: int = 8) -> VectorSet:
-    """Return ``vectors`` with ``mean_norms`` measured as the mean ‖h‖ over the real tokens of ``texts``."""
+                       batch_size: int = 8, skip: int = 1) -> VectorSet:
+    """Return ``vectors`` with ``mean_norms`` measured as the mean ‖h‖ over the real tokens of ``texts``.
+
+    The first ``skip`` tokens of each text are left out: the first token is an attention sink whose norm can
+    be ~100x the others', which would make relative steering far too strong.
+    """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "emovec_tokenizer", None)
     if tokenizer is None:
         raise ValueError("measure_mean_norms needs a tokenizer (pass tokenizer=...)")
@@ -437,8 +465,9 @@ def measure_mean_norms(model, vectors: VectorSet, texts: Sequence[str], tokenize
         with Monitor(model, vectors, target_layers) as mon:
             model(**batch)
         res = mon.result(decode=False)
-        totals += res.norms[res.mask].double().sum(0)
-        count += int(res.mask.sum())
+        keep = res.mask & (res.positions >= skip)
+        totals += res.norms[keep].double().sum(0)
+        count += int(keep.sum())
     norms = (totals / max(count, 1)).float()
     if vectors.layers:
         full = vectors.mean_norms.clone() if vectors.mean_norms is not None else torch.zeros(len(vectors.layers))

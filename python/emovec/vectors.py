@@ -166,6 +166,8 @@ class VectorSet:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             save_file(tensors, str(tmp), metadata=header)
+            with open(tmp, "rb") as handle:  # the bytes reach the disk before the rename makes them the file
+                os.fsync(handle.fileno())
             os.replace(tmp, path)
         finally:
             if tmp.exists():
