@@ -163,6 +163,8 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
     if use_dot:
         block_k = min(128 if h.dtype == torch.float32 else 256, max(16, triton.next_power_of_2(k)))
         block_n = 64 if block_k <= 64 else 32
+        if a:  # the ablation products are BLOCK_N x BLOCK_A x BLOCK_D in registers: keep them under 16K
+            flags["BLOCK_D"] = max(16, min(block_d, 16384 // (block_n * block_a)))
         grid = (triton.cdiv(n, block_n), 1)
         _steer_project_kernel[grid](
             *pointers, *outputs, n, d, k, a,
@@ -172,6 +174,8 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
         return
     block_n = max(1, min(SMALL_N, triton.next_power_of_2(n)))
     block_k = max(1, min(32, triton.next_power_of_2(max(k, 1))))
+    if a:
+        flags["BLOCK_D"] = max(1, min(block_d, 16384 // (block_n * block_a)))
     project_now = scores is not None and not edits
     if edits or norms is not None or sums is not None or project_now:
         # a probe-tile grid only when no program would capture twice
