@@ -94,3 +94,9 @@ def test_generate_stories_filters_drafts_and_resumes(tmp_path):
     stats = generate_stories(lambda prompt: next(drafts), ["calm"], 2, out, attempts=3)
     assert stats["resumed"] == 1 and stats["accepted"] == 1
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_accept_trims_a_draft_cut_off_mid_sentence():
+    body = "She set the cup down and watched the rain slide along the glass. " * 8
+    assert accept(body + "Then she", "calm") == body.strip()
+    assert accept(body + "She felt calm.", "calm") is None

@@ -40,6 +40,9 @@ def story_prompt(emotion: str, rng: random.Random) -> tuple[str, str]:
 def accept(text: str, emotion: str, min_words: int = 60, max_words: int = 220) -> str | None:
     """The cleaned story, or None when it breaks a rule (length, the emotion word or its family)."""
     text = text.strip().strip('"').strip()
+    end = max(text.rfind(mark) for mark in ".!?")
+    if end > 0:  # a draft cut off by max_new_tokens ends at its last full sentence
+        text = text[: end + 1]
     words = len(text.split())
     if not min_words <= words <= max_words or find_emotion_words(text, emotion):
         return None
