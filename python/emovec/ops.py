@@ -6,6 +6,7 @@ the same contract, checked in tests against :mod:`emovec.reference`.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -36,6 +37,11 @@ class BackendUnavailable(RuntimeError):
 
 def backend_status() -> dict[str, str | None]:
     """For each backend, None when it can run in this process, else why not."""
+    return dict(_backend_status())
+
+
+@functools.lru_cache(maxsize=1)  # fixed for the life of the process; asked at every op call
+def _backend_status() -> dict[str, str | None]:
     cuda_device = torch.cuda.is_available()
     status: dict[str, str | None] = {"torch": None}
     status["cpu"] = None if _ext.has_cpp_library else f"emovec._C is not built ({_ext.import_error}); {_ext.REBUILD_HINT}"
@@ -60,7 +66,7 @@ def _pick_backend(h: torch.Tensor, backend: str | None) -> str:
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-        why = backend_status()[backend]
+        why = _backend_status()[backend]
         if why is not None:
             raise BackendUnavailable(f"backend {backend!r} is unavailable: {why}")
         on_gpu = backend in ("cuda",) or (backend == "triton" and not interpreting)
@@ -70,7 +76,7 @@ def _pick_backend(h: torch.Tensor, backend: str | None) -> str:
             raise ValueError(f"backend 'cpu' needs CPU tensors, but h is on {h.device}")
         return backend
     if h.is_cuda:
-        status = backend_status()
+        status = _backend_status()
         if status["cuda"] is None and h.shape[0] <= CUDA_MAX_ROWS:
             return "cuda"
         if status["triton"] is None:
