@@ -291,6 +291,58 @@ def load_neutral() -> list[dict]:
     return list(read_jsonl(data_path("neutral_dialogues.jsonl")))
 
 
+def load_topics() -> list[dict]:
+    """The story grid's shared topics: id, title, situation, and the narration (person, gender, age, character)."""
+    return json.loads(data_path("grid/topics.json").read_text(encoding="utf-8"))
+
+
+def load_grid() -> list[dict]:
+    """The story grid: one story per emotion and shared topic (fields id, emotion, topic, person, text)."""
+    rows: list[dict] = []
+    for part in sorted(data_path("grid").glob("*.jsonl")):
+        rows.extend(read_jsonl(part))
+    return rows
+
+
+GRID_WORDS = (100, 160)
+
+
+def check_grid_rows(rows: Iterable[dict]) -> list[str]:
+    """Problems with story-grid rows: schema, topic and narration as the grid prescribes, length, emotion words."""
+    topics = {t["id"]: t for t in load_topics()}
+    emotions = set(load_emotions())
+    problems = []
+    for row in rows:
+        rid = row.get("id", "?")
+        missing = {"id", "emotion", "topic", "person", "text"} - set(row)
+        if missing:
+            problems.append(f"{rid}: missing fields {sorted(missing)}")
+            continue
+        topic = topics.get(row["topic"])
+        if row["emotion"] not in emotions:
+            problems.append(f"{rid}: unknown emotion {row['emotion']!r}")
+        if topic is None:
+            problems.append(f"{rid}: unknown topic {row['topic']!r}")
+            continue
+        if row["id"] != f"{row['emotion']}/{row['topic']}":
+            problems.append(f"{rid}: id must be '{row['emotion']}/{row['topic']}'")
+        if row["person"] != topic["person"]:
+            problems.append(f"{rid}: topic {row['topic']} is told in the {topic['person']} person, not {row['person']}")
+        text = row["text"]
+        n_words = len(text.split())
+        if not GRID_WORDS[0] <= n_words <= GRID_WORDS[1]:
+            problems.append(f"{rid}: {n_words} words, expected {GRID_WORDS[0]}-{GRID_WORDS[1]}")
+        if topic["person"] == "first" and not re.search(r"\b(I|my|me)\b", text):
+            problems.append(f"{rid}: should be told in the first person (no I/my/me)")
+        name = topic["character"].split(",")[0]
+        if topic["person"] == "third" and name not in text:
+            problems.append(f"{rid}: third-person story should name its character {name}")
+        hits = find_emotion_words(text, row["emotion"])
+        if hits:
+            problems.append(f"{rid}: uses the emotion word family of {row['emotion']!r}: {hits}")
+    return problems
+
+
 def check_story_rows(rows: Iterable[dict]) -> list[str]:
     """Problems with story rows (schema, length, emotion words); empty when all pass."""
     problems = []
@@ -308,11 +360,12 @@ def check_story_rows(rows: Iterable[dict]) -> list[str]:
     return problems
 
 
-if __name__ == "__main__":  # python python/emovec/corpus.py FILE.jsonl ... : check story files
+if __name__ == "__main__":  # python python/emovec/corpus.py [--grid] FILE.jsonl ... : check story files
     import sys
 
-    all_rows = [row for path in sys.argv[1:] for row in read_jsonl(path)]
-    issues = check_story_rows(all_rows)
+    grid = sys.argv[1:2] == ["--grid"]
+    all_rows = [row for path in sys.argv[1 + grid :] for row in read_jsonl(path)]
+    issues = check_grid_rows(all_rows) if grid else check_story_rows(all_rows)
     for i, j, score in near_duplicates([r["text"] for r in all_rows]):
         issues.append(f"near-duplicate: {all_rows[i]['id']} ~ {all_rows[j]['id']} (jaccard {score:.2f})")
     print("\n".join(issues) if issues else f"{len(all_rows)} stories OK")
