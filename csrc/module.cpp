@@ -17,7 +17,7 @@ emovec::SteerProjectArgs make_args(std::uintptr_t h, int64_t n, int64_t d, int64
                                    std::uintptr_t ablate, int64_t num_ablate, std::uintptr_t probes, int64_t num_probes,
                                    std::uintptr_t center, std::uintptr_t scores, std::uintptr_t norms,
                                    std::uintptr_t segments, std::uintptr_t sums, std::uintptr_t counts,
-                                   int64_t num_segments) {
+                                   int64_t num_segments, std::uintptr_t errors) {
   emovec::SteerProjectArgs a;
   a.h = as_pointer<void>(h); a.n = n; a.d = d; a.h_row_stride = h_row_stride; a.h_dtype = h_dtype;
   a.w_dtype = w_dtype;
@@ -29,6 +29,7 @@ emovec::SteerProjectArgs make_args(std::uintptr_t h, int64_t n, int64_t d, int64
   a.scores = as_pointer<float>(scores); a.norms = as_pointer<float>(norms);
   a.segments = as_pointer<const int64_t>(segments);
   a.sums = as_pointer<float>(sums); a.counts = as_pointer<float>(counts); a.num_segments = num_segments;
+  a.errors = as_pointer<int32_t>(errors);
   return a;
 }
 
@@ -44,9 +45,9 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t h, int64_t n, int64_t d, int64_t stride, int h_dtype, int w_dtype, std::uintptr_t slots,
          std::uintptr_t table, int64_t table_rows, std::uintptr_t ablate, int64_t num_ablate, std::uintptr_t probes,
          int64_t num_probes, std::uintptr_t center, std::uintptr_t scores, std::uintptr_t norms,
-         std::uintptr_t segments, std::uintptr_t sums, std::uintptr_t counts, int64_t num_segments, int threads) {
+         std::uintptr_t segments, std::uintptr_t sums, std::uintptr_t counts, int64_t num_segments, std::uintptr_t errors, int threads) {
         auto a = make_args(h, n, d, stride, h_dtype, w_dtype, slots, table, table_rows, ablate, num_ablate, probes,
-                           num_probes, center, scores, norms, segments, sums, counts, num_segments);
+                           num_probes, center, scores, norms, segments, sums, counts, num_segments, errors);
         py::gil_scoped_release release;
         emovec::steer_project_cpu(a, threads);
       },
@@ -58,9 +59,9 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t table, int64_t table_rows, std::uintptr_t ablate, int64_t num_ablate, std::uintptr_t probes,
          int64_t num_probes, std::uintptr_t center, std::uintptr_t scores, std::uintptr_t norms,
          std::uintptr_t segments, std::uintptr_t sums, std::uintptr_t counts, int64_t num_segments,
-         std::intptr_t stream) {
+         std::uintptr_t errors, std::intptr_t stream) {
         auto a = make_args(h, n, d, stride, h_dtype, w_dtype, slots, table, table_rows, ablate, num_ablate, probes,
-                           num_probes, center, scores, norms, segments, sums, counts, num_segments);
+                           num_probes, center, scores, norms, segments, sums, counts, num_segments, errors);
         emovec::steer_project_cuda(a, stream);
       },
       "Fused op on device memory, one launch on `stream` (cudaStream_t as an integer).");

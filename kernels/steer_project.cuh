@@ -15,6 +15,8 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
+#include "../src/steer_project.h"
+
 namespace emovec {
 namespace device {
 
@@ -23,6 +25,7 @@ struct Args {
   int64_t n, d, h_row_stride;
   const int64_t* slots;
   const void* table;
+  int64_t table_rows;
   const void* ablate;
   int64_t num_ablate;
   const void* probes;
@@ -33,6 +36,8 @@ struct Args {
   const int64_t* segments;
   float* sums;
   float* counts;
+  int64_t num_segments;
+  int32_t* errors;  // kSlotOutOfRange / kSegmentOutOfRange ORed in when an index is out of range (or null)
   int rows_per_block;
   bool probes_in_shared;
 };
@@ -68,12 +73,25 @@ __global__ void steer_project_kernel(Args a) {
   const W* probes = static_cast<const W*>(a.probes);
   const W* center = static_cast<const W*>(a.center);
 
+  // row r is steered when active(r); an out-of-range slot or segment is reported once, by thread 0
+  auto slot_bad = [&](int64_t i) { return a.slots != nullptr && slot_out_of_range(a.slots[i], table != nullptr, a.table_rows); };
+  auto captured = [&](int64_t i) {
+    return a.segments != nullptr && a.segments[i] >= 0 && a.segments[i] < a.num_segments;
+  };
+  if (threadIdx.x == 0 && a.errors != nullptr) {
+    for (int r = 0; r < rows; ++r) {
+      if (slot_bad(row0 + r)) atomicOr(a.errors, kSlotOutOfRange);
+      if (a.segments != nullptr && segment_out_of_range(a.segments[row0 + r], a.num_segments))
+        atomicOr(a.errors, kSegmentOutOfRange);
+    }
+  }
+
   // 1. load (and steer) the rows
   for (int r = 0; r < rows; ++r) {
     const int64_t i = row0 + r;
     const H* hr = h + i * a.h_row_stride;
     const int64_t slot = a.slots ? a.slots[i] : 0;
-    const bool add = table != nullptr && slot >= 0;
+    const bool add = table != nullptr && slot >= 0 && !slot_bad(i);
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x)
       x[r * d + j] = load_float(hr, j) + (add ? load_float(table, slot * d + j) : 0.0f);
   }
@@ -98,7 +116,8 @@ __global__ void steer_project_kernel(Args a) {
   const bool edits = table != nullptr || a.num_ablate > 0;
   for (int r = 0; r < rows; ++r) {
     const int64_t i = row0 + r;
-    const bool active = a.slots == nullptr || a.slots[i] >= 0;
+    const bool active = a.slots == nullptr || (a.slots[i] >= 0 && !slot_bad(i));
+    const bool capture = captured(i);
     H* hr = h + i * a.h_row_stride;
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
       float v = x[r * d + j];
@@ -108,10 +127,10 @@ __global__ void steer_project_kernel(Args a) {
         hr[j] = stored;
         v = load_float(&stored, 0);
       }
-      if (a.segments != nullptr && a.segments[i] >= 0) atomicAdd(a.sums + a.segments[i] * d + j, v);
+      if (capture) atomicAdd(a.sums + a.segments[i] * d + j, v);
       x[r * d + j] = center ? v - load_float(center, j) : v;
     }
-    if (threadIdx.x == 0 && a.segments != nullptr && a.segments[i] >= 0) atomicAdd(a.counts + a.segments[i], 1.0f);
+    if (threadIdx.x == 0 && capture) atomicAdd(a.counts + a.segments[i], 1.0f);
   }
   __syncthreads();
 

@@ -126,6 +126,10 @@ inline void project_tile_packed(const float* x, int64_t dp, int64_t d, int rows,
   }
 }
 
+void report(int32_t* errors, int32_t bit) {
+  if (errors != nullptr) __atomic_fetch_or(errors, bit, __ATOMIC_RELAXED);
+}
+
 template <typename H, typename W>
 void run(const SteerProjectArgs& a, int num_threads) {
   const int64_t n = a.n, d = a.d, K = a.num_probes, A = a.num_ablate;
@@ -157,7 +161,11 @@ void run(const SteerProjectArgs& a, int num_threads) {
           const int64_t i = row0 + r;
           H* hr = h + i * a.h_row_stride;
           for (int64_t j = 0; j < d; ++j) xr[j] = to_float(hr[j]);
-          const bool active = a.slots == nullptr || a.slots[i] >= 0;
+          bool active = a.slots == nullptr || a.slots[i] >= 0;
+          if (a.slots != nullptr && slot_out_of_range(a.slots[i], a.table != nullptr, a.table_rows)) {
+            active = false;
+            report(a.errors, kSlotOutOfRange);
+          }
           if (edits && active) {
             if (table.data) {
               const float* t = table.data + a.slots[i] * d;
@@ -195,6 +203,10 @@ void run(const SteerProjectArgs& a, int num_threads) {
   }
 
   if (a.sums != nullptr) {
+    bool bad_segment = false;  // rows with a segment outside [-1, num_segments) are never captured
+    for (int64_t i = 0; i < n; ++i) bad_segment |= segment_out_of_range(a.segments[i], a.num_segments);
+    if (bad_segment) report(a.errors, kSegmentOutOfRange);
+    auto captured = [&](int64_t s) { return s >= 0 && s < a.num_segments; };
     constexpr int64_t kColumns = 256;
     const int64_t chunks = (d + kColumns - 1) / kColumns;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (chunks > 1 && n > 64)
@@ -202,14 +214,14 @@ void run(const SteerProjectArgs& a, int num_threads) {
       const int64_t j0 = c * kColumns, j1 = std::min(d, j0 + kColumns);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t s = a.segments[i];
-        if (s < 0) continue;
+        if (!captured(s)) continue;
         const H* hr = h + i * a.h_row_stride;
         float* dst = a.sums + s * d;
         for (int64_t j = j0; j < j1; ++j) dst[j] += to_float(hr[j]);
       }
     }
     for (int64_t i = 0; i < n; ++i)
-      if (a.segments[i] >= 0) a.counts[a.segments[i]] += 1.0f;
+      if (captured(a.segments[i])) a.counts[a.segments[i]] += 1.0f;
   }
 }
 

@@ -28,10 +28,11 @@ template <typename H, typename W>
 void launch(const SteerProjectArgs& a, cudaStream_t stream) {
   device::Args k{};
   k.h = a.h; k.n = a.n; k.d = a.d; k.h_row_stride = a.h_row_stride;
-  k.slots = a.slots; k.table = a.table; k.ablate = a.ablate; k.num_ablate = a.num_ablate;
+  k.slots = a.slots; k.table = a.table; k.table_rows = a.table_rows; k.ablate = a.ablate; k.num_ablate = a.num_ablate;
   k.probes = a.probes; k.num_probes = a.num_probes; k.center = a.center;
   k.scores = a.scores; k.norms = a.norms;
   k.segments = a.segments; k.sums = a.sums; k.counts = a.counts;
+  k.num_segments = a.num_segments; k.errors = a.errors;
 
   int dev = 0, max_shared = 0;
   throw_on_error(cudaGetDevice(&dev), "cudaGetDevice");

@@ -14,6 +14,21 @@ namespace emovec {
 // dtype codes shared with python/emovec/_ext.py
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// error bits shared with python/emovec/ops.py
+enum IndexError : int32_t { kSlotOutOfRange = 1, kSegmentOutOfRange = 2 };
+
+// The one rule for a row's slot, shared by the CPU and CUDA kernels: -1 means untouched; a slot < -1, or >= rows
+// when there is a table, is out of range (untouched, reported).
+#if defined(__CUDACC__)
+#define EMOVEC_HD __host__ __device__ __forceinline__
+#else
+#define EMOVEC_HD inline
+#endif
+EMOVEC_HD bool slot_out_of_range(int64_t slot, bool has_table, int64_t rows) {
+  return slot < -1 || (has_table && slot >= rows);
+}
+EMOVEC_HD bool segment_out_of_range(int64_t segment, int64_t segments) { return segment < -1 || segment >= segments; }
+
 struct SteerProjectArgs {
   // residual stream h: [n, d], element (i, j) at h[i * h_row_stride + j]; modified in place when steered
   void* h = nullptr;
@@ -38,6 +53,11 @@ struct SteerProjectArgs {
   float* sums = nullptr;              // [num_segments, d] contiguous, accumulated into
   float* counts = nullptr;            // [num_segments], accumulated into
   int64_t num_segments = 0;
+
+  // Memory safety whatever the indices: a row whose slot is out of range (< -1, or >= table_rows with a table) is
+  // left untouched, a row whose segment is out of range (< -1 or >= num_segments) is not captured, and the kernel
+  // ORs kSlotOutOfRange / kSegmentOutOfRange into *errors (when not null), without any host synchronisation.
+  int32_t* errors = nullptr;
 
   // when slots is null, steering/ablation applies to every row (table must then be null)
   bool steer_all_rows() const { return slots == nullptr; }

@@ -160,3 +160,52 @@ def test_default_backend_on_cpu_is_the_compiled_kernel():
     from emovec.ops import _pick_backend
 
     assert _pick_backend(h, None) == "cpu"
+
+
+@pytest.mark.parametrize("n", [6, 40])  # 40 rows: Triton's tl.dot path, the CPU's packed path
+@pytest.mark.parametrize("backend", list(backend_params()))
+def test_out_of_range_indices_are_memory_safe_and_reported(backend, n, device):
+    """validate=False with wild slots and segments: those rows are left untouched and uncaptured, nothing is
+    written out of bounds (guard rows around the buffers stay NaN-free and zero), and the errors flag says which."""
+    if backend == "cuda":
+        device = torch.device("cuda")
+    g = torch.Generator().manual_seed(11)
+    d = 24
+    h = torch.randn(n, d, generator=g)
+    table = torch.randn(2, d, generator=g)
+    probes = torch.randn(5, d, generator=g)
+    wild = [0, 1, 10**9, -5, 2, -1]  # 2 == table rows: just past the end
+    slots = torch.tensor([wild[i % len(wild)] for i in range(n)])
+    segs = torch.tensor([[1, 3, -7, 0, 10**9, -1][i % 6] for i in range(n)])
+    good_slot = (slots >= 0) & (slots < 2)
+    good_seg = (segs >= 0) & (segs < 3)
+    # independent expectation, float64
+    want = h.double().clone()
+    want[good_slot] += table.double()[slots[good_slot]]
+    want_sums = torch.zeros(3, d, dtype=torch.float64).index_add_(0, segs[good_seg], want[good_seg])
+    want_counts = torch.bincount(segs[good_seg], minlength=3).double()
+    # buffers with guard rows on both sides: a write out of bounds lands there
+    sums_storage = torch.zeros(5, d, device=device)
+    counts_storage = torch.zeros(5, device=device)
+    out = h.to(device)
+    for check_flag in (True, False):
+        errors = torch.zeros(1, dtype=torch.int32, device=device) if check_flag else None
+        out = h.clone().to(device)
+        sums_storage.zero_()
+        counts_storage.zero_()
+        emovec.steer_project(out, slots=slots.to(device), table=table.to(device), probes=probes.to(device),
+                             segments=segs.to(device), sums=sums_storage[1:4], counts=counts_storage[1:4],
+                             backend=backend, validate=False, errors=errors)
+        torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sums_storage[1:4].double().cpu(), want_sums, rtol=1e-5, atol=1e-4)
+        assert counts_storage[1:4].cpu().tolist() == want_counts.tolist()
+        assert not sums_storage[[0, 4]].any() and not counts_storage[[0, 4]].any()
+        if check_flag:
+            assert int(errors) == 3
+            assert "slot" in emovec.ops.index_error_message(int(errors))
+    # in-range indices leave the flag clear
+    errors = torch.zeros(1, dtype=torch.int32, device=device)
+    emovec.steer_project(h.clone().to(device), slots=torch.where(good_slot, slots, -1).to(device),
+                         table=table.to(device), segments=torch.where(good_seg, segs, -1).to(device), num_segments=3,
+                         backend=backend, validate=False, errors=errors)
+    assert int(errors) == 0

@@ -93,7 +93,8 @@ class _Capture(_LayerRuntime):
         sums = self.sums[position].to(flat.device)
         counts = self.counts[position].to(flat.device)
         norms = torch.empty(flat.shape[0], device=flat.device)
-        steer_project(flat, segments=segments, sums=sums, counts=counts, norms=norms, validate=False)
+        steer_project(flat, segments=segments, sums=sums, counts=counts, norms=norms, validate=False,
+                      errors=self.error_flag(flat.device))
         self.norm_sum[position] += float((norms * keep.to(flat.device)).double().sum())
         if sums.device != self.sums.device:
             self.sums[position], self.counts[position] = sums.cpu(), counts.cpu()

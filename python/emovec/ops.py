@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from emovec import _ext
-from emovec.reference import steer_project_reference
+from emovec.reference import SEGMENT_OUT_OF_RANGE, SLOT_OUT_OF_RANGE, steer_project_reference
 from emovec.triton import interpreting, triton_available, triton_import_error
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
@@ -140,6 +140,7 @@ def steer_project(
     compute_norms: bool | None = None,
     backend: str | None = None,
     validate: bool = True,
+    errors: torch.Tensor | None = None,
 ) -> SteerProjectResult:
     """Steer ``h`` in place, project it onto probes and capture per-segment sums, in one pass over ``h``.
 
@@ -171,7 +172,11 @@ def steer_project(
     compute_norms : compute norms (default: when probes are given or ``norms`` is passed).
     backend : "torch", "cpu", "triton", "cuda", or None to pick by device.
     validate : check value ranges and finiteness (synchronises on GPU). Shapes, dtypes and devices are
-        always checked.
+        always checked. Without it every backend is still memory-safe: a row whose slot is out of range
+        (< -1, or >= the table's rows) is left untouched, a row whose segment is out of range is not captured.
+    errors : optional (1,) int32 flag on h's device, ORed with ``SLOT_OUT_OF_RANGE`` (1) and
+        ``SEGMENT_OUT_OF_RANGE`` (2) when such rows occur, without a host synchronisation: pass one flag
+        to many calls and check it once (see :func:`index_error_message`).
 
     Returns
     -------
@@ -250,6 +255,8 @@ def steer_project(
             raise ValueError("sums must have at least one segment row")
     elif sums is not None or counts is not None:
         raise ValueError("sums/counts were given without segments; pass segments (N,) with -1 for rows not captured")
+    if errors is not None:
+        _check_tensor("errors", errors, ndim=1, device=device, dtypes=(torch.int32,), shape=(1,))
 
     if checking:
         if slots is not None and table is not None:
@@ -269,7 +276,7 @@ def steer_project(
         weights = [t for t in (table, ablate, probes, center) if t is not None]
         if any(t.dtype != weights[0].dtype for t in weights):
             table, ablate, probes, center = (t.float() if t is not None else None for t in (table, ablate, probes, center))
-    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, chosen)
+    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, chosen)
     if torch.compiler.is_compiling():
         torch.ops.emovec.steer_project(*args)  # traced through the registered op and its fake implementation
     else:
@@ -284,7 +291,21 @@ def _address(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, on_gpu: bool) -> None:
+def index_error_message(code: int) -> str | None:
+    """What an ``errors`` flag value means, or None when it is 0."""
+    problems = []
+    if code & SLOT_OUT_OF_RANGE:
+        problems.append("a steering slot outside [-1, table rows)")
+    if code & SEGMENT_OUT_OF_RANGE:
+        problems.append("a capture segment outside [-1, segments)")
+    if not problems:
+        return None
+    return ("the fused op met rows with " + " and ".join(problems) + "; those rows were left unsteered / uncaptured. "
+            "This is a bug in the caller's index bookkeeping: please report it")
+
+
+def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors,
+                  on_gpu: bool) -> None:
     if h.shape[0] == 0:  # nothing to do, and empty tensors have null data pointers
         return
     weights = [t for t in (table, ablate, probes, center) if t is not None]
@@ -295,6 +316,7 @@ def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segmen
         _address(ablate), ablate.shape[0] if ablate is not None else 0, _address(probes),
         probes.shape[0] if probes is not None else 0, _address(center), _address(scores), _address(norms),
         _address(segments), _address(sums), _address(counts), sums.shape[0] if sums is not None else 0,
+        _address(errors),
     )
     if on_gpu:
         with torch.cuda.device(h.device):
@@ -306,8 +328,9 @@ def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segmen
         _ext._C.steer_project_cpu(*args, torch.get_num_threads())
 
 
-def _run_backend(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, backend: str) -> None:
-    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts)
+def _run_backend(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors,
+                 backend: str) -> None:
+    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors)
     if backend == "torch":
         steer_project_reference(*args)
     elif backend == "cpu":
@@ -322,7 +345,7 @@ def _run_backend(h, slots, table, ablate, probes, center, scores, norms, segment
         raise ValueError(f"unknown backend {backend!r}")
 
 
-@torch.library.custom_op("emovec::steer_project", mutates_args=("h", "scores", "norms", "sums", "counts"))
+@torch.library.custom_op("emovec::steer_project", mutates_args=("h", "scores", "norms", "sums", "counts", "errors"))
 def _steer_project_op(
     h: torch.Tensor,
     slots: torch.Tensor | None,
@@ -335,11 +358,12 @@ def _steer_project_op(
     segments: torch.Tensor | None,
     sums: torch.Tensor | None,
     counts: torch.Tensor | None,
+    errors: torch.Tensor | None,
     backend: str,
 ) -> None:
-    _run_backend(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, backend)
+    _run_backend(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, backend)
 
 
 @_steer_project_op.register_fake
-def _(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, backend) -> None:
+def _(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, backend) -> None:
     return None

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import torch
 
+# error bits of the ``errors`` flag (shared with the C++ core's IndexError enum and the Triton kernel)
+SLOT_OUT_OF_RANGE = 1
+SEGMENT_OUT_OF_RANGE = 2
+
 
 def steer_project_reference(
     h: torch.Tensor,
@@ -20,6 +24,7 @@ def steer_project_reference(
     segments: torch.Tensor | None,
     sums: torch.Tensor | None,
     counts: torch.Tensor | None,
+    errors: torch.Tensor | None = None,
 ) -> None:
     """Same contract as :func:`emovec.ops.steer_project`, on already validated arguments.
 
@@ -32,9 +37,14 @@ def steer_project_reference(
     acc = torch.promote_types(h.dtype, torch.float32)
     x = h.to(acc)
     if table is not None or ablate is not None:
-        active = slots >= 0 if slots is not None else torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        if slots is not None:  # out-of-range slots (< -1, or past the table) leave their row untouched
+            bad = (slots < -1) | (slots >= table.shape[0]) if table is not None else slots < -1
+            active = (slots >= 0) & ~bad
+            _report(errors, bad, SLOT_OUT_OF_RANGE)
+        else:
+            active = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
         if table is not None:
-            x = x + torch.where(active[:, None], table.to(acc)[slots.clamp(min=0)], 0.0)
+            x = x + torch.where(active[:, None], table.to(acc)[torch.where(active, slots, 0)], 0.0)
         if ablate is not None:
             u = ablate.to(acc)
             x = torch.where(active[:, None], x - (x @ u.T) @ u, x)
@@ -46,9 +56,17 @@ def steer_project_reference(
     if norms is not None:
         norms.copy_(centered.norm(dim=1))
     if sums is not None:
-        keep = segments >= 0
+        bad = (segments < -1) | (segments >= sums.shape[0])
+        _report(errors, bad, SEGMENT_OUT_OF_RANGE)
+        keep = (segments >= 0) & ~bad
         sums.index_add_(0, segments[keep], x[keep].to(sums.dtype))
         counts.index_add_(0, segments[keep], torch.ones_like(segments[keep], dtype=counts.dtype))
+
+
+def _report(errors: torch.Tensor | None, bad: torch.Tensor, bit: int) -> None:
+    """errors |= bit where any row is bad, on the device (no host synchronisation)."""
+    if errors is not None:
+        errors.bitwise_or_(bad.any().to(errors.dtype) * bit)
 
 
 def naive_sequence(h, slots, table, ablate, probes, center, segments, sums, counts):

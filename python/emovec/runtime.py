@@ -114,6 +114,24 @@ class _LayerRuntime:
         self._handles: list[Any] = []
         self._attached: list[torch.nn.Module] = []
         self._active = False
+        self._errors: dict[torch.device, torch.Tensor] = {}
+
+    def error_flag(self, device: torch.device) -> torch.Tensor:
+        """The fused op's out-of-range flag for ``device``: written on the device, read once when the context exits."""
+        flag = self._errors.get(device)
+        if flag is None:
+            flag = self._errors[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        return flag
+
+    def check_errors(self) -> None:
+        """Raise when any op call in this context met an out-of-range slot or segment (one host sync per device)."""
+        from emovec.ops import index_error_message
+
+        for flag in self._errors.values():
+            message = index_error_message(int(flag))
+            if message:
+                flag.zero_()
+                raise RuntimeError(f"emovec: {message}")
 
     # -- hooks -------------------------------------------------------------------------------------
 
@@ -155,9 +173,11 @@ class _LayerRuntime:
         self._active = True
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self._restore()
         self._active = False
+        if exc_type is None:
+            self.check_errors()
 
     def _restore(self) -> None:
         for layer in reversed(self._attached):
@@ -428,7 +448,7 @@ class Steer(_LayerRuntime):
         if slots is None:  # a model split across devices: one copy per device per step
             slots = self._slots_on[flat.device] = self.slots.to(flat.device)
         steer_project(flat, slots=slots, table=self._table(position, flat.device, flat.dtype),
-                      compute_norms=False, backend=self.backend, validate=False)
+                      compute_norms=False, backend=self.backend, validate=False, errors=self.error_flag(flat.device))
 
 
 def steer(model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], layers=None, **kwargs) -> Steer:

@@ -41,8 +41,9 @@ def _probe_tile_dot(x, probes_ptr, k_offsets, cols, K, D, col_mask, h_dtype: tl.
 @triton.jit
 def _steer_project_kernel(
     h_ptr, h_row_stride, slots_ptr, table_ptr, ablate_ptr, probes_ptr, center_ptr,
-    scores_ptr, norms_ptr, segments_ptr, sums_ptr, counts_ptr,
-    N, D, K, A,
+    scores_ptr, norms_ptr, segments_ptr, sums_ptr, counts_ptr, errors_ptr,
+    N, D, K, A, R, S,
+    HAS_ERRORS: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_ABLATE: tl.constexpr, HAS_CENTER: tl.constexpr,
     HAS_SCORES: tl.constexpr, HAS_NORMS: tl.constexpr, HAS_CAPTURE: tl.constexpr,
     USE_DOT: tl.constexpr,  # constexpr so the tl.dot / broadcast-sum branches are compiled out
@@ -56,8 +57,13 @@ def _steer_project_kernel(
     row_mask = rows < N
     if HAS_SLOTS:
         slot = tl.load(slots_ptr + rows, mask=row_mask, other=-1)
-        active = (slot >= 0) & row_mask
+        bad_slot = (slot < -1) & row_mask  # out of range: row untouched, reported
+        if HAS_TABLE:
+            bad_slot = bad_slot | ((slot >= R) & row_mask)
+        active = (slot >= 0) & row_mask & (bad_slot == 0)
         slot = tl.where(active, slot, 0)
+        if HAS_ERRORS:
+            tl.atomic_or(errors_ptr + tl.zeros([BLOCK_N], dtype=tl.int32), tl.full([BLOCK_N], 1, tl.int32), mask=bad_slot)
     else:
         slot = tl.zeros([BLOCK_N], dtype=tl.int64)
         active = row_mask
@@ -82,8 +88,11 @@ def _steer_project_kernel(
     # pass 2: edit, store, norms, capture and the first probe tile of scores
     if HAS_CAPTURE:
         segment = tl.load(segments_ptr + rows, mask=row_mask, other=-1)
-        captured = (segment >= 0) & row_mask
+        bad_segment = ((segment < -1) | (segment >= S)) & row_mask
+        captured = (segment >= 0) & row_mask & (bad_segment == 0)
         segment = tl.where(captured, segment, 0)
+        if HAS_ERRORS:
+            tl.atomic_or(errors_ptr + tl.zeros([BLOCK_N], dtype=tl.int32), tl.full([BLOCK_N], 2, tl.int32), mask=bad_segment)
     k_offsets = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     squares = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -133,7 +142,8 @@ def _steer_project_kernel(
             tl.store(scores_ptr + rows[:, None] * K + k_offsets[None, :], acc, mask=row_mask[:, None] & (k_offsets[None, :] < K))
 
 
-def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts) -> None:
+def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts,
+                         errors=None) -> None:
     """Launch the Triton kernel on validated arguments (see :func:`emovec.ops.steer_project`)."""
     n, d = h.shape
     if n == 0:
@@ -149,7 +159,7 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
     dot_ieee = h.dtype == torch.float32 or interpreting
     flags = dict(
         HAS_SLOTS=slots is not None, HAS_TABLE=table is not None, HAS_ABLATE=ablate is not None,
-        HAS_CENTER=center is not None, DOT_IEEE=dot_ieee, BLOCK_D=block_d, BLOCK_A=block_a,
+        HAS_CENTER=center is not None, HAS_ERRORS=errors is not None, DOT_IEEE=dot_ieee, BLOCK_D=block_d, BLOCK_A=block_a,
     )
     # absent tensors are passed as h: never dereferenced, the matching HAS_* flag is False
     pointers = [
@@ -159,7 +169,9 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
     outputs = [
         scores if scores is not None else h, norms if norms is not None else h,
         segments if segments is not None else h, sums if sums is not None else h, counts if counts is not None else h,
+        errors if errors is not None else h,
     ]
+    sizes = (table.shape[0] if table is not None else 0, sums.shape[0] if sums is not None else 0)
     if use_dot:
         block_k = min(128 if h.dtype == torch.float32 else 256, max(16, triton.next_power_of_2(k)))
         block_n = 64 if block_k <= 64 else 32
@@ -167,7 +179,7 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
             flags["BLOCK_D"] = max(16, min(block_d, 16384 // (block_n * block_a)))
         grid = (triton.cdiv(n, block_n), 1)
         _steer_project_kernel[grid](
-            *pointers, *outputs, n, d, k, a,
+            *pointers, *outputs, n, d, k, a, *sizes,
             HAS_SCORES=scores is not None, HAS_NORMS=norms is not None, HAS_CAPTURE=sums is not None,
             USE_DOT=True, BLOCK_N=block_n, BLOCK_K=block_k, **flags,
         )
@@ -181,7 +193,7 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
         # a probe-tile grid only when no program would capture twice
         probe_tiles = triton.cdiv(k, block_k) if project_now and sums is None else 1
         _steer_project_kernel[(triton.cdiv(n, block_n), probe_tiles)](
-            *pointers, *outputs, n, d, k, a,
+            *pointers, *outputs, n, d, k, a, *sizes,
             HAS_SCORES=project_now, HAS_NORMS=norms is not None, HAS_CAPTURE=sums is not None,
             USE_DOT=False, BLOCK_N=block_n, BLOCK_K=block_k, **flags,
         )
@@ -189,7 +201,7 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
         # edits are done and stored: project the rows on a (row tile x probe tile) grid, nothing else
         flags.update(HAS_SLOTS=False, HAS_TABLE=False, HAS_ABLATE=False)
         _steer_project_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-            *pointers, *outputs, n, d, k, a,
+            *pointers, *outputs, n, d, k, a, *sizes,
             HAS_SCORES=True, HAS_NORMS=False, HAS_CAPTURE=False,
             USE_DOT=False, BLOCK_N=block_n, BLOCK_K=block_k, **flags,
         )
