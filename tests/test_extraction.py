@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -120,29 +122,61 @@ def test_story_mean_matches_a_manual_computation(planted):
     torch.testing.assert_close(vs.vectors[0], label_means - label_means.mean(0), rtol=1e-4, atol=1e-5)
 
 
-def test_interrupted_extraction_resumes_from_its_checkpoint(planted, tmp_path, monkeypatch):
-    model, stories, neutral, *_ = planted
-    full = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, batch_size=4, progress=False)
-    checkpoint = tmp_path / "run.partial.pt"
+def _interrupt_at(model, monkeypatch, call: int) -> None:
+    """Make the model's forward pass raise KeyboardInterrupt on its ``call``-th call."""
     calls = {"n": 0}
     original = model.model.forward
 
     def failing_forward(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == call:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
     monkeypatch.setattr(model.model, "forward", failing_forward)
+
+
+@pytest.mark.parametrize("phase", ["stories", "neutral"])
+def test_interrupted_extraction_resumes_from_its_checkpoint(planted, tmp_path, monkeypatch, phase):
+    from emovec.extraction import _load_checkpoint
+
+    model, stories, neutral, *_ = planted
+    run = dict(stories=stories, neutral=neutral, start_token=4, batch_size=4, progress=False)
+    full = extract(model, WordTokenizer(), **run)
+    story_batches = (len(stories) + 3) // 4
+    checkpoint = tmp_path / "run.partial.safetensors"
+    _interrupt_at(model, monkeypatch, 3 if phase == "stories" else story_batches + 2)
     with pytest.raises(KeyboardInterrupt):
-        extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, batch_size=4,
-                progress=False, checkpoint=checkpoint, checkpoint_every=0)
+        extract(model, WordTokenizer(), **run, checkpoint=checkpoint, checkpoint_every=0)
     monkeypatch.undo()
-    assert checkpoint.exists() and torch.load(checkpoint, weights_only=False)["done"] == 2
-    resumed = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, batch_size=4,
-                      progress=False, checkpoint=checkpoint)
+    saved = _load_checkpoint(checkpoint)
+    if phase == "stories":
+        assert saved["done"] == 2 and "neutral_done" not in saved
+    else:
+        assert saved["done"] == story_batches and saved["neutral_done"] == 1
+    out = tmp_path / "v.safetensors"
+    resumed = extract(model, WordTokenizer(), **run, checkpoint=checkpoint, out=out)
     torch.testing.assert_close(resumed.vectors, full.vectors)
-    assert not checkpoint.exists()
+    torch.testing.assert_close(resumed.neutral_pcs, full.neutral_pcs)
+    assert not checkpoint.exists()  # deleted only once the output was written
+    assert torch.equal(VectorSet.load(out).vectors, resumed.vectors)
+
+
+def test_checkpoint_kept_until_the_output_is_written(planted, tmp_path, monkeypatch):
+    model, stories, neutral, *_ = planted
+    checkpoint = tmp_path / "run.partial.safetensors"
+    run = dict(stories=stories, neutral=neutral, start_token=4, batch_size=4, progress=False, checkpoint=checkpoint)
+    extract(model, WordTokenizer(), **run)  # no out: the caller has not saved the result yet
+    assert checkpoint.exists()
+    import emovec.vectors
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(emovec.vectors.VectorSet, "save", crash)
+    with pytest.raises(OSError):
+        extract(model, WordTokenizer(), **run, out=tmp_path / "v.safetensors")
+    assert checkpoint.exists()  # a crash while saving loses nothing
 
 
 def test_vector_file_round_trip_and_mismatch(planted, tmp_path):
@@ -192,3 +226,53 @@ def test_vectors_drive_monitor_and_steer(planted):
         model(input_ids=torch.tensor([[15, 16, 70, 71, 120, 121, 170, 171]]))
     top = [t[0][0] for t in mon.result().top(0)]
     assert top == ["joy", "joy", "fear", "fear", "anger", "anger", "calm", "calm"]
+
+
+class _Payload:
+    """A pickle that writes a file when loaded: what a planted checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_planted_as_checkpoint_is_never_loaded(planted, tmp_path):
+    from emovec.extraction import CheckpointError
+
+    model, stories, neutral, *_ = planted
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / "run.partial.safetensors"
+    torch.save({"key": _Payload(marker)}, checkpoint)
+    with pytest.raises(CheckpointError, match=re.escape(str(checkpoint)) + ".*corrupt.*--restart"):
+        extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, progress=False,
+                checkpoint=checkpoint)
+    assert not marker.exists()
+    vs = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, progress=False,
+                 checkpoint=checkpoint, restart=True, out=tmp_path / "v.safetensors")
+    assert not marker.exists() and not checkpoint.exists() and len(vs.names) == len(LABELS)
+
+
+def test_truncated_and_foreign_checkpoints(planted, tmp_path, capsys):
+    from emovec.extraction import CheckpointError, _save_checkpoint
+
+    model, stories, neutral, *_ = planted
+    run = dict(stories=stories, neutral=neutral, start_token=4, batch_size=4, checkpoint_every=0)
+    checkpoint = tmp_path / "run.partial.safetensors"
+    extract(model, WordTokenizer(), **run, progress=False, checkpoint=checkpoint)
+    good = checkpoint.read_bytes()
+    checkpoint.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        extract(model, WordTokenizer(), **run, progress=False, checkpoint=checkpoint)
+    _save_checkpoint({"key": "another-run", "done": 1}, checkpoint)
+    extract(model, WordTokenizer(), **run, progress=True, checkpoint=checkpoint)
+    assert "is from a different run" in capsys.readouterr().err
+
+
+def test_short_story_fallbacks_are_reported(planted, capsys):
+    model, stories, neutral, *_ = planted
+    vs = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=25, progress=True)
+    short = vs.metadata["short_story_fallbacks"]
+    assert 0 < short == sum(len(s["text"].split()) <= 25 for s in stories)
+    assert f"{short} of {len(stories)} texts had no token past start_token=25" in capsys.readouterr().err

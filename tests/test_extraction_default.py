@@ -40,7 +40,7 @@ def test_extract_command_writes_a_loadable_file(default_model, tmp_path, monkeyp
     assert "3 vectors x 2 layers" in result.output
     vs = VectorSet.load(out, model=default_model.model)
     assert vs.names == ["calm", "afraid", "happy"] and vs.layers == [3, 20]
-    assert not (tmp_path / "v.safetensors.partial.pt").exists()
+    assert not (tmp_path / "v.safetensors.partial.safetensors").exists()
     bad = CliRunner().invoke(main, ["extract", "--out", str(out), "--emotions", "calm,clam", "--quiet"])
     assert bad.exit_code != 0 and "no stories for ['clam']" in bad.output
     assert torch.equal(VectorSet.load(out).vectors, vs.vectors)  # a failed run leaves the earlier file intact

@@ -21,12 +21,16 @@ __all__ = [
     "monitor",
     "steer",
     "load_model",
+    "extract",
 ]
+
+# imported on first use: transformers loads only when a model does, extraction only when it runs
+_LAZY = {"load_model": "emovec.models", "extract": "emovec.extraction"}
 
 
 def __getattr__(name: str):
-    if name == "load_model":  # transformers is imported only when a model is loaded
-        from emovec.models import load_model
+    if name in _LAZY:
+        import importlib
 
-        return load_model
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'emovec' has no attribute {name!r}")

@@ -9,7 +9,6 @@ import os
 import platform
 import re
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,13 +124,23 @@ def _one_line(error: BaseException) -> str:
 def _user_errors() -> Iterator[None]:
     """Turn emovec's errors about the user's input (model, vector file, concept names, layers, backend) into
     UserError: one clear line, exit code 1."""
+    import warnings
+
     from emovec.models import ModelLoadError
     from emovec.ops import BackendUnavailable
 
-    try:
-        yield
-    except (ModelLoadError, BackendUnavailable, ValueError, KeyError) as error:
-        raise UserError(_one_line(error)) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield
+        except (ModelLoadError, BackendUnavailable, ValueError, KeyError) as error:
+            raise UserError(_one_line(error)) from None
+        finally:
+            for warning in caught:  # emovec's own warnings as one line each, not a file:line dump
+                if issubclass(warning.category, UserWarning) and "emovec" in warning.filename:
+                    click.echo(f"warning: {warning.message}", err=True)
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _resolve_vectors(path: str | None, model):
@@ -140,11 +149,46 @@ def _resolve_vectors(path: str | None, model):
     return extraction.resolve_vectors(path, model)
 
 
-def _setup(model_name: str | None, vectors_path: str | None, device: str | None):
+def _setup(model_name: str | None, vectors_path: str | None, device: str | None, backend: str | None = None):
     with _user_errors():
         loaded = _load_model(model_name, device)
+        if backend is not None:  # an unusable --backend fails now, not after the first prompt
+            import torch
+
+            from emovec.ops import _pick_backend
+
+            _pick_backend(torch.empty(0, 1, device=_device_of(loaded.model)), backend)
         vectors = _resolve_vectors(vectors_path, loaded.model)
     return loaded, vectors
+
+
+def _read_text(text: str) -> str:
+    """TEXT, or stdin when TEXT is "-" (bytes that are not UTF-8 are replaced, with a note); never empty."""
+    if text == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        raw = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            text = raw.decode("utf-8", errors="replace")
+            click.echo(f"emovec: stdin is not valid UTF-8 (byte {error.start}); undecodable bytes were replaced "
+                       "with U+FFFD", err=True)
+    if not text.strip():
+        raise UserError("the text is empty: give some text (or '-' to read it from stdin)")
+    return text
+
+
+def _check_length(encoded, model, truncate: bool):
+    """Refuse (or, with --truncate, cut to the model's context) a text longer than the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    length = encoded["input_ids"].shape[1]
+    if limit is None or length <= limit:
+        return encoded
+    if not truncate:
+        raise UserError(f"the text has {length} tokens, more than the model's context of {limit}; shorten it, or "
+                        f"pass --truncate to keep the first {limit} tokens")
+    click.echo(f"emovec: the text has {length} tokens; keeping the first {limit} (the model's context)", err=True)
+    return {key: value[:, :limit] for key, value in encoded.items()}
 
 
 def _model_options(command):
@@ -253,23 +297,23 @@ def _generation_config(model, tokenizer, max_new_tokens: int):
 
 def _write_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"cannot write {path}: the folder {folder} does not exist")
-    tmp = None
+    from emovec.fileio import atomic_write_text
+
     try:
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=folder, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False) as handle:
-            tmp = handle.name
-            handle.write(text)
-        os.replace(tmp, path)
+        return atomic_write_text(path, text)
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+
+
+def _check_outputs(*paths: str | None) -> None:
+    """Refuse, before any work, output paths that cannot be written."""
+    from emovec.fileio import check_writable
+
+    for path in paths:
+        if path is not None and (why := check_writable(path)):
+            raise UserError(f"cannot write {path}: {why}")
 
 
 def _quiet():
@@ -289,7 +333,9 @@ def _quiet():
               help="also write a self-contained HTML page with the tokens highlighted")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="also write the top emotions per token as JSON")
-def monitor(text: str, model_name, vectors_path, layer, backend, device, top, chat, emotion, html_path, json_path) -> None:
+@click.option("--truncate", is_flag=True, help="cut a text longer than the model's context (default: refuse it)")
+def monitor(text: str, model_name, vectors_path, layer, backend, device, top, chat, emotion, html_path, json_path,
+            truncate) -> None:
     """Show, per token of TEXT ("-" reads stdin), the strongest emotions in the residual stream."""
     import json
 
@@ -298,15 +344,16 @@ def monitor(text: str, model_name, vectors_path, layer, backend, device, top, ch
     import emovec
     from emovec import render
 
-    if text == "-":
-        text = sys.stdin.read()
-    loaded, vectors = _setup(model_name, vectors_path, device)
+    text = _read_text(text)
+    _check_outputs(html_path, json_path)
+    loaded, vectors = _setup(model_name, vectors_path, device, backend)
     model, tokenizer = loaded.model, loaded.tokenizer
     with _user_errors():
         if emotion is not None:
             vectors.index(emotion)
         context = emovec.monitor(model, vectors, layer, tokenizer=tokenizer, backend=backend)
         encoded = _encode(tokenizer, text, chat=chat, generation_prompt=False, device=_device_of(model))
+        encoded = _check_length(encoded, model, truncate)
         with torch.no_grad(), context as mon:
             model(**encoded, use_cache=False)
     result = mon.result()
@@ -340,8 +387,9 @@ def monitor(text: str, model_name, vectors_path, layer, backend, device, top, ch
 @click.option("--chat", is_flag=True, help="wrap PROMPT in the chat template (user turn, then the assistant's)")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="also write both generations as JSON")
+@click.option("--truncate", is_flag=True, help="cut a prompt longer than the model's context (default: refuse it)")
 def steer(prompt: str, model_name, vectors_path, layer, backend, device, adds, absolute, positions, max_new_tokens,
-          chat, json_path) -> None:
+          chat, json_path, truncate) -> None:
     """Generate from PROMPT greedily, plain and steered, and show both side by side."""
     import json
 
@@ -353,7 +401,9 @@ def steer(prompt: str, model_name, vectors_path, layer, backend, device, adds, a
     recipe = _parse_recipe(adds)
     if not recipe:
         raise UserError("give at least one --add NAME=STRENGTH, e.g. --add calm=0.05")
-    loaded, vectors = _setup(model_name, vectors_path, device)
+    prompt = _read_text(prompt)
+    _check_outputs(json_path)
+    loaded, vectors = _setup(model_name, vectors_path, device, backend)
     model, tokenizer = loaded.model, loaded.tokenizer
     _check_recipe(recipe, vectors)
     _check_relative(recipe, vectors, absolute)
@@ -363,6 +413,7 @@ def steer(prompt: str, model_name, vectors_path, layer, backend, device, adds, a
         context = emovec.steer(model, vectors, [None, recipe], layer, positions=positions, relative=not absolute,
                                backend=backend)
         encoded = _encode(tokenizer, prompt, chat=chat, generation_prompt=True, device=_device_of(model))
+        encoded = _check_length(encoded, model, truncate)
         batch = {key: value.repeat(2, 1) for key, value in encoded.items()}
         with torch.no_grad(), _quiet(), context:
             out = model.generate(**batch, generation_config=config)
@@ -420,7 +471,7 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
     from emovec import render
 
     recipe = _parse_recipe(adds)
-    loaded, vectors = _setup(model_name, vectors_path, device)
+    loaded, vectors = _setup(model_name, vectors_path, device, backend)
     model, tokenizer = loaded.model, loaded.tokenizer
     _check_recipe(recipe, vectors)
     _check_relative(recipe, vectors, absolute)
@@ -446,6 +497,9 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
         except (EOFError, KeyboardInterrupt):
             click.echo()
             break
+        except UnicodeDecodeError as error:
+            console.print(Text(f"error: that line is not valid UTF-8 (byte {error.start}); type it again", style="red"))
+            continue
         message = line.strip()
         if not message:
             continue

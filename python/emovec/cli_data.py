@@ -32,29 +32,46 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--max-length", default=512, show_default=True, help="truncate texts to this many tokens")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def extract(out, model_name, data, neutral, labels, layers, start_token, denoise_variance, batch_size, max_length, quiet):
+@click.option("--on-error", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
+              help="a bad line in --data/--neutral (not JSON, not an object, no text): stop, or skip and count it")
+@click.option("--restart", is_flag=True, help="ignore any checkpoint next to OUT and start over")
+def extract(out, model_name, data, neutral, labels, layers, start_token, denoise_variance, batch_size, max_length, quiet,
+            on_error, restart):
     """Extract concept vectors (default: the 171 emotions) and save them as a VectorSet file.
 
-    Progress is checkpointed next to OUT; rerunning the same command after an interruption resumes.
+    Progress is checkpointed next to OUT (OUT.partial.safetensors); rerunning the same command after an
+    interruption resumes.
     """
-    from emovec.corpus import read_jsonl
+    from emovec.cli import _check_outputs
+    from emovec.corpus import read_records
     from emovec.extraction import extract as run_extract
 
+    _check_outputs(out)
+    mode = "raise" if on_error == "stop" else "skip"
+    with _user_errors():
+        stories, skipped = read_records(data, ["text", "label|emotion"], mode) if data else (None, 0)
+        neutral_rows, skipped_neutral = read_records(neutral, ["text"], mode) if neutral else (None, 0)
+    for count, path in ((skipped, data), (skipped_neutral, neutral)):
+        if count:
+            click.echo(f"emovec: skipped {count} bad line(s) of {path}", err=True)
     model, tokenizer, name = _load(model_name)
-    stories = list(read_jsonl(data)) if data else None
-    neutral_texts = [row["text"] for row in read_jsonl(neutral)] if neutral else None
+    neutral_texts = [row["text"] for row in neutral_rows] if neutral_rows is not None else None
     started = time.perf_counter()
     try:
         vectors = run_extract(model, tokenizer, stories=stories, neutral=neutral_texts, layers=layers,
                               start_token=start_token, denoise_variance=denoise_variance, batch_size=batch_size,
                               max_length=max_length, labels=_names(labels), progress=not quiet,
-                              checkpoint=str(out) + ".partial.pt")
+                              checkpoint=str(out) + ".partial.safetensors", restart=restart, out=out)
     except (ValueError, KeyError) as error:
         raise UserError(_one_line(error)) from None
-    path = vectors.save(out)
-    click.echo(f"wrote {path}: {len(vectors.names)} vectors x {len(vectors.layers)} layers (hidden "
+    except OSError as error:
+        raise UserError(f"cannot write {out}: {error.strerror or error}") from None
+    click.echo(f"wrote {out}: {len(vectors.names)} vectors x {len(vectors.layers)} layers (hidden "
                f"{vectors.hidden_size}) from {vectors.metadata['num_stories']} texts in "
                f"{time.perf_counter() - started:.0f} s; default layer {vectors.default_layer}")
+    if vectors.metadata.get("short_story_fallbacks"):
+        click.echo(f"note: {vectors.metadata['short_story_fallbacks']} text(s) were shorter than --start-token "
+                   f"{start_token}; their second half was used", err=True)
 
 
 @main.group()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -271,6 +271,57 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
                 yield json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg}); each line must be one object") from None
+
+
+class DataError(ValueError):
+    """A data file has a line that cannot be used; the message names the file and the 1-based line."""
+
+
+def read_records(path: str | Path, fields: Sequence[str], on_error: str = "raise") -> tuple[list[dict], int]:
+    """The JSON objects of a JSONL file that have string values for ``fields`` (the first of a tuple of
+    alternatives that is present), and the number of lines skipped.
+
+    Lines that are not valid UTF-8, not valid JSON, not an object, or lack a field (or hold null or a non-string
+    there) raise DataError naming the file and line, or, with ``on_error="skip"``, are skipped and counted.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    rows, skipped = [], 0
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, 1):
+            problem, row = _parse_record(raw, fields)
+            if problem is None and row is None:
+                continue  # blank line
+            if problem is not None:
+                if on_error == "raise":
+                    raise DataError(f"{path}, line {line_number}: {problem} (use --on-error skip to skip such lines)")
+                skipped += 1
+                continue
+            rows.append(row)
+    return rows, skipped
+
+
+def _parse_record(raw: bytes, fields: Sequence[str]) -> tuple[str | None, dict | None]:
+    try:
+        line = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        return f"not valid UTF-8 (byte {error.start})", None
+    if not line:
+        return None, None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        return f"not valid JSON ({error.msg}); each line must be one JSON object", None
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object with fields {' and '.join(map(repr, fields))}", None
+    for field in fields:
+        names = field.split("|")
+        name = next((n for n in names if n in row), None)
+        if name is None:
+            return f"no {' or '.join(repr(n) for n in names)} field (keys: {sorted(row)})", None
+        if not isinstance(row[name], str) or not row[name].strip():
+            return f"field {name!r} must be a non-empty string, got {json.dumps(row[name])[:40]}", None
+    return None, row
 
 
 def load_emotions() -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from emovec import corpus
+from emovec.fileio import atomic_write
 from emovec.layers import find_decoder_layers, resolve_layer_indices
 from emovec.ops import steer_project
 from emovec.runtime import _LayerRuntime
@@ -115,17 +115,47 @@ def corpus_hash(stories: Sequence[dict], neutral: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+CHECKPOINT_FORMAT = "emovec.extraction-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """An extraction checkpoint is corrupt, truncated or not an emovec checkpoint."""
+
+
+def _save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Tensors in safetensors, everything else as JSON in its header: no pickle, ever."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    header = {"format": CHECKPOINT_FORMAT, "state": json.dumps(rest)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    restart = "delete it, or rerun with --restart (restart=True) to start over"
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"the extraction checkpoint {path} is corrupt or truncated ({_short(error)}); "
+                              f"{restart}") from None
+    if header.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an emovec extraction checkpoint; {restart}")
+    try:
+        rest = json.loads(header["state"])
+        if not isinstance(rest, dict):
+            raise ValueError("state is not an object")
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"the extraction checkpoint {path} has a corrupt header ({error}); {restart}") from None
+    return {**rest, **tensors}
+
+
+def _short(error: BaseException) -> str:
+    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 @torch.no_grad()
@@ -145,6 +175,8 @@ def extract(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     checkpoint_every: float = 30.0,
+    restart: bool = False,
+    out: str | Path | None = None,
 ) -> VectorSet:
     """Extract one direction per label at each chosen layer.
 
@@ -160,8 +192,12 @@ def extract(
     labels : restrict to these labels, in this order.
     neutral_skip : leading tokens of each neutral text left out of the PCA (the first token is an attention
         sink whose norm dwarfs every other token's; with it the top component is just that sink).
-    checkpoint : a file where progress is saved (at most every ``checkpoint_every`` seconds, and when the
-        stories are done); a rerun with the same inputs resumes there.
+    checkpoint : a file where progress is saved (safetensors + JSON, never pickle; at most every
+        ``checkpoint_every`` seconds, and at the end of each pass); a rerun with the same inputs resumes there.
+        A checkpoint from a different run is replaced (with a message); a corrupt one raises CheckpointError
+        unless ``restart=True``, which ignores any checkpoint and starts over.
+    out : when given, the vectors are saved there (atomically) and only then is the checkpoint deleted. Without
+        ``out`` the checkpoint is kept: delete it once you have saved the result.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "emovec_tokenizer", None)
     if tokenizer is None:
@@ -203,10 +239,20 @@ def extract(
              "norm_sum": torch.zeros(L, dtype=torch.float64), "norm_count": 0}
     checkpoint = Path(checkpoint) if checkpoint else None
     if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=False)
-        if saved.get("key") == run_key:
-            state = saved
-            _say(progress, f"resuming extraction from {checkpoint} ({state['done']}/{len(batches)} batches done)")
+        if restart:
+            checkpoint.unlink()
+        else:
+            saved = _load_checkpoint(checkpoint)
+            if saved.get("key") != run_key:
+                _say(progress, f"emovec: the checkpoint {checkpoint} is from a different run (other texts, model or "
+                               "parameters); starting over, and it will be overwritten")
+            elif saved.get("story_means") is None or saved["story_means"].shape != state["story_means"].shape:
+                raise CheckpointError(f"the extraction checkpoint {checkpoint} does not hold this run's story means; "
+                                      "delete it, or rerun with --restart (restart=True) to start over")
+            else:
+                state = saved
+                _say(progress, f"resuming extraction from {checkpoint} ({state['done']}/{len(batches)} story batches"
+                               f"{', neutral pass ' + str(state['neutral_done']) if 'neutral_done' in state else ''} done)")
 
     capture = _Capture(model, layer_indices)
     capture.num_segments = batch_size
@@ -231,7 +277,7 @@ def extract(
             state["norm_count"] += int(chosen.sum())
             state["done"] = b + 1
             if checkpoint is not None and (time.monotonic() - last_save >= checkpoint_every or b + 1 == len(batches)):
-                _atomic_torch_save(state, checkpoint)
+                _save_checkpoint(state, checkpoint)
                 last_save = time.monotonic()
             bar.update(1)
     bar.close()
@@ -244,8 +290,13 @@ def extract(
 
     pcs, explained_info = None, {}
     if neutral_texts:
+        def save_neutral(neutral_state: dict[str, Any]) -> None:
+            state.update(neutral_state)
+            _save_checkpoint(state, checkpoint)
+
         pcs, explained_info = _neutral_components(model, tokenizer, neutral_texts, layer_indices, denoise_variance,
-                                                  batch_size, max_length, device, progress, neutral_skip)
+                                                  batch_size, max_length, device, progress, neutral_skip, state,
+                                                  save_neutral if checkpoint is not None else None, checkpoint_every)
         projection = torch.einsum("lpd,lkd->lkp", pcs, raw)
         raw = raw - torch.einsum("lkp,lpd->lkd", projection, pcs)
     mean_norms = (state["norm_sum"] / max(state["norm_count"], 1)).float()
@@ -258,19 +309,34 @@ def extract(
     }
     target = round(2 * (len(found.layers) - 1) / 3)
     default_layer = min(layer_indices, key=lambda layer: abs(layer - target))
-    if checkpoint is not None and checkpoint.exists():
-        checkpoint.unlink()
-    return VectorSet(label_list, layer_indices, raw, mean_norms=mean_norms, neutral_pcs=pcs,
-                     default_layer=default_layer, metadata=metadata)
+    if state["fallbacks"]:
+        _say(progress, f"emovec: {state['fallbacks']} of {len(rows)} texts had no token past start_token="
+                       f"{start_token}; their second half was used instead")
+    vectors = VectorSet(label_list, layer_indices, raw, mean_norms=mean_norms, neutral_pcs=pcs,
+                        default_layer=default_layer, metadata=metadata)
+    if out is not None:
+        vectors.save(out)  # the result is safe on disk before the checkpoint goes
+        if checkpoint is not None and checkpoint.exists():
+            checkpoint.unlink()
+    return vectors
 
 
 def _neutral_components(model, tokenizer, texts, layer_indices, variance, batch_size, max_length, device, progress,
-                        skip):
+                        skip, resume: dict[str, Any] | None = None, save=None, save_every: float = 30.0):
+    """Top principal components of the neutral texts' activations; resumable from ``resume`` (a checkpoint's
+    state with ``neutral_done``, ``neutral_count``, ``gram_sum``, ``row_sum``), saving through ``save(state)``."""
     capture = _Capture(model, layer_indices, gram=True)
-    count = 0
-    bar = _progress(progress, total=(len(texts) + batch_size - 1) // batch_size, desc="neutral")
+    batches = range(0, len(texts), batch_size)
+    done = int(resume.get("neutral_done", 0)) if resume else 0
+    count = int(resume.get("neutral_count", 0)) if resume else 0
+    last_save = time.monotonic()
+    bar = _progress(progress, total=len(batches), initial=done, desc="neutral")
     with capture:
-        for i in range(0, len(texts), batch_size):
+        if done:
+            capture.gram_sum.copy_(resume["gram_sum"])
+            capture.row_sum.copy_(resume["row_sum"])
+        for b in range(done, len(batches)):
+            i = batches[b]
             batch = _tokenize(tokenizer, texts[i : i + batch_size], max_length, device)
             mask = batch["attention_mask"].bool()
             kept = mask & (mask.long().cumsum(1) > skip)
@@ -278,6 +344,10 @@ def _neutral_components(model, tokenizer, texts, layer_indices, variance, batch_
             capture.run(batch)
             count += int(kept.sum())
             bar.update(1)
+            if save is not None and (time.monotonic() - last_save >= save_every or b + 1 == len(batches)):
+                save({"neutral_done": b + 1, "neutral_count": count, "gram_sum": capture.gram_sum,
+                      "row_sum": capture.row_sum})
+                last_save = time.monotonic()
     bar.close()
     mean = capture.row_sum / count
     covariance = capture.gram_sum / count - mean[:, :, None] * mean[:, None, :]
@@ -295,9 +365,16 @@ def _neutral_components(model, tokenizer, texts, layer_indices, variance, batch_
 def _normalise_rows(stories: Sequence[dict]) -> list[dict]:
     rows = []
     for i, row in enumerate(stories):
+        if not isinstance(row, dict):
+            raise ValueError(f"record {i + 1} of the labelled data is a {type(row).__name__}, not a dict with "
+                             "'text' and 'label'")
         label = row.get("label", row.get("emotion"))
         if label is None or "text" not in row:
-            raise ValueError(f"row {i} of the labelled data has no 'label' (or 'emotion') and 'text'; got keys {sorted(row)}")
+            raise ValueError(f"record {i + 1} of the labelled data has no 'label' (or 'emotion') and 'text'; "
+                             f"got keys {sorted(row)}")
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise ValueError(f"record {i + 1} of the labelled data: 'text' must be a non-empty string, got "
+                             f"{row['text']!r:.40}")
         rows.append({"id": str(row.get("id", i)), "label": str(label), "text": str(row["text"])})
     if not rows:
         raise ValueError("no labelled texts to extract from")
@@ -338,11 +415,9 @@ def default_vectors(model, progress: bool = True) -> VectorSet:
         return VectorSet.load(path, model=model)
     _say(progress, f"emovec: extracting the emotion vectors for {getattr(model, 'emovec_name', 'this model')} once "
                    f"(a few minutes on a CPU); they are cached at {path}")
-    checkpoint = path.with_suffix(".partial.pt")
+    checkpoint = path.with_suffix(".partial.safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    vectors = extract(model, progress=progress, checkpoint=checkpoint)
-    vectors.save(path)
-    return vectors
+    return extract(model, progress=progress, checkpoint=checkpoint, out=path)
 
 
 def resolve_vectors(path: str | Path | None, model) -> VectorSet:

@@ -172,9 +172,19 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}: {exc}") from None
+        raise ValueError(f"unknown device {device!r} ({exc}); use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: there is no CUDA device here (torch {torch.__version__} sees none); "
+                             "use --device cpu, or leave --device out")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"--device {device}: there are only {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+    elif resolved.type != "cpu":
+        raise ValueError(f"--device {device}: emovec runs on cpu or cuda devices, not {resolved.type}")
+    return resolved
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

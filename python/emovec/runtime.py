@@ -8,6 +8,8 @@ Per step the host does only row bookkeeping from tensor shapes: no host-device s
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -350,6 +352,9 @@ def monitor(model, vectors: VectorSet, layers=None, **kwargs) -> Monitor:
 Recipe = dict[str, float]
 
 
+SANE_RELATIVE_STRENGTH = 0.5  # the research steered with |s| <= 0.5 times the layer's mean residual norm
+
+
 class Steer(_LayerRuntime):
     """Context that adds vectors to the residual stream, per sequence and per position."""
 
@@ -381,6 +386,30 @@ class Steer(_LayerRuntime):
         if relative and vectors.mean_norms is None:
             raise ValueError("relative strength needs the layers' mean residual norms: use vectors with mean_norms "
                              "(emovec.measure_mean_norms(model, vectors, texts)) or relative=False")
+        self._check_strengths()
+
+    def _check_strengths(self) -> None:
+        """Refuse strengths whose steering vector cannot be represented (its squared norm overflows fp32, or an
+        element overflows the model's dtype); warn above the research's range, |s| <= SANE_RELATIVE_STRENGTH."""
+        dtype = next(self.model.parameters()).dtype
+        limit = min(torch.finfo(dtype).max, math.sqrt(torch.finfo(torch.float32).max))
+        warned: set[str] = set()
+        for layer in self.layer_indices:
+            scale = self.vectors.mean_norm(layer) if self.relative else 1.0
+            for r in self.recipes:
+                for name, strength in (r or {}).items():
+                    size = abs(float(strength)) * scale
+                    if not math.isfinite(size) or size >= limit:
+                        raise ValueError(f"steering strength {name}={strength:g} gives a vector of norm {size:.3g} at "
+                                         f"layer {layer}, too large for the model ({str(dtype).replace('torch.', '')}"
+                                         f" overflows); the research used |strength| <= {SANE_RELATIVE_STRENGTH} "
+                                         "(relative)")
+                    relative = size / self.vectors.mean_norm(layer) if self.vectors.mean_norms is not None else None
+                    if relative is not None and relative > SANE_RELATIVE_STRENGTH and name not in warned:
+                        warned.add(name)
+                        warnings.warn(f"steering strength {name}={strength:g} is {relative:.3g} times layer {layer}'s "
+                                      f"mean residual norm; above {SANE_RELATIVE_STRENGTH} the model usually degrades "
+                                      "into repetition or nonsense (the research stayed within 0.5)", stacklevel=3)
 
     def enter(self) -> None:
         unit = self.vectors.unit

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from emovec.fileio import atomic_write
+
 FORMAT_VERSION = 1
 
 
@@ -68,9 +70,23 @@ class VectorSet:
         if len(set(self.names)) != len(self.names):
             raise ValueError("names must be unique")
         if self.mean_norms is not None:
+            if self.mean_norms.numel() != slices:
+                raise ValueError(f"mean_norms must have {slices} values (one per layer), got {self.mean_norms.numel()}")
             self.mean_norms = self.mean_norms.detach().float().reshape(slices)
+            if not (torch.isfinite(self.mean_norms).all() and (self.mean_norms > 0).all()):
+                raise ValueError("mean_norms must be finite and positive")
         if not torch.isfinite(self.vectors).all():
             raise ValueError("vectors contain NaN or infinite values")
+        if self.neutral_pcs is not None:
+            self.neutral_pcs = self.neutral_pcs.detach().float()
+            if self.neutral_pcs.ndim != 3 or self.neutral_pcs.shape[0] != slices or \
+                    self.neutral_pcs.shape[2] != self.hidden_size:
+                raise ValueError(f"neutral_pcs must have shape ({slices}, P, {self.hidden_size}), "
+                                 f"got {tuple(self.neutral_pcs.shape)}")
+            if not torch.isfinite(self.neutral_pcs).all():
+                raise ValueError("neutral_pcs contain NaN or infinite values")
+        if self.default_layer is not None and self.layers and self.default_layer not in self.layers:
+            raise ValueError(f"default_layer {self.default_layer} is not one of the layers {_ranges(self.layers)}")
         if self.default_layer is None and self.layers:
             self.default_layer = self.layers[min(len(self.layers) - 1, round(2 * (len(self.layers) - 1) / 3))]
 
@@ -163,16 +179,7 @@ class VectorSet:
             "names": json.dumps(self.names), "layers": json.dumps(self.layers),
             "default_layer": json.dumps(self.default_layer), "metadata": json.dumps(self.metadata, default=str),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata=header)
-            with open(tmp, "rb") as handle:  # the bytes reach the disk before the rename makes them the file
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any = None) -> VectorSet:
@@ -191,17 +198,23 @@ class VectorSet:
                                   "corrupt: extract the vectors again") from None
         if header.get("format") != "emovec.VectorSet" or "vectors" not in tensors:
             raise VectorFileError(f"{path} is a safetensors file but not an emovec vector file (no emovec header)")
-        if int(header.get("format_version", "0")) > FORMAT_VERSION:
-            raise VectorFileError(f"{path} was written by a newer emovec (format {header['format_version']}); upgrade emovec")
         try:
-            vs = cls(
-                json.loads(header["names"]), json.loads(header["layers"]), tensors["vectors"],
-                mean_norms=tensors.get("mean_norms"), neutral_pcs=tensors.get("neutral_pcs"),
-                default_layer=json.loads(header.get("default_layer", "null")),
-                metadata=json.loads(header.get("metadata", "{}")),
-            )
-        except (KeyError, ValueError, json.JSONDecodeError) as error:
-            raise VectorFileError(f"{path} has an inconsistent emovec header ({error}); extract the vectors again") from None
+            version = int(header.get("format_version", "0"))
+        except ValueError:
+            raise VectorFileError(f"{path} has a corrupt header: format_version {header['format_version']!r} is not "
+                                  "a whole number; extract the vectors again") from None
+        if version > FORMAT_VERSION:
+            raise VectorFileError(f"{path} was written by a newer emovec (format {version}); upgrade emovec")
+        try:
+            names, layers, default_layer, metadata = _parse_header(header)
+            for key, tensor in tensors.items():
+                if not tensor.is_floating_point():
+                    raise ValueError(f"tensor {key!r} has dtype {tensor.dtype}, not a float type")
+            vs = cls(names, layers, tensors["vectors"], mean_norms=tensors.get("mean_norms"),
+                     neutral_pcs=tensors.get("neutral_pcs"), default_layer=default_layer, metadata=metadata)
+        except (KeyError, ValueError, TypeError) as error:
+            raise VectorFileError(f"{path} has an inconsistent emovec header or tensors ({_one_line(error)}); "
+                                  "extract the vectors again") from None
         if model is not None:
             vs.check_model(model, source=str(path))
         return vs
@@ -225,6 +238,35 @@ class VectorSet:
         if problems:
             raise VectorFileError(f"{source} do not match this model: {'; '.join(problems)}. "
                                   "Extract vectors for this model with `emovec extract --model ...`")
+
+
+def _parse_header(header: dict[str, str]) -> tuple[list[str], list[int], int | None, dict[str, Any]]:
+    """names, layers, default_layer, metadata of a vector file's header, each checked for its type."""
+    def field(key: str, default: str | None = None) -> Any:
+        if key not in header and default is None:
+            raise KeyError(f"missing field {key!r}")
+        try:
+            return json.loads(header.get(key, default))
+        except json.JSONDecodeError:
+            raise ValueError(f"field {key!r} is not valid JSON") from None
+
+    names, layers = field("names"), field("layers")
+    default_layer, metadata = field("default_layer", "null"), field("metadata", "{}")
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError("'names' must be a list of non-empty strings")
+    if not isinstance(layers, list) or not all(type(x) is int and x >= 0 for x in layers) or \
+            len(set(layers)) != len(layers):
+        raise ValueError("'layers' must be a list of distinct non-negative integers")
+    if default_layer is not None and type(default_layer) is not int:
+        raise ValueError("'default_layer' must be an integer or null")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"'metadata' must be a JSON object, got a {type(metadata).__name__}")
+    return names, layers, default_layer, metadata
+
+
+def _one_line(error: BaseException) -> str:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return " ".join(str(message).split())
 
 
 def _ranges(values: Sequence[int]) -> str:
