@@ -25,3 +25,36 @@ def default_model():
     import emovec
 
     return emovec.load_model()
+
+
+# concept names of the random vector file the CLI tests use
+CLI_NAMES = ["calm", "afraid", "happy", "sad", "desperate", "loving"]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """The default model, through the CLI's cache: the commands below reuse it instead of loading it again.
+
+    The slow tests run torch on one thread: this small model gains little from more, and on a machine whose cores
+    are busy with other work, torch's thread pool can make a short greedy generation tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from emovec import cli
+
+        yield cli._load_model(None, None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vector_file(loaded, tmp_path_factory):
+    """A vector file of random directions for the default model (never the default emotion vectors)."""
+    import emovec
+    from emovec.vectors import VectorSet
+
+    torch.manual_seed(0)
+    vectors = VectorSet.from_tensor(torch.randn(30, len(CLI_NAMES), 576), names=CLI_NAMES, layers=list(range(30)))
+    vectors = emovec.measure_mean_norms(loaded.model, vectors, ["Hello, how are you today?",
+                                                                "The cat sat on the mat and looked out."])
+    return vectors.save(tmp_path_factory.mktemp("vectors") / "random.safetensors")

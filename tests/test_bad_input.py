@@ -18,7 +18,7 @@ from emovec import cli
 from emovec.corpus import DataError, read_records
 from emovec.fileio import atomic_write_text
 from emovec.vectors import VectorFileError, VectorSet
-from test_cli_runtime import invoke, loaded, one_line_error, slow, vector_file  # noqa: F401  (fixtures)
+from test_cli_runtime import invoke, one_line_error, slow
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

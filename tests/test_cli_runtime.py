@@ -18,12 +18,12 @@ import torch
 from click.testing import CliRunner
 
 import emovec
+from conftest import CLI_NAMES as NAMES
 from emovec import cli, render
 from emovec.models import INSTALL_HINT, ModelLoadError, default_gguf_path
 from emovec.runtime import MonitorResult
 from emovec.vectors import VectorSet
 
-NAMES = ["calm", "afraid", "happy", "sad", "desperate", "loving"]
 TEXT = "I feel calm and happy today, thank you."
 ENV = {"COLUMNS": "200"}  # a fixed console width, whatever the terminal running the tests
 
@@ -146,29 +146,6 @@ def test_mean_emotions_and_write_atomic(tmp_path: Path):
 
 
 # ================================================================================================ slow tests
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    """The default model, through the CLI's cache: the commands below reuse it instead of loading it again.
-
-    The slow tests run torch on one thread: this small model gains little from more, and on a machine whose cores
-    are busy with other work, torch's thread pool can make a short greedy generation tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield cli._load_model(None, None)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def vector_file(loaded, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    vectors = VectorSet.from_tensor(torch.randn(30, len(NAMES), 576), names=NAMES, layers=list(range(30)))
-    vectors = emovec.measure_mean_norms(loaded.model, vectors, ["Hello, how are you today?",
-                                                                "The cat sat on the mat and looked out."])
-    return vectors.save(tmp_path_factory.mktemp("vectors") / "random.safetensors")
 
 
 def _tokens(loaded, text: str) -> list[str]:

@@ -85,9 +85,9 @@ def test_compiled_library_checks_arguments_too():
     from emovec._ext import _C
 
     with pytest.raises(ValueError, match="a steering table needs slots"):
-        _C.steer_project_cpu(1, 1, 4, 4, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
+        _C.steer_project_cpu(1, 1, 4, 4, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
     with pytest.raises(ValueError, match="h dtype code"):
-        _C.steer_project_cpu(1, 1, 4, 4, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
+        _C.steer_project_cpu(1, 1, 4, 4, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
 
 
 def test_import_without_the_extension_warns_once_and_torch_backend_works():
