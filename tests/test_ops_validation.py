@@ -130,6 +130,6 @@ def test_custom_op_registration_passes_opcheck():
     h = torch.randn(5, 8)
     probes = torch.randn(3, 8)
     args = (h, torch.tensor([0, -1, 0, 1, -1]), torch.randn(2, 8), None, probes, None,
-            torch.empty(5, 3), torch.empty(5), None, None, None, "torch")
+            torch.empty(5, 3), torch.empty(5), None, None, None, torch.zeros(1, dtype=torch.int32), "torch")
     torch.library.opcheck(torch.ops.emovec.steer_project.default, args,
                           test_utils=("test_schema", "test_faketensor"))
