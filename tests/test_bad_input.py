@@ -255,3 +255,12 @@ def test_every_name_the_readme_documents_exists():
     assert {"extract", "load_model", "steer", "monitor"} <= names
     missing = [name for name in sorted(names) if not hasattr(emovec, name)]
     assert not missing, f"the README documents emovec.{missing} but emovec has no such attribute"
+
+
+@slow
+def test_chat_refuses_an_overflowing_strength_and_goes_on(loaded, vector_file):
+    result = invoke("chat", "--vectors", str(vector_file), input="/steer calm=1e30\n/steer calm=0.1\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert "error: steering strength calm=1e+30" in result.stdout and "(steering: calm=+0.1" in result.stdout
+    line = one_line_error(invoke("chat", "--vectors", str(vector_file), "--add", "calm=1e30", input="/quit\n"))
+    assert "too large for the model" in line

@@ -515,6 +515,10 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
                     new_recipe = _parse_recipe([rest])
                     _check_recipe(new_recipe, vectors)
                     _check_relative(new_recipe, vectors, absolute)
+                    if new_recipe:
+                        with _user_errors():  # strengths too large for the model are refused here, not mid-turn
+                            emovec.steer(model, vectors, new_recipe, layer, positions=positions,
+                                         relative=not absolute, backend=backend)
                 except click.ClickException as error:
                     console.print(Text(f"error: {error.format_message()}", style="red"))
                     continue
