@@ -148,7 +148,7 @@ def _crafted(tmp_path: Path, **changes) -> Path:
     ({"metadata": "[1, 2]"}, "'metadata' must be a JSON object"),
     ({"metadata": "not json"}, "field 'metadata' is not valid JSON"),
     ({"format_version": "abc"}, "format_version 'abc' is not a whole number"),
-    ({"mean_norms": torch.tensor([1.0, float("nan")])}, "mean_norms must be finite and positive"),
+    ({"mean_norms": torch.tensor([1.0, float("nan")])}, "mean_norms must be finite and non-negative"),
     ({"mean_norms": torch.tensor([1.0, 2.0, 3.0])}, "mean_norms must have 2 values"),
     ({"names": '["a", 3, "c"]'}, "'names' must be a list of non-empty strings"),
     ({"layers": '[0, "x"]'}, "'layers' must be a list of distinct non-negative integers"),

@@ -12,7 +12,7 @@ from emovec import corpus
 from emovec.stories import accept, generate_stories
 
 EMOTIONS = corpus.load_emotions()
-STORIES = corpus.load_stories()
+STORIES = corpus.load_heldout()
 
 
 def test_emotion_list_matches_the_research():

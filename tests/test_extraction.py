@@ -120,6 +120,46 @@ def test_story_mean_matches_a_manual_computation(planted):
             label_means.append(torch.stack(means).mean(0))
     label_means = torch.stack(label_means)
     torch.testing.assert_close(vs.vectors[0], label_means - label_means.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(vs.label_means[0], label_means, rtol=1e-4, atol=1e-5)  # stored before centring
+    # re-centring a subset uses only that subset's mean
+    sub = vs.recentred(["joy", "calm"])
+    pair = label_means[[0, 3]]
+    torch.testing.assert_close(sub.vectors[0], pair - pair.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_heldout_accuracy_matches_a_hand_count():
+    from emovec.extraction import heldout_accuracy
+
+    g = torch.Generator().manual_seed(5)
+    names = ["a", "b", "c", "d", "e", "f", "g"]
+    vs = VectorSet(names, [3, 7], torch.randn(2, 7, 16, generator=g), label_means=torch.randn(2, 7, 16, generator=g))
+    means = torch.randn(40, 2, 16, generator=g)
+    labels = [names[i % 7] for i in range(40)]
+    got = heldout_accuracy(vs, means, labels, k=3)
+    for s, layer in enumerate([3, 7]):
+        centre = vs.label_means[s].mean(0)
+        hits1 = hits3 = 0
+        for i, label in enumerate(labels):
+            x = means[i, s] - centre
+            cos = [float(torch.dot(x, v) / (x.norm() * v.norm())) for v in vs.vectors[s]]
+            order = sorted(range(7), key=lambda k: -cos[k])
+            hits1 += order[0] == names.index(label)
+            hits3 += names.index(label) in order[:3]
+        assert got[layer] == (round(hits1 / 40, 4), round(hits3 / 40, 4))
+
+
+def test_heldout_texts_choose_the_default_layer(planted):
+    model, stories, neutral, *_ = planted
+    heldout = [dict(s, id="h" + s["id"]) for s in stories[::2]]
+    vs = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, heldout=heldout,
+                 progress=False)
+    accuracy = vs.metadata["heldout_accuracy"]
+    assert sorted(accuracy) == ["0", "1", "2"] and vs.metadata["num_heldout"] == len(heldout)
+    assert all(top1 > 0.9 and top5 == 1.0 for top1, top5 in accuracy.values())  # planted directions: easy
+    best = max(vs.layers, key=lambda layer: (accuracy[str(layer)][0], accuracy[str(layer)][1], -layer))
+    assert vs.default_layer == best and "held-out" in vs.metadata["default_layer_criterion"]
+    plain = extract(model, WordTokenizer(), stories=stories, neutral=neutral, start_token=4, progress=False)
+    assert "heldout_accuracy" not in plain.metadata and plain.default_layer == 1  # two thirds of 3 layers
 
 
 def _interrupt_at(model, monkeypatch, call: int) -> None:

@@ -329,8 +329,10 @@ def load_emotions() -> list[str]:
     return [w.strip() for w in data_path("emotions.txt").read_text(encoding="utf-8").splitlines() if w.strip()]
 
 
-def load_stories() -> list[dict]:
-    """All packaged emotion stories: dicts with id, emotion, topic, text."""
+def load_heldout() -> list[dict]:
+    """The held-out emotion stories (6 per emotion, each about its own situation, none of the grid's topics):
+    dicts with id, emotion, topic, text. Extraction uses the grid (:func:`load_grid`); these test how well its
+    vectors generalise."""
     rows: list[dict] = []
     for part in sorted(data_path("stories").glob("*.jsonl")):
         rows.extend(read_jsonl(part))

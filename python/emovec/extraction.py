@@ -105,13 +105,17 @@ def _tokenize(tokenizer, texts: Sequence[str], max_length: int, device) -> dict[
     return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 
 
-def corpus_hash(stories: Sequence[dict], neutral: Sequence[str]) -> str:
+def corpus_hash(stories: Sequence[dict], neutral: Sequence[str], heldout: Sequence[dict] = ()) -> str:
     digest = hashlib.sha256()
     for row in stories:
         digest.update(f"{row['label']}\t{row['text']}\n".encode())
     digest.update(b"--neutral--\n")
     for text in neutral:
         digest.update(text.encode() + b"\n")
+    if heldout:
+        digest.update(b"--heldout--\n")
+        for row in heldout:
+            digest.update(f"{row['label']}\t{row['text']}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -177,12 +181,18 @@ def extract(
     checkpoint_every: float = 30.0,
     restart: bool = False,
     out: str | Path | None = None,
+    heldout: Sequence[dict] | None = None,
 ) -> VectorSet:
     """Extract one direction per label at each chosen layer.
 
     Parameters
     ----------
-    stories : dicts with ``text`` and ``label`` (or ``emotion``); default: the packaged emotion stories.
+    stories : dicts with ``text`` and ``label`` (or ``emotion``); default: the packaged story grid (every emotion
+        about the same 24 topics, so the mean over emotions cancels the topic).
+    heldout : labelled texts not used for the vectors; each is classified by its nearest vector at every layer,
+        and the layer with the best top-1 accuracy becomes the default layer (accuracies in the metadata).
+        Default: the packaged held-out stories when ``stories`` is the default, else none (then the default layer
+        is the chosen layer nearest two thirds of the depth).
     neutral : texts whose top principal components are projected out; default: the packaged neutral
         dialogues. ``denoise_variance`` (default 0.5) is the fraction of their variance those components
         explain; 0 turns denoising off.
@@ -206,7 +216,7 @@ def extract(
         raise ValueError(f"denoise_variance must be in [0, 1), got {denoise_variance}")
     if start_token < 0 or batch_size < 1:
         raise ValueError("start_token must be >= 0 and batch_size >= 1")
-    rows = _normalise_rows(stories if stories is not None else corpus.load_stories())
+    rows = _normalise_rows(stories if stories is not None else corpus.load_grid())
     if labels is not None:
         known = {r["label"] for r in rows}
         missing = [label for label in labels if label not in known]
@@ -221,22 +231,21 @@ def extract(
     neutral_texts = list(neutral) if neutral is not None else [r["text"] for r in corpus.load_neutral()]
     if denoise_variance == 0:
         neutral_texts = []
+    if heldout is None:
+        heldout = corpus.load_heldout() if stories is None else []
+    heldout_rows = _normalise_rows(heldout, allow_empty=True)
 
     found = find_decoder_layers(model)
     layer_indices = resolve_layer_indices(layers, len(found.layers))
     device = next(model.parameters()).device
     params = ExtractionParams(layer_indices, start_token, denoise_variance, batch_size, max_length, neutral_skip)
-    c_hash = corpus_hash(rows, neutral_texts)
+    c_hash = corpus_hash(rows, neutral_texts, heldout_rows)
     m_hash = config_hash(model.config)
     run_key = params.key(c_hash, m_hash)
 
-    # longest first: similar lengths share a batch (less padding); the order is fixed, so runs are deterministic
-    lengths = [len(r["text"]) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: (-lengths[i], rows[i]["id"]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     L, d = len(layer_indices), found.hidden_size
-    state = {"key": run_key, "done": 0, "story_means": torch.zeros(len(rows), L, d), "fallbacks": 0,
-             "norm_sum": torch.zeros(L, dtype=torch.float64), "norm_count": 0}
+    num_batches = (len(rows) + batch_size - 1) // batch_size
+    state = {"key": run_key, **_story_state("", len(rows), L, d)}
     checkpoint = Path(checkpoint) if checkpoint else None
     if checkpoint is not None and checkpoint.exists():
         if restart:
@@ -251,36 +260,17 @@ def extract(
                                       "delete it, or rerun with --restart (restart=True) to start over")
             else:
                 state = saved
-                _say(progress, f"resuming extraction from {checkpoint} ({state['done']}/{len(batches)} story batches"
+                _say(progress, f"resuming extraction from {checkpoint} ({state['done']}/{num_batches} story batches"
                                f"{', neutral pass ' + str(state['neutral_done']) if 'neutral_done' in state else ''} done)")
 
-    capture = _Capture(model, layer_indices)
-    capture.num_segments = batch_size
-    last_save = time.monotonic()
-    bar = _progress(progress, total=len(batches), initial=state["done"], desc="stories")
-    with capture:
-        for b in range(state["done"], len(batches)):
-            members = batches[b]
-            batch = _tokenize(tokenizer, [rows[i]["text"] for i in members], max_length, device)
-            mask = batch["attention_mask"].cpu()
-            lengths_b = mask.sum(1)
-            positions = mask.long().cumsum(1) - 1  # index among the story's real tokens, whichever side pads
-            starts = torch.where(lengths_b > start_token, torch.full_like(lengths_b, start_token), lengths_b // 2)
-            state["fallbacks"] += int((lengths_b <= start_token).sum())
-            chosen = (positions >= starts[:, None]) & mask.bool()
-            capture.segments = torch.where(chosen, torch.arange(len(members))[:, None], -1).reshape(-1).to(device)
-            capture.reset()
-            capture.run(batch)
-            means = capture.sums[:, : len(members)] / capture.counts[:, : len(members), None].clamp(min=1)
-            state["story_means"][members] = means.permute(1, 0, 2)
-            state["norm_sum"] += capture.norm_sum
-            state["norm_count"] += int(chosen.sum())
-            state["done"] = b + 1
-            if checkpoint is not None and (time.monotonic() - last_save >= checkpoint_every or b + 1 == len(batches)):
-                _save_checkpoint(state, checkpoint)
-                last_save = time.monotonic()
-            bar.update(1)
-    bar.close()
+    def save(update: dict[str, Any] | None = None) -> None:
+        state.update(update or {})
+        _save_checkpoint(state, checkpoint)
+
+    saver = save if checkpoint is not None else None
+    passes = dict(start_token=start_token, batch_size=batch_size, max_length=max_length, device=device,
+                  progress=progress, save=saver, save_every=checkpoint_every)
+    _story_pass(model, tokenizer, rows, layer_indices, state, "", desc="stories", **passes)
 
     label_index = {label: i for i, label in enumerate(label_list)}
     story_label = torch.tensor([label_index[r["label"]] for r in rows])
@@ -290,30 +280,40 @@ def extract(
 
     pcs, explained_info = None, {}
     if neutral_texts:
-        def save_neutral(neutral_state: dict[str, Any]) -> None:
-            state.update(neutral_state)
-            _save_checkpoint(state, checkpoint)
-
         pcs, explained_info = _neutral_components(model, tokenizer, neutral_texts, layer_indices, denoise_variance,
                                                   batch_size, max_length, device, progress, neutral_skip, state,
-                                                  save_neutral if checkpoint is not None else None, checkpoint_every)
+                                                  saver, checkpoint_every)
         projection = torch.einsum("lpd,lkd->lkp", pcs, raw)
         raw = raw - torch.einsum("lkp,lpd->lkd", projection, pcs)
     mean_norms = (state["norm_sum"] / max(state["norm_count"], 1)).float()
+    vectors = VectorSet(label_list, layer_indices, raw, mean_norms=mean_norms, neutral_pcs=pcs,
+                        label_means=label_means.permute(1, 0, 2).contiguous())
+
+    target = round(2 * (len(found.layers) - 1) / 3)
+    default_layer = min(layer_indices, key=lambda layer: abs(layer - target))
+    choice = {"default_layer_criterion": "the chosen layer nearest two thirds of the depth"}
+    heldout_rows = [r for r in heldout_rows if r["label"] in label_index]
+    if heldout_rows:
+        if "heldout_done" not in state:
+            state.update(_story_state("heldout_", len(heldout_rows), L, d))
+        _story_pass(model, tokenizer, heldout_rows, layer_indices, state, "heldout_", desc="held-out", **passes)
+        accuracy = heldout_accuracy(vectors, state["heldout_story_means"], [r["label"] for r in heldout_rows])
+        default_layer = max(layer_indices, key=lambda layer: (accuracy[layer][0], accuracy[layer][1], -layer))
+        choice = {"default_layer_criterion": "held-out nearest-vector top-1 accuracy (ties: top-5, then the earlier "
+                                             "layer)",
+                  "heldout_accuracy": {str(layer): list(accuracy[layer]) for layer in layer_indices},
+                  "num_heldout": len(heldout_rows)}
     metadata = {
         "model": getattr(model, "emovec_name", getattr(model.config, "_name_or_path", type(model).__name__)),
         "model_class": type(model).__name__, "config_hash": m_hash, "hidden_size": d,
         "num_layers": len(found.layers), "params": asdict(params), "corpus_hash": c_hash,
         "num_stories": len(rows), "num_neutral": len(neutral_texts),
-        "short_story_fallbacks": state["fallbacks"], "emovec_version": _version(), **explained_info,
+        "short_story_fallbacks": state["fallbacks"], "emovec_version": _version(), **explained_info, **choice,
     }
-    target = round(2 * (len(found.layers) - 1) / 3)
-    default_layer = min(layer_indices, key=lambda layer: abs(layer - target))
     if state["fallbacks"]:
         _say(progress, f"emovec: {state['fallbacks']} of {len(rows)} texts had no token past start_token="
                        f"{start_token}; their second half was used instead")
-    vectors = VectorSet(label_list, layer_indices, raw, mean_norms=mean_norms, neutral_pcs=pcs,
-                        default_layer=default_layer, metadata=metadata)
+    vectors.default_layer, vectors.metadata = default_layer, metadata
     if out is not None:
         vectors.save(out)  # the result is safe on disk before the checkpoint goes
         if checkpoint is not None and checkpoint.exists():
@@ -362,7 +362,72 @@ def _neutral_components(model, tokenizer, texts, layer_indices, variance, batch_
     return pcs, {"neutral_pcs_per_layer": per_layer, "neutral_tokens": count}
 
 
-def _normalise_rows(stories: Sequence[dict]) -> list[dict]:
+def _story_state(prefix: str, n: int, layers: int, d: int) -> dict[str, Any]:
+    """Fresh progress of a story pass (keys prefixed, so several passes share one checkpoint)."""
+    return {f"{prefix}done": 0, f"{prefix}story_means": torch.zeros(n, layers, d), f"{prefix}fallbacks": 0,
+            f"{prefix}norm_sum": torch.zeros(layers, dtype=torch.float64), f"{prefix}norm_count": 0}
+
+
+def _story_pass(model, tokenizer, rows, layer_indices, state, prefix, *, start_token, batch_size, max_length, device,
+                progress, save, save_every, desc) -> None:
+    """Each text's mean residual stream from ``start_token`` on, at every layer, into ``state[prefix +
+    "story_means"]`` (with norm sums for the mean norms); resumes at ``state[prefix + "done"]`` batches and saves
+    through ``save()`` at most every ``save_every`` seconds and at the end."""
+    # longest first: similar lengths share a batch (less padding); the order is fixed, so runs are deterministic
+    lengths = [len(r["text"]) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (-lengths[i], rows[i]["id"]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    key = {name: prefix + name for name in ("done", "story_means", "fallbacks", "norm_sum", "norm_count")}
+    capture = _Capture(model, layer_indices)
+    capture.num_segments = batch_size
+    last_save = time.monotonic()
+    bar = _progress(progress, total=len(batches), initial=state[key["done"]], desc=desc)
+    with capture:
+        for b in range(state[key["done"]], len(batches)):
+            members = batches[b]
+            batch = _tokenize(tokenizer, [rows[i]["text"] for i in members], max_length, device)
+            mask = batch["attention_mask"].cpu()
+            lengths_b = mask.sum(1)
+            positions = mask.long().cumsum(1) - 1  # index among the story's real tokens, whichever side pads
+            starts = torch.where(lengths_b > start_token, torch.full_like(lengths_b, start_token), lengths_b // 2)
+            state[key["fallbacks"]] += int((lengths_b <= start_token).sum())
+            chosen = (positions >= starts[:, None]) & mask.bool()
+            capture.segments = torch.where(chosen, torch.arange(len(members))[:, None], -1).reshape(-1).to(device)
+            capture.reset()
+            capture.run(batch)
+            means = capture.sums[:, : len(members)] / capture.counts[:, : len(members), None].clamp(min=1)
+            state[key["story_means"]][members] = means.permute(1, 0, 2)
+            state[key["norm_sum"]] += capture.norm_sum
+            state[key["norm_count"]] += int(chosen.sum())
+            state[key["done"]] = b + 1
+            if save is not None and (time.monotonic() - last_save >= save_every or b + 1 == len(batches)):
+                save()
+                last_save = time.monotonic()
+            bar.update(1)
+    bar.close()
+
+
+def heldout_accuracy(vectors: VectorSet, story_means: torch.Tensor, labels: Sequence[str],
+                     k: int = 5) -> dict[int, tuple[float, float]]:
+    """Nearest-vector classification of held-out texts: for each layer, the fraction whose own label is the
+    vector of highest cosine with (text mean - centre) (top-1), or among the ``k`` highest (top-k).
+
+    ``story_means`` (n, L, d) at ``vectors.layers``; the centre is the mean of the label means when the vectors
+    carry them (what extraction subtracted), else the mean of the held-out texts."""
+    targets = torch.tensor([vectors.index(label) for label in labels])
+    result = {}
+    for s, layer in enumerate(vectors.layers or [0]):
+        means = story_means[:, s].float()
+        centre = vectors.label_means[s].mean(0) if vectors.label_means is not None else means.mean(0)
+        cos = torch.nn.functional.normalize(means - centre, dim=1) @ vectors.unit[s].T
+        ranked = cos.topk(min(k, cos.shape[1]), dim=1).indices
+        top1 = float((ranked[:, 0] == targets).float().mean())
+        topk = float((ranked == targets[:, None]).any(1).float().mean())
+        result[layer] = (round(top1, 4), round(topk, 4))
+    return result
+
+
+def _normalise_rows(stories: Sequence[dict], allow_empty: bool = False) -> list[dict]:
     rows = []
     for i, row in enumerate(stories):
         if not isinstance(row, dict):
@@ -376,7 +441,7 @@ def _normalise_rows(stories: Sequence[dict]) -> list[dict]:
             raise ValueError(f"record {i + 1} of the labelled data: 'text' must be a non-empty string, got "
                              f"{row['text']!r:.40}")
         rows.append({"id": str(row.get("id", i)), "label": str(label), "text": str(row["text"])})
-    if not rows:
+    if not rows and not allow_empty:
         raise ValueError("no labelled texts to extract from")
     return rows
 
@@ -398,23 +463,35 @@ def _version() -> str:
     return __version__
 
 
+def shipped_vectors_path(model) -> Path | None:
+    """The emotion vectors shipped in the package for ``model`` (by name), or None when none are shipped."""
+    path = corpus.data_path("vectors") / f"{str(getattr(model, 'emovec_name', '')).replace('/', '--')}.safetensors"
+    return path if path.is_file() else None
+
+
 def default_vectors_path(model) -> Path:
+    """Where vectors extracted from the packaged grid for a model without shipped vectors are cached."""
     from emovec.models import cache_dir
 
     name = str(getattr(model, "emovec_name", "model")).replace("/", "--")
-    stories = _normalise_rows(corpus.load_stories())
+    stories = _normalise_rows(corpus.load_grid())
     neutral = [r["text"] for r in corpus.load_neutral()]
-    key = ExtractionParams().key(corpus_hash(stories, neutral), config_hash(model.config))
+    heldout = _normalise_rows(corpus.load_heldout())
+    key = ExtractionParams().key(corpus_hash(stories, neutral, heldout), config_hash(model.config))
     return cache_dir() / "vectors" / f"{name}-{key}.safetensors"
 
 
 def default_vectors(model, progress: bool = True) -> VectorSet:
-    """The 171 emotion vectors for ``model`` at every layer: extracted once with the packaged stories, then cached."""
+    """The 171 emotion vectors for ``model`` at every layer: the shipped file for the default model; for other
+    models, extracted once from the packaged story grid, then cached."""
+    shipped = shipped_vectors_path(model)
+    if shipped is not None:
+        return VectorSet.load(shipped, model=model)
     path = default_vectors_path(model)
     if path.exists():
         return VectorSet.load(path, model=model)
     _say(progress, f"emovec: extracting the emotion vectors for {getattr(model, 'emovec_name', 'this model')} once "
-                   f"(a few minutes on a CPU); they are cached at {path}")
+                   f"(minutes to an hour on a CPU); they are cached at {path}")
     checkpoint = path.with_suffix(".partial.safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     return extract(model, progress=progress, checkpoint=checkpoint, out=path)

@@ -8,6 +8,7 @@ Per step the host does only row bookkeeping from tensor shapes: no host-device s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -404,7 +405,8 @@ class Steer(_LayerRuntime):
                                          f"layer {layer}, too large for the model ({str(dtype).replace('torch.', '')}"
                                          f" overflows); the research used |strength| <= {SANE_RELATIVE_STRENGTH} "
                                          "(relative)")
-                    relative = size / self.vectors.mean_norm(layer) if self.vectors.mean_norms is not None else None
+                    norm = self.vectors.mean_norm(layer) if self.vectors.mean_norms is not None else 0.0
+                    relative = size / norm if norm > 0 else None
                     if relative is not None and relative > SANE_RELATIVE_STRENGTH and name not in warned:
                         warned.add(name)
                         warnings.warn(f"steering strength {name}={strength:g} is {relative:.3g} times layer {layer}'s "
@@ -525,5 +527,4 @@ def measure_mean_norms(model, vectors: VectorSet, texts: Sequence[str], tokenize
         norms = full
     elif len(target_layers) > 1:
         norms = norms.mean(0, keepdim=True)
-    return VectorSet(vectors.names, vectors.layers, vectors.vectors, mean_norms=norms, neutral_pcs=vectors.neutral_pcs,
-                     default_layer=vectors.default_layer, metadata=dict(vectors.metadata))
+    return dataclasses.replace(vectors, mean_norms=norms, metadata=dict(vectors.metadata))

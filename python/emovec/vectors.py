@@ -45,8 +45,11 @@ class VectorSet:
     vectors : (max(L, 1), K, d) fp32, the raw (unnormalised) directions.
     mean_norms : (max(L, 1),) fp32 mean residual-stream norm at each layer (for relative steering), or None.
     neutral_pcs : (max(L, 1), P, d) fp32 principal components of neutral text projected out, or None.
-    default_layer : the layer to use when a caller names none (about two thirds of the depth).
+    default_layer : the layer to use when a caller names none (from the data when extraction had held-out
+        stories; else about two thirds of the depth).
     metadata : JSON-serialisable facts: model id, config hash, hidden size, layer count, parameters, ...
+    label_means : (max(L, 1), K, d) fp32 mean activation of each label's texts before centring, or None; with them
+        any subset of labels can be re-centred (:meth:`recentred`).
     """
 
     names: list[str]
@@ -56,6 +59,7 @@ class VectorSet:
     neutral_pcs: torch.Tensor | None = None
     default_layer: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    label_means: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.names = [str(n) for n in self.names]
@@ -73,8 +77,8 @@ class VectorSet:
             if self.mean_norms.numel() != slices:
                 raise ValueError(f"mean_norms must have {slices} values (one per layer), got {self.mean_norms.numel()}")
             self.mean_norms = self.mean_norms.detach().float().reshape(slices)
-            if not (torch.isfinite(self.mean_norms).all() and (self.mean_norms > 0).all()):
-                raise ValueError("mean_norms must be finite and positive")
+            if not (torch.isfinite(self.mean_norms).all() and (self.mean_norms >= 0).all()):
+                raise ValueError("mean_norms must be finite and non-negative")
         if not torch.isfinite(self.vectors).all():
             raise ValueError("vectors contain NaN or infinite values")
         if self.neutral_pcs is not None:
@@ -85,6 +89,13 @@ class VectorSet:
                                  f"got {tuple(self.neutral_pcs.shape)}")
             if not torch.isfinite(self.neutral_pcs).all():
                 raise ValueError("neutral_pcs contain NaN or infinite values")
+        if self.label_means is not None:
+            self.label_means = self.label_means.detach().float()
+            if self.label_means.shape != self.vectors.shape:
+                raise ValueError(f"label_means must have the vectors' shape {tuple(self.vectors.shape)}, "
+                                 f"got {tuple(self.label_means.shape)}")
+            if not torch.isfinite(self.label_means).all():
+                raise ValueError("label_means contain NaN or infinite values")
         if self.default_layer is not None and self.layers and self.default_layer not in self.layers:
             raise ValueError(f"default_layer {self.default_layer} is not one of the layers {_ranges(self.layers)}")
         if self.default_layer is None and self.layers:
@@ -153,7 +164,23 @@ class VectorSet:
             mean_norms=self.mean_norms[pick] if self.mean_norms is not None else None,
             neutral_pcs=self.neutral_pcs[pick] if self.neutral_pcs is not None else None,
             default_layer=default, metadata=dict(self.metadata),
+            label_means=self.label_means[pick][:, name_idx] if self.label_means is not None else None,
         )
+
+    def recentred(self, names: Sequence[str]) -> VectorSet:
+        """These labels' vectors re-derived from their own means: label mean minus the mean over ``names`` (not
+        over every label), with the neutral components projected out, as extraction does."""
+        if self.label_means is None:
+            raise ValueError("these vectors carry no label means (extract them again with this emovec to re-centre)")
+        chosen = self.select(names)
+        means = chosen.label_means
+        raw = means - means.mean(1, keepdim=True)
+        if chosen.neutral_pcs is not None:
+            pcs = chosen.neutral_pcs
+            raw = raw - torch.einsum("lkp,lpd->lkd", torch.einsum("lpd,lkd->lkp", pcs, raw), pcs)
+        chosen.vectors = raw.contiguous()
+        chosen.metadata = {**chosen.metadata, "recentred_on": list(names)}
+        return chosen
 
     def mean_norm(self, layer: int) -> float:
         if self.mean_norms is None:
@@ -163,17 +190,22 @@ class VectorSet:
 
     # ------------------------------------------------------------------ files
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a safetensors file atomically (temporary file in the same folder, then rename)."""
+    def save(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+        """Write a safetensors file atomically (temporary file in the same folder, then rename).
+
+        ``dtype=torch.float16`` halves the file (vectors, label means and neutral components; they load as fp32).
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"vectors": self.vectors.contiguous().cpu()}
+        tensors = {"vectors": self.vectors.to(dtype).contiguous().cpu()}
         if self.mean_norms is not None:
             tensors["mean_norms"] = self.mean_norms.contiguous().cpu()
         if self.neutral_pcs is not None:
-            tensors["neutral_pcs"] = self.neutral_pcs.float().contiguous().cpu()
+            tensors["neutral_pcs"] = self.neutral_pcs.to(dtype).contiguous().cpu()
+        if self.label_means is not None:
+            tensors["label_means"] = self.label_means.to(dtype).contiguous().cpu()
         header = {
             "format": "emovec.VectorSet", "format_version": str(FORMAT_VERSION),
             "names": json.dumps(self.names), "layers": json.dumps(self.layers),
@@ -211,7 +243,8 @@ class VectorSet:
                 if not tensor.is_floating_point():
                     raise ValueError(f"tensor {key!r} has dtype {tensor.dtype}, not a float type")
             vs = cls(names, layers, tensors["vectors"], mean_norms=tensors.get("mean_norms"),
-                     neutral_pcs=tensors.get("neutral_pcs"), default_layer=default_layer, metadata=metadata)
+                     neutral_pcs=tensors.get("neutral_pcs"), default_layer=default_layer, metadata=metadata,
+                     label_means=tensors.get("label_means"))
         except (KeyError, ValueError, TypeError) as error:
             raise VectorFileError(f"{path} has an inconsistent emovec header or tensors ({_one_line(error)}); "
                                   "extract the vectors again") from None
