@@ -551,7 +551,7 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
             console.print(Text("emotions: (the reply has no tokens to score)", style="dim"))
 
 
-from emovec import cli_data  # noqa: E402, F401  (registers `extract` and `stories generate` on `main`)
+from emovec import cli_data, cli_science  # noqa: E402, F401  (register extract, stories generate, geometry)
 
 if __name__ == "__main__":
     main()

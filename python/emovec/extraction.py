@@ -502,3 +502,26 @@ def resolve_vectors(path: str | Path | None, model) -> VectorSet:
     if path is not None:
         return VectorSet.load(path, model=model)
     return default_vectors(model)
+
+
+@torch.no_grad()
+def classify_heldout(model, vectors: VectorSet, texts: Sequence[dict], tokenizer=None, *, start_token: int = 50,
+                     batch_size: int = 8, max_length: int = 512, progress: bool = True) -> dict[int, tuple[float, float]]:
+    """Held-out nearest-vector accuracy (top-1, top-5) of ``texts`` (dicts with text and label/emotion) at each of
+    the vectors' layers; texts whose label the vectors lack are left out."""
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "emovec_tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("classify_heldout needs the model's tokenizer: pass tokenizer=...")
+    rows = [r for r in _normalise_rows(texts, allow_empty=True) if r["label"] in set(vectors.names)]
+    if not rows:
+        raise ValueError(f"none of the held-out texts has a label among the vectors' names ({vectors.names[:5]}...)")
+    if not vectors.layers:
+        raise ValueError("these vectors are one set for every layer; held-out accuracy is per layer: give vectors "
+                         "extracted at named layers")
+    found = find_decoder_layers(model)
+    layer_indices = vectors.layers
+    state = _story_state("", len(rows), len(layer_indices), found.hidden_size)
+    _story_pass(model, tokenizer, rows, layer_indices, state, "", start_token=start_token, batch_size=batch_size,
+                max_length=max_length, device=next(model.parameters()).device, progress=progress, save=None,
+                save_every=0.0, desc="held-out")
+    return heldout_accuracy(vectors, state["story_means"], [r["label"] for r in rows])

@@ -1,0 +1,1 @@
+"""Rendering of analysis results: figures (matplotlib, imported only when drawing)."""
