@@ -21,9 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_op import make_problem  # noqa: E402
-from harness import measure, print_table, write_csv  # noqa: E402
-
 from emovec import _ext  # noqa: E402
+from harness import measure, print_table, write_csv  # noqa: E402
 
 
 def load_old(path: str):

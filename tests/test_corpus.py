@@ -100,3 +100,44 @@ def test_accept_trims_a_draft_cut_off_mid_sentence():
     body = "She set the cup down and watched the rain slide along the glass. " * 8
     assert accept(body + "Then she", "calm") == body.strip()
     assert accept(body + "She felt calm.", "calm") is None
+
+
+# ------------------------------------------------------------------------------------------ the story grid
+
+GRID = corpus.load_grid()
+TOPICS = corpus.load_topics()
+
+
+def test_grid_has_one_story_per_emotion_and_topic():
+    assert len(TOPICS) >= 24 and len({t["id"] for t in TOPICS}) == len(TOPICS)
+    cells = Counter((row["emotion"], row["topic"]) for row in GRID)
+    assert set(cells) == {(e, t["id"]) for e in EMOTIONS for t in TOPICS}
+    assert max(cells.values()) == 1 and len(GRID) == len(EMOTIONS) * len(TOPICS) >= 4104
+    assert len({row["id"] for row in GRID}) == len(GRID)
+
+
+def test_grid_stories_pass_the_checks_and_never_name_their_emotion():
+    assert corpus.check_grid_rows(GRID) == []
+    assert all(100 <= len(row["text"].split()) <= 160 for row in GRID)
+
+
+def test_no_near_duplicates_in_the_grid():
+    assert corpus.near_duplicates([row["text"] for row in GRID]) == []
+
+
+def test_narration_is_balanced_the_same_way_for_every_emotion():
+    """Person, gender and age come from the topic, so they are identical across emotions and balanced within each."""
+    by_topic = {t["id"]: t for t in TOPICS}
+    for emotion in EMOTIONS:
+        rows = [r for r in GRID if r["emotion"] == emotion]
+        for feature in ("person", "gender"):
+            counts = Counter(by_topic[r["topic"]][feature] for r in rows)
+            assert len(set(counts.values())) == 1, (emotion, feature, counts)  # half first / half third person, ...
+        ages = Counter(by_topic[r["topic"]]["age"] for r in rows)
+        assert len(set(ages.values())) == 1, (emotion, ages)
+
+
+def test_heldout_stories_are_about_other_situations():
+    grid_titles = {t["title"].lower() for t in TOPICS}
+    assert not grid_titles & {row["topic"].lower() for row in STORIES}
+    assert not {row["text"] for row in STORIES} & {row["text"] for row in GRID}
