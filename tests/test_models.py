@@ -85,7 +85,7 @@ def fake_gguf(tmp_path, monkeypatch) -> dict:
     gguf.write_bytes(b"not really gguf")
     calls = {"n": 0}
 
-    def fake_load(path: Path):
+    def fake_load(path: Path, *hint):
         assert path == gguf
         calls["n"] += 1
         return _tiny_model(), _tiny_tokenizer()
@@ -112,8 +112,8 @@ def converted(tmp_path_factory) -> dict:
     captured: dict = {}
     real_load_gguf = models._load_gguf
 
-    def spy(path: Path):
-        captured["gguf_model"], captured["gguf_tokenizer"] = real_load_gguf(path)
+    def spy(path: Path, *hint):
+        captured["gguf_model"], captured["gguf_tokenizer"] = real_load_gguf(path, *hint)
         return captured["gguf_model"], captured["gguf_tokenizer"]
 
     with pytest.MonkeyPatch.context() as mp:
@@ -172,7 +172,7 @@ def test_cache_folder_contents(converted):
 @pytest.mark.slow
 @needs_default_model
 def test_cached_load_matches_gguf_logits(use_converted_cache, monkeypatch):
-    def no_gguf(path):
+    def no_gguf(path, *hint):
         raise AssertionError("the cached load read the GGUF file")
 
     monkeypatch.setattr(models, "_load_gguf", no_gguf)
@@ -193,7 +193,7 @@ def test_cached_load_does_not_convert_again(use_converted_cache, monkeypatch):
     folder = use_converted_cache["folder"]
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
 
-    def no_gguf(path):
+    def no_gguf(path, *hint):
         raise AssertionError("the cached load read the GGUF file")
 
     monkeypatch.setattr(models, "_load_gguf", no_gguf)

