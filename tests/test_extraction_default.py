@@ -17,7 +17,7 @@ LABELS = ["afraid", "terrified", "scared", "calm", "peaceful", "happy", "sad", "
 @pytest.mark.slow
 def test_afraid_is_closer_to_terrified_and_scared_than_to_calm(default_model):
     model, tokenizer, _ = default_model
-    vs = extract(model, tokenizer, labels=LABELS, layers=[12, 20], progress=False)
+    vs = extract(model, tokenizer, labels=LABELS, layers=[12, 20], heldout=[], progress=False)
     for layer in vs.layers:
         unit = vs.unit[vs.slice_of(layer)]
         cos = unit @ unit.T
@@ -25,7 +25,7 @@ def test_afraid_is_closer_to_terrified_and_scared_than_to_calm(default_model):
         assert afraid[vs.index("terrified")] > afraid[vs.index("calm")], (layer, afraid)
         assert afraid[vs.index("scared")] > afraid[vs.index("calm")], (layer, afraid)
     assert vs.default_layer == 20 and vs.mean_norms.shape == (2,) and (vs.mean_norms > 0).all()
-    assert vs.metadata["num_stories"] == 6 * len(LABELS) and vs.metadata["hidden_size"] == 576
+    assert vs.metadata["num_stories"] == 24 * len(LABELS) and vs.metadata["hidden_size"] == 576
 
 
 @pytest.mark.slow
