@@ -307,3 +307,30 @@ def test_monitor_can_leave_position_ids_alone():
         alone = model(input_ids=torch.tensor([[5, 6, 7]])).logits
     assert torch.equal(plain, passive)
     torch.testing.assert_close(fixed[0, 2:], alone[0], rtol=1e-4, atol=1e-4)  # the padded row as if alone
+
+
+def test_per_sequence_position_spans_equal_each_sequence_alone(tiny):
+    """One list of spans per sequence, in a left-padded batch: each row is steered exactly where its own spans say
+    (positions count real tokens), as when that sequence runs alone with its spans."""
+    model, vectors = tiny
+    g = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(2, 290, (n,), generator=g).tolist() for n in (6, 3, 8)]
+    spans = [[(1, 3)], [], [(0, 2), (5, 7)]]
+    ids, mask = _pad_batch(seqs, "left")
+    with torch.no_grad(), emovec.monitor(model, vectors, layers=[2]) as mon:
+        with emovec.steer(model, vectors, {"calm": 1.0}, layers=[1], positions=spans):
+            model(input_ids=ids, attention_mask=mask)
+    batched = mon.result()
+    for b, (s, span) in enumerate(zip(seqs, spans)):
+        with torch.no_grad(), emovec.monitor(model, vectors, layers=[2]) as mon:
+            with emovec.steer(model, vectors, {"calm": 1.0}, layers=[1], positions=span):
+                model(input_ids=torch.tensor([s]))
+        torch.testing.assert_close(batched.sequence(b)["scores"], mon.result().sequence(0)["scores"],
+                                   rtol=1e-4, atol=2e-4)
+    with torch.no_grad(), emovec.monitor(model, vectors, layers=[2]) as mon:
+        model(input_ids=torch.tensor([seqs[1]]))
+    torch.testing.assert_close(batched.sequence(1)["scores"], mon.result().sequence(0)["scores"], rtol=1e-4,
+                               atol=2e-4)  # an empty span list leaves its sequence untouched
+    with pytest.raises(ValueError, match="2 lists of position spans were given for a batch of 3"):
+        with torch.no_grad(), emovec.steer(model, vectors, {"calm": 1.0}, layers=[1], positions=[[(0, 1)], []]):
+            model(input_ids=ids, attention_mask=mask)

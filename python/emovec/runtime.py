@@ -380,8 +380,23 @@ class Steer(_LayerRuntime):
             if positions not in ("all", "prompt", "generated"):
                 raise ValueError(f"positions must be 'all', 'prompt', 'generated' or a list of (start, end) spans, "
                                  f"got {positions!r}")
+            self._spans = None
         else:
-            positions = [(int(a), int(b)) for a, b in positions]
+            positions = list(positions)
+            per_sequence = bool(positions) and all(isinstance(p, list) for p in positions)
+            groups = positions if per_sequence else [positions]
+            try:
+                groups = [[(int(a), int(b)) for a, b in group] for group in groups]
+            except (TypeError, ValueError):
+                raise ValueError("positions spans are (start, end) pairs of token positions: [(0, 5), ...] for every "
+                                 "sequence, or one such list per sequence") from None
+            width = max(1, max(len(g) for g in groups))
+            spans = torch.full((len(groups), width, 2), -1, dtype=torch.long)  # (-1, -1): an empty span
+            for i, group in enumerate(groups):
+                if group:
+                    spans[i, : len(group)] = torch.tensor(group)
+            self._spans = spans
+            self._spans_per_sequence = per_sequence
         self.positions = positions
         self.relative = relative
         if relative and vectors.mean_norms is None:
@@ -457,10 +472,13 @@ class Steer(_LayerRuntime):
         elif self.positions == "generated":
             chosen = real & (columns >= self._first_width)[None, :]
         else:
+            if self._spans_per_sequence and self._spans.shape[0] != batch:
+                raise ValueError(f"{self._spans.shape[0]} lists of position spans were given for a batch of {batch} "
+                                 "sequences; give one list per sequence")
             position = self._real_count[:, None] + real.long().cumsum(1) - 1
-            inside = torch.zeros_like(real)
-            for start, end in self.positions:
-                inside |= (position >= start) & (position < end)
+            spans = self._spans.to(device)
+            start, end = spans[:, None, :, 0], spans[:, None, :, 1]  # (B or 1, 1, S)
+            inside = ((position[:, :, None] >= start) & (position[:, :, None] < end)).any(-1)
             chosen = real & inside
         self._real_count = self._real_count + real.long().sum(1)
         self.slots = torch.where(chosen, recipe_id[:, None], -1).reshape(-1)
@@ -488,7 +506,8 @@ def steer(model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], l
     ``recipe`` is ``{"calm": 0.05, ...}`` for every sequence, or a list with one dict (or None) per sequence.
     With ``relative=True`` (default) strength is in units of the layer's mean residual norm (the research's
     convention: ``s × mean‖h‖ × unit vector``); with ``relative=False`` it multiplies the unit vector.
-    ``positions``: "all", "prompt", "generated", or [(start, end), ...] spans of real-token positions.
+    ``positions``: "all", "prompt", "generated", [(start, end), ...] spans of real-token positions (counted from
+    0 at each sequence's first real token, padding excluded), or one such list per sequence.
     Padding rows are never touched.
     """
     return Steer(model, vectors, recipe, layers, **kwargs)
