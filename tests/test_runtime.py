@@ -334,3 +334,24 @@ def test_per_sequence_position_spans_equal_each_sequence_alone(tiny):
     with pytest.raises(ValueError, match="2 lists of position spans were given for a batch of 3"):
         with torch.no_grad(), emovec.steer(model, vectors, {"calm": 1.0}, layers=[1], positions=[[(0, 1)], []]):
             model(input_ids=ids, attention_mask=mask)
+
+
+def test_smoothing_is_a_centred_moving_average_over_real_tokens():
+    from emovec.runtime import MonitorResult, moving_average
+
+    g = torch.Generator().manual_seed(9)
+    values = torch.randn(2, 7, 1, 3, generator=g)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    values[~mask] = 0
+    got = moving_average(values, mask, 3)
+    for b in range(2):
+        real = values[b][mask[b]]
+        want = torch.stack([real[max(0, i - 1): i + 2].mean(0) for i in range(len(real))])
+        torch.testing.assert_close(got[b][mask[b]], want)
+    assert (got[0, :2] == 0).all()
+    result = MonitorResult(["a", "b", "c"], [0], values, torch.ones(2, 7, 1), mask, torch.zeros(2, 7, dtype=torch.long),
+                           torch.zeros(2, 7, dtype=torch.long), None)
+    assert torch.equal(result.smoothed(1).cosine, result.cosine)
+    torch.testing.assert_close(result.smoothed(3).cosine, got)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        result.smoothed(0)

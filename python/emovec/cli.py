@@ -334,8 +334,10 @@ def _quiet():
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="also write the top emotions per token as JSON")
 @click.option("--truncate", is_flag=True, help="cut a text longer than the model's context (default: refuse it)")
+@click.option("--smooth", default=1, show_default=True, type=click.IntRange(min=1), metavar="TOKENS",
+              help="moving average of the cosines over this many neighbouring tokens (1 = raw readings)")
 def monitor(text: str, model_name, vectors_path, layer, backend, device, top, chat, emotion, html_path, json_path,
-            truncate) -> None:
+            truncate, smooth) -> None:
     """Show, per token of TEXT ("-" reads stdin), the strongest emotions in the residual stream."""
     import json
 
@@ -356,11 +358,12 @@ def monitor(text: str, model_name, vectors_path, layer, backend, device, top, ch
         encoded = _check_length(encoded, model, truncate)
         with torch.no_grad(), context as mon:
             model(**encoded, use_cache=False)
-    result = mon.result()
+    result = mon.result().smoothed(smooth)
     special = _special_flags(tokenizer, result.sequence(0)["token_ids"].tolist())
     layers = ", ".join(str(x) for x in result.layers)
     summary = (f"{loaded.name} · {len(special)} tokens · layer{'s' if len(result.layers) > 1 else ''} {layers} · "
-               f"{len(vectors.names)} emotions · top {top} by cosine")
+               f"{len(vectors.names)} emotions · top {top} by cosine"
+               + (f" (moving average over {smooth} tokens)" if smooth > 1 else ""))
     console = _console()
     console.print(render.monitor_table(result, top=top, emotion=emotion, special=special, title=summary))
     if html_path is not None:

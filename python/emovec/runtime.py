@@ -214,6 +214,8 @@ class MonitorResult:
     mask : (B, T) bool, True at real tokens (prompt and generated).
     token_ids : (B, T) int64.  positions : (B, T) int64, index among the sequence's real tokens, -1 at padding.
     tokens : per sequence, the token strings of the real tokens (when a tokenizer is known).
+    smoothing : window of the moving average that :attr:`cosine` applies over real tokens (1 = none); see
+        :meth:`smoothed`. ``scores`` and ``norms`` stay raw.
     """
 
     names: list[str]
@@ -224,10 +226,23 @@ class MonitorResult:
     token_ids: torch.Tensor
     positions: torch.Tensor
     tokens: list[list[str]] | None
+    smoothing: int = 1
 
     @property
     def cosine(self) -> torch.Tensor:
-        return self.scores / self.norms.clamp(min=1e-12)[..., None]
+        """(B, T, L, K) cosine of each real token with each vector (0 at padding), moving-averaged over
+        ``smoothing`` neighbouring real tokens (centred, shorter at the ends) when ``smoothing > 1``."""
+        raw = self.scores / self.norms.clamp(min=1e-12)[..., None]
+        if self.smoothing <= 1:
+            return raw
+        return moving_average(raw, self.mask, self.smoothing)
+
+    def smoothed(self, window: int) -> MonitorResult:
+        """This result with :attr:`cosine` averaged over ``window`` neighbouring real tokens (the research smoothed
+        token-level readings too); ``window=1`` turns it off."""
+        if int(window) < 1:
+            raise ValueError(f"the smoothing window must be >= 1 token, got {window}")
+        return dataclasses.replace(self, smoothing=int(window))
 
     def sequence(self, b: int = 0) -> dict[str, Any]:
         """The real tokens of sequence ``b``: scores (T_b, L, K), cosine, norms, token_ids, tokens."""
@@ -242,6 +257,25 @@ class MonitorResult:
         best = values.topk(min(k, values.shape[-1]), dim=-1)
         return [[(self.names[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
                 for vals, idx in zip(best.values, best.indices)]
+
+
+def moving_average(values: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
+    """Centred moving average of ``values`` (B, T, ...) over the real tokens of ``mask`` (B, T), padding skipped:
+    each real token averages the real tokens within ``window // 2`` real positions before and ``(window - 1) // 2``
+    after it. Padding stays 0."""
+    out = torch.zeros_like(values)
+    before, after = window // 2, (window - 1) // 2
+    for b in range(values.shape[0]):
+        real = values[b][mask[b]]
+        if real.shape[0] == 0:
+            continue
+        zero = torch.zeros_like(real[:1])
+        total = torch.cat([zero, real.cumsum(0)])
+        index = torch.arange(real.shape[0])
+        lo, hi = (index - before).clamp(min=0), (index + after + 1).clamp(max=real.shape[0])
+        shape = (-1,) + (1,) * (real.ndim - 1)
+        out[b][mask[b]] = (total[hi] - total[lo]) / (hi - lo).to(real.dtype).view(shape)
+    return out
 
 
 class Monitor(_LayerRuntime):
