@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -95,3 +96,208 @@ def _summary(result: dict) -> None:
 
 
 __all__ = ["geometry", "UserError"]
+
+
+# ============================================================================================ the research's experiments
+
+
+def _science_setup(model_name, vectors_path, layer_spec, default_to_vectors: bool = True):
+    """(loaded model, vectors, layer indices) for an experiment command; errors as one line."""
+    from emovec.cli import _setup
+    from emovec.layers import find_decoder_layers, resolve_layer_indices
+
+    loaded, vectors = _setup(model_name, vectors_path, None)
+    with _user_errors():
+        if layer_spec is None and default_to_vectors and vectors.default_layer is not None:
+            layers = [vectors.default_layer]
+        else:
+            layers = resolve_layer_indices(layer_spec if layer_spec is not None else 0.66,
+                                           len(find_decoder_layers(loaded.model).layers))
+        for layer in layers:
+            vectors.slice_of(layer)
+    return loaded, vectors, layers
+
+
+def _experiment_options(command):
+    options = [
+        click.option("--model", "model_name", default=None, metavar="NAME_OR_PATH",
+                     help="a local model folder, gemma-3-270m, or a cached hub id (default: SmolLM2-135M-Instruct)"),
+        click.option("--vectors", "vectors_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
+                     help="a vector file (default: the model's emotion vectors)"),
+        click.option("--out", "out_dir", required=True, type=click.Path(), help="folder for the JSON and figures"),
+        click.option("--quiet", is_flag=True, help="no progress bar"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _prepare_out(out_dir: str) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    _check_outputs(str(out / "result.json") if out.is_dir() else str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _bar(total: int, quiet: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr)
+
+
+def _finish(out: Path, name: str, result: dict, figures: list[Path]) -> None:
+    _write_atomic(out / f"{name}.json", json.dumps(result, indent=1) + "\n")
+    click.echo(f"wrote {out / (name + '.json')}" + (f" and {', '.join(p.name for p in figures)}" if figures else ""),
+               err=True)
+
+
+@main.command()
+@_experiment_options
+@click.option("--templates", "templates_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="JSON list of templates (template with {X}, values, unit, log); default: the packaged seven")
+@click.option("--only", default=None, help="comma-separated template names to run (default: all)")
+@click.option("--emotions", default="afraid,calm,desperate,nervous,happy,sad", show_default=True)
+@click.option("--layer", "layer_spec", default=None, help="layer(s): 19, 10-20, all (default: the vectors' default)")
+def dose(model_name, vectors_path, out_dir, quiet, templates_path, only, emotions, layer_spec) -> None:
+    """Dose-response: readings where the reply begins as a quantity in the message grows (e.g. mg of tylenol)."""
+    from emovec.report.experiments import draw_dose
+    from emovec.science.dose import load_templates, run_dose, summary_rows
+
+    out = _prepare_out(out_dir)
+    with _user_errors():
+        templates = load_templates(templates_path)
+        if only:
+            wanted = [n.strip() for n in only.split(",") if n.strip()]
+            unknown = [n for n in wanted if n not in {t["name"] for t in templates}]
+            if unknown:
+                raise ValueError(f"unknown template(s) {unknown}; known: {[t['name'] for t in templates]}")
+            templates = [t for t in templates if t["name"] in wanted]
+    loaded, vectors, layers = _science_setup(model_name, vectors_path, layer_spec)
+    names = [e.strip() for e in emotions.split(",") if e.strip()]
+    with _user_errors(), _bar(sum(len(t["values"]) for t in templates), quiet, "dose") as bar:
+        result = run_dose(loaded.model, loaded.tokenizer, vectors, templates, layers, names, progress=bar.update)
+    result["model"] = loaded.name
+    figures = draw_dose(result, out, layers[0])
+    _finish(out, "dose", result, figures)
+    _table(["template", "layer", "afraid", "calm"], summary_rows(result),
+           "Spearman ρ with danger where the reply begins (research: afraid rises, calm falls)")
+
+
+@main.command()
+@_experiment_options
+@click.option("--messages", "messages_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="JSONL of {text, emotion} (default: the packaged 36)")
+@click.option("--layer", "layer_spec", default=None, help="layer (default: the vectors' default)")
+def implied(model_name, vectors_path, out_dir, quiet, messages_path, layer_spec) -> None:
+    """Implied emotions: the rank of each message's intended emotion where the reply begins."""
+    from emovec.report.experiments import draw_implied
+    from emovec.science.implied import load_messages, run_implied
+
+    out = _prepare_out(out_dir)
+    with _user_errors():
+        rows = load_messages(messages_path)
+    loaded, vectors, layers = _science_setup(model_name, vectors_path, layer_spec)
+    with _user_errors(), _bar(len(rows), quiet, "implied") as bar:
+        result = run_implied(loaded.model, loaded.tokenizer, vectors, rows, layers[0], progress=bar.update)
+    result["model"] = loaded.name
+    figures = draw_implied(result, out)
+    _finish(out, "implied", result, figures)
+    _table(["emotion", "rank_last", "rank_user", "top"], [
+        {**m, "top": ", ".join(n for n, _ in m["top_last"][:3])} for m in result["messages"]],
+        f"rank of the intended emotion among {result['num_vectors']} (median {result['summary']['last']['median_rank']},"
+        f" chance {result['chance_median_rank']:.0f})")
+
+
+@main.command()
+@_experiment_options
+@click.option("--activities", "activities_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="JSON list of {activity, category} (default: the packaged 42)")
+@click.option("--limit", default=None, type=click.IntRange(min=3), help="use only the first N activities")
+@click.option("--layer", "layer_spec", default=None, help="layer (default: the vectors' default)")
+@click.option("--steer", "steer_names", default="", help="comma-separated emotions to steer on each target activity")
+@click.option("--strength", default=0.1, show_default=True, help="relative steering strength")
+@click.option("--targets", default=4, show_default=True, type=click.IntRange(min=1),
+              help="activities steered (spread across the Elo range)")
+@click.option("--randoms", default=2, show_default=True, type=click.IntRange(min=0),
+              help="random directions of equal norm steered as controls")
+def preferences(model_name, vectors_path, out_dir, quiet, activities_path, limit, layer_spec, steer_names, strength,
+                targets, randoms) -> None:
+    """Preferences: A/B choices between activities, Elo, emotion-Elo correlations, Elo shifts under steering."""
+    from emovec.report.experiments import draw_preferences
+    from emovec.science.preferences import load_activities, run_preferences
+
+    out = _prepare_out(out_dir)
+    with _user_errors():
+        activities = load_activities(activities_path)[:limit]
+    loaded, vectors, layers = _science_setup(model_name, vectors_path, layer_spec)
+    names = [e.strip() for e in steer_names.split(",") if e.strip()]
+    with _user_errors():
+        for name in names:
+            vectors.index(name)
+    n = len(activities)
+    chosen = [round(i * (n - 1) / max(1, targets - 1)) for i in range(min(targets, n))] if names or randoms else []
+    total = n * (n - 1) + (len(names) + randoms) * len(chosen) * 2 * (n - 1)
+    with _user_errors(), _bar(total, quiet, "preferences") as bar:
+        result = run_preferences(loaded.model, loaded.tokenizer, vectors, activities, layers[0],
+                                 steer_emotions=names, strength=strength, targets=chosen, randoms=randoms,
+                                 progress=bar.update)
+    result["model"] = loaded.name
+    figures = draw_preferences(result, out)
+    _finish(out, "preferences", result, figures)
+    top = list(result["elo_correlation"].items())[:8]
+    _table(["emotion", "r"], [{"emotion": e, "r": r} for e, r in top], "emotions whose reading best tracks Elo")
+    if "steering" in result:
+        _table(["steering", "mean Elo shift"], [{"steering": k, "mean Elo shift": v}
+                                                 for k, v in result["steering"]["mean_elo_shift"].items()],
+               f"steering on the activity's tokens at {strength:+g}")
+
+
+@main.command()
+@_experiment_options
+@click.option("--emotions", default=None, help="comma-separated subset (default: every vector)")
+@click.option("--strengths", default="0.1,0.2", show_default=True, help="comma-separated relative strengths")
+@click.option("--layer", "layer_spec", default=None, help="layer(s) steered together (default: the vectors' default)")
+@click.option("--randoms", default=8, show_default=True, type=click.IntRange(min=1),
+              help="random directions of equal norm")
+@click.option("--samples", "sample_names", default="afraid,calm,happy,sad", show_default=True,
+              help="emotions for the plain vs steered sample generations ('' for none)")
+def validate(model_name, vectors_path, out_dir, quiet, emotions, strengths, layer_spec, randoms, sample_names) -> None:
+    """Does steering with each vector raise its own word's probability more than random directions do?"""
+    from emovec.report.experiments import draw_validate
+    from emovec.science.validate import PREFIXES, run_validate, samples
+
+    out = _prepare_out(out_dir)
+    loaded, vectors, layers = _science_setup(model_name, vectors_path, layer_spec)
+    try:
+        values = [float(s) for s in strengths.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--strengths must be comma-separated numbers, got {strengths!r}") from None
+    names = [e.strip() for e in emotions.split(",") if e.strip()] if emotions else None
+    with _user_errors():
+        for name in names or []:
+            vectors.index(name)
+        count = len(names) if names else len(vectors.names)
+        with _bar(len(values) * len(PREFIXES) * (1 + count + randoms), quiet, "validate") as bar:
+            result = run_validate(loaded.model, loaded.tokenizer, vectors, emotions=names, strengths=values,
+                                  layers=[layers], randoms=randoms, progress=bar.update)
+        shown = [e.strip() for e in sample_names.split(",") if e.strip() and e.strip() in vectors.names]
+        result["samples"] = samples(loaded.model, loaded.tokenizer, vectors, shown, values[-1], layers) if shown else []
+    result["model"] = loaded.name
+    figures = draw_validate(result, out)
+    _finish(out, "validate", result, figures)
+    _table(["layers", "strength", "share"], [{"layers": ",".join(map(str, r["layers"])), "strength": r["strength"],
+                                              "share": r["share_beating_all_randoms"]} for r in result["runs"]],
+           f"share of emotions whose steering beats all {randoms} random directions on their own word")
+
+
+def _table(columns: list[str], rows: list[dict], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[f"{row.get(c):+.3f}" if isinstance(row.get(c), float) else str(row.get(c)) for c in columns])
+    _console().print(table)

@@ -217,6 +217,28 @@ paint();
 """
 
 
+def token_spans(result: MonitorResult, *, emotion: str, layer: int, top: int = 5, b: int = 0,
+                special: Sequence[bool] | None = None) -> tuple[list[str], float]:
+    """One ``<span class="tok">`` per real token of sequence ``b``, coloured by the cosine of ``emotion`` at
+    ``layer`` (full colour at the largest |cosine| in the text, returned as the scale), titled with its ``top``
+    concepts."""
+    k = result.names.index(emotion)
+    tokens = result.tokens[b] if result.tokens else [str(i) for i in result.token_ids[b][result.mask[b]].tolist()]
+    values = layer_cosine(result, layer, b)
+    scale = float(values[:, k].abs().max()) if values.shape[0] else 0.0
+    tops = result.top(b, layer=layer, k=top)
+    spans = []
+    for t, token in enumerate(tokens):
+        classes = "tok special" if special is not None and special[t] else "tok"
+        tip = "\n".join(f"{name} {value:+.3f}" for name, value in tops[t])
+        shown = html.escape(token.replace("\r", ""), quote=False)
+        if "\n" in token:  # keep the line break, and show where it is
+            shown = shown.replace("\n", '<span class="nl">↵</span>\n')
+        spans.append(f'<span class="{classes}" style="background:{_background(float(values[t, k]), scale)}" '
+                     f'title="{html.escape(tip, quote=True)}">{shown}</span>')
+    return spans, scale
+
+
 def monitor_html(result: MonitorResult, *, emotion: str | None = None, layer: int | None = None, top: int = 5,
                  b: int = 0, special: Sequence[bool] | None = None, title: str = "emovec monitor",
                  subtitle: str = "") -> str:
@@ -232,19 +254,7 @@ def monitor_html(result: MonitorResult, *, emotion: str | None = None, layer: in
     k = result.names.index(emotion)
     tokens = result.tokens[b] if result.tokens else [str(i) for i in result.token_ids[b][result.mask[b]].tolist()]
     per_layer = [layer_cosine(result, lay, b) for lay in result.layers]  # L x (T, K)
-    values = per_layer[li]
-    scale = float(values[:, k].abs().max()) if values.shape[0] else 0.0
-    tops = result.top(b, layer=layer, k=top)
-
-    spans = []
-    for t, token in enumerate(tokens):
-        classes = "tok special" if special is not None and special[t] else "tok"
-        tip = "\n".join(f"{name} {value:+.3f}" for name, value in tops[t])
-        shown = html.escape(token.replace("\r", ""), quote=False)
-        if "\n" in token:  # keep the line break, and show where it is
-            shown = shown.replace("\n", '<span class="nl">↵</span>\n')
-        spans.append(f'<span class="{classes}" style="background:{_background(float(values[t, k]), scale)}" '
-                     f'title="{html.escape(tip, quote=True)}">{shown}</span>')
+    spans, scale = token_spans(result, emotion=emotion, layer=layer, top=top, b=b, special=special)
 
     emotion_options = "".join(
         f'<option value="{i}"{" selected" if i == k else ""}>{html.escape(name)}</option>'
