@@ -171,3 +171,63 @@ def test_family_tokens_and_validate(tiny):
     assert run["per_emotion"]["afraid"]["delta"] == pytest.approx(sum(deltas) / 2, abs=1e-3)
     shown = validate.samples(model, tokenizer, vectors, ["calm"], 0.5, [1], max_new_tokens=3)
     assert [s["steering"] for s in shown] == ["plain", "calm=+0.5"]
+
+
+# ------------------------------------------------------------------------------------------ the commands
+
+
+@pytest.fixture
+def tiny_cli(tiny, tmp_path, monkeypatch):
+    """The tiny model under the name "tiny" in the CLI's model cache, and its vectors in a file."""
+    from emovec import cli
+    from emovec.models import LoadedModel
+
+    model, tokenizer, vectors = tiny
+    monkeypatch.setitem(cli._MODELS, ("tiny", None), LoadedModel(model, tokenizer, "tiny"))
+    return vectors.save(tmp_path / "v.safetensors")
+
+
+def _run(*args):
+    from test_cli_runtime import invoke
+
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_dose_command(tiny_cli, tmp_path):
+    import json
+
+    out = tmp_path / "dose"
+    result = _run("dose", "--model", "tiny", "--vectors", str(tiny_cli), "--only", "tylenol,fever", "--emotions",
+                  "afraid,calm", "--out", str(out), "--quiet")
+    data = json.loads((out / "dose.json").read_text())
+    assert [t["name"] for t in data["templates"]] == ["tylenol", "fever"] and data["layers"] == [1]
+    assert (out / "dose-tylenol.png").exists() and "Spearman" in result.stdout
+    from test_cli_runtime import invoke, one_line_error
+
+    assert "unknown template(s) ['nope']" in one_line_error(invoke("dose", "--model", "tiny", "--vectors",
+                                                                   str(tiny_cli), "--only", "nope", "--out", str(out)))
+    assert "unknown concept 'fear'" in one_line_error(invoke("dose", "--model", "tiny", "--vectors", str(tiny_cli),
+                                                             "--emotions", "fear", "--out", str(out), "--quiet"))
+
+
+def test_implied_preferences_and_validate_commands(tiny_cli, tmp_path):
+    import json
+
+    _run("implied", "--model", "tiny", "--vectors", str(tiny_cli), "--out", str(tmp_path / "i"), "--quiet")
+    data = json.loads((tmp_path / "i" / "implied.json").read_text())
+    assert data["messages"] and all(m["emotion"] in NAMES for m in data["messages"])
+    _run("preferences", "--model", "tiny", "--vectors", str(tiny_cli), "--limit", "4", "--steer", "calm",
+         "--targets", "1", "--randoms", "1", "--out", str(tmp_path / "p"), "--quiet")
+    data = json.loads((tmp_path / "p" / "preferences.json").read_text())
+    assert len(data["activities"]) == 4 and set(data["steering"]["mean_elo_shift"]) == {"calm", "random-0"}
+    assert (tmp_path / "p" / "preferences-elo.png").exists() and (tmp_path / "p" / "preferences-steering.png").exists()
+    _run("validate", "--model", "tiny", "--vectors", str(tiny_cli), "--emotions", "afraid,calm", "--strengths",
+         "0.2", "--randoms", "2", "--samples", "calm", "--out", str(tmp_path / "v"), "--quiet")
+    data = json.loads((tmp_path / "v" / "validate.json").read_text())
+    assert data["runs"][0]["strength"] == 0.2 and [s["steering"] for s in data["samples"]] == ["plain", "calm=+0.2"]
+    from test_cli_runtime import invoke, one_line_error
+
+    assert "--strengths must be comma-separated numbers" in one_line_error(invoke(
+        "validate", "--model", "tiny", "--vectors", str(tiny_cli), "--strengths", "x", "--out", str(tmp_path / "v")))

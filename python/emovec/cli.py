@@ -69,7 +69,7 @@ def info() -> None:
 @click.option("--hidden", default=576, show_default=True, help="hidden size")
 @click.option("--vectors", "num_vectors", default=5, show_default=True, help="probe vectors")
 @click.option("--backend", default=None, help="torch, cpu, triton or cuda (default: by device)")
-def demo(rows: int, hidden: int, num_vectors: int, backend: str | None) -> None:
+def selfcheck(rows: int, hidden: int, num_vectors: int, backend: str | None) -> None:
     """Run the fused op once on random data and check it against the torch reference."""
     import torch
 
@@ -554,7 +554,7 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
             console.print(Text("emotions: (the reply has no tokens to score)", style="dim"))
 
 
-from emovec import cli_data, cli_science  # noqa: E402, F401  (register extract, stories generate, geometry)
+from emovec import cli_data, cli_demo, cli_science  # noqa: E402, F401  (register their commands on `main`)
 
 if __name__ == "__main__":
     main()

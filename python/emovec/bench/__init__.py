@@ -1,0 +1,1 @@
+"""Benchmark harness shared by `emovec demo` (and, as it grows, `emovec bench` and benchmarks/)."""
