@@ -39,6 +39,8 @@ def test_readings_match_hidden_states(tiny):
     model, tokenizer, vectors = tiny
     messages = ["I lost my keys again.", "We won the cup final today and everyone is singing!"]
     got = read_messages(model, tokenizer, vectors, messages, [1, 2], batch_size=2)
+    reordered = read_messages(model, tokenizer, vectors, messages, [2, -2], batch_size=1)  # -2 is layer 1
+    assert reordered.layers == [1, 2] and torch.allclose(reordered.last, got.last, atol=1e-5)
     for i, message in enumerate(messages):
         text, (start, end) = wrap(tokenizer, message)
         assert text[start:end] == message
@@ -118,6 +120,9 @@ def test_elo_recovers_planted_strengths():
     shifted = preferences.fit_elo(4, pairs, torch.where(torch.tensor([a == 0 for a, _ in pairs]), 0.95, moved),
                                   fixed=elo, free=[0])
     assert shifted[0] > elo[0] + 50 and torch.equal(shifted[1:], elo[1:])
+    rows = [i for i, pair in enumerate(pairs) if 0 in pair]
+    unsteered = preferences.fit_elo(4, [pairs[i] for i in rows], p[rows], fixed=elo, free=[0])
+    assert abs(float(unsteered[0] - elo[0])) < 5  # refitting one activity on its own pairs barely moves it
 
 
 def test_choices_are_batch_invariant_and_steering_touches_only_the_target(tiny):
@@ -162,7 +167,7 @@ def test_family_tokens_and_validate(tiny):
     ids = validate.family_tokens(tokenizer, "afraid")
     deltas = []
     for prefix in ["I feel", "She was"]:
-        batch = tokenizer(prefix, return_tensors="pt", add_special_tokens=False)
+        batch = tokenizer(prefix, return_tensors="pt")  # plain text, with the tokenizer's own special tokens
         with torch.no_grad():
             plain = torch.log_softmax(model(**batch).logits[0, -1], -1)
             with emovec.steer(model, vectors, {"afraid": 0.5}, [1]):

@@ -219,7 +219,7 @@ def implied(model_name, vectors_path, out_dir, quiet, messages_path, layer_spec)
 @click.option("--steer", "steer_names", default="", help="comma-separated emotions to steer on each target activity")
 @click.option("--strength", default=0.1, show_default=True, help="relative steering strength")
 @click.option("--targets", default=4, show_default=True, type=click.IntRange(min=1),
-              help="activities steered (spread across the Elo range)")
+              help="activities steered (spread evenly over the activity list)")
 @click.option("--randoms", default=2, show_default=True, type=click.IntRange(min=0),
               help="random directions of equal norm steered as controls")
 def preferences(model_name, vectors_path, out_dir, quiet, activities_path, limit, layer_spec, steer_names, strength,
@@ -237,7 +237,8 @@ def preferences(model_name, vectors_path, out_dir, quiet, activities_path, limit
         for name in names:
             vectors.index(name)
     n = len(activities)
-    chosen = [round(i * (n - 1) / max(1, targets - 1)) for i in range(min(targets, n))] if names or randoms else []
+    count = min(targets, n)
+    chosen = sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)}) if names or randoms else []
     total = n * (n - 1) + (len(names) + randoms) * len(chosen) * 2 * (n - 1)
     with _user_errors(), _bar(total, quiet, "preferences") as bar:
         result = run_preferences(loaded.model, loaded.tokenizer, vectors, activities, layers[0],
@@ -273,7 +274,9 @@ def validate(model_name, vectors_path, out_dir, quiet, emotions, strengths, laye
     try:
         values = [float(s) for s in strengths.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--strengths must be comma-separated numbers, got {strengths!r}") from None
+        values = []
+    if not values:
+        raise UserError(f"--strengths must be comma-separated numbers, got {strengths!r}")
     names = [e.strip() for e in emotions.split(",") if e.strip()] if emotions else None
     with _user_errors():
         for name in names or []:

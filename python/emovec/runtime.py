@@ -130,11 +130,13 @@ class _LayerRuntime:
         """Raise when any op call in this context met an out-of-range slot or segment (one host sync per device)."""
         from emovec.ops import index_error_message
 
+        code = 0
         for flag in self._errors.values():
-            message = index_error_message(int(flag))
-            if message:
-                flag.zero_()
-                raise RuntimeError(f"emovec: {message}")
+            code |= int(flag)
+            flag.zero_()
+        message = index_error_message(code)
+        if message:
+            raise RuntimeError(f"emovec: {message}")
 
     # -- hooks -------------------------------------------------------------------------------------
 
@@ -181,6 +183,9 @@ class _LayerRuntime:
         self._active = False
         if exc_type is None:
             self.check_errors()
+        else:  # the block failed anyway: do not report stale flags on a later use of this context
+            for flag in self._errors.values():
+                flag.zero_()
 
     def _restore(self) -> None:
         for layer in reversed(self._attached):

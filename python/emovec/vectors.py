@@ -206,6 +206,10 @@ class VectorSet:
             tensors["neutral_pcs"] = self.neutral_pcs.to(dtype).contiguous().cpu()
         if self.label_means is not None:
             tensors["label_means"] = self.label_means.to(dtype).contiguous().cpu()
+        for key, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{key} does not fit in {str(dtype).replace('torch.', '')} (values overflow); save "
+                                 "in float32")
         header = {
             "format": "emovec.VectorSet", "format_version": str(FORMAT_VERSION),
             "names": json.dumps(self.names), "layers": json.dumps(self.layers),

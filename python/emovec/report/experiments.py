@@ -34,7 +34,8 @@ def draw_dose(result: dict[str, Any], folder: str | Path, layer: int | None = No
         ax.set_ylabel("cosine where the reply begins")
         ax.set_title(f"{entry['name']}, layer {layer}\n{entry['template']}", fontsize=8)
         ax.legend(fontsize=7)
-        written.append(_figure_saver(fig, Path(folder) / f"dose-{entry['name']}.png"))
+        safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in entry["name"])
+        written.append(_figure_saver(fig, Path(folder) / f"dose-{safe}.png"))
         plt.close(fig)
     return written
 
@@ -93,6 +94,8 @@ def draw_validate(result: dict[str, Any], folder: str | Path) -> list[Path]:
     for run in result["runs"]:
         per = run["per_emotion"]
         names = list(per)
+        if not names:
+            continue
         fig, ax = plt.subplots(figsize=(6, 5))
         ax.scatter([per[n]["random_max"] for n in names], [per[n]["delta"] for n in names], s=8,
                    c=["#228833" if per[n]["beats_all"] else "#cc6677" for n in names])

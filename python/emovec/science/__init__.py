@@ -1,2 +1,3 @@
-"""The research's analyses on top of the runtime: geometry of concept vectors (and, as they arrive, the
-experiments). Imports run one way: science -> runtime -> op."""
+"""The research's analyses on top of the runtime: geometry of concept vectors, readings where the reply begins,
+dose-response, implied emotions, preferences and steering validation. Imports run one way: science -> runtime ->
+op."""

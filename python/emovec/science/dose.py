@@ -40,7 +40,9 @@ def load_templates(path: str | Path | None = None) -> list[dict[str, Any]]:
 
 
 def _format(value: float) -> str:
-    return f"{value:,}" if float(value).is_integer() and abs(value) >= 1000 else f"{value:g}"
+    if float(value).is_integer():
+        return f"{int(value):,}" if abs(value) >= 1000 else str(int(value))
+    return f"{value:g}"
 
 
 def run_dose(model, tokenizer, vectors: VectorSet, templates: Sequence[dict], layers: Sequence[int],

@@ -24,6 +24,8 @@ def run_implied(model, tokenizer, vectors: VectorSet, rows: Sequence[dict], laye
     """For each message: the intended emotion's rank (1 = strongest) among all vectors, at the last prompt token
     and over the user's tokens, and the ``top`` strongest emotions there."""
     rows = [r for r in rows if r["emotion"] in vectors.names]
+    if not rows:
+        raise ValueError("none of the messages names an emotion these vectors have; check the 'emotion' fields")
     readings = read_messages(model, tokenizer, vectors, [r["text"] for r in rows], [layer], batch_size=batch_size,
                              progress=progress)
     names = vectors.names

@@ -33,7 +33,9 @@ def load_activities(path: str | Path | None = None) -> list[dict[str, str]]:
 
 
 def _letter_ids(tokenizer, letter: str) -> list[int]:
-    ids = {tokenizer.encode(form, add_special_tokens=False)[0] for form in (letter, " " + letter)}
+    """Token ids of the answer letter, bare and after a space (the last piece: a SentencePiece "▁" prefix is
+    not the letter)."""
+    ids = {tokenizer.encode(form, add_special_tokens=False)[-1] for form in (letter, " " + letter)}
     return sorted(ids)
 
 
@@ -149,17 +151,22 @@ def run_preferences(model, tokenizer, vectors: VectorSet, activities: Sequence[d
     if steer_emotions or randoms:
         extended = random_like(vectors, randoms)
         targets = list(targets) if targets is not None else list(range(n))
+        if not targets:
+            raise ValueError("steering needs at least one target activity")
         shifts: dict[str, list[float]] = {}
         conditions = list(steer_emotions) + [f"random-{i}" for i in range(randoms)]
         for name in conditions:
             extended.index(name)
             shifts[name] = []
             for t in targets:
-                involved = [(a, b) for a, b in pairs if t in (a, b)]
+                rows = [i for i, (a, b) in enumerate(pairs) if t in (a, b)]
+                involved = [pairs[i] for i in rows]
                 steered = choice_probabilities(model, tokenizer, texts, involved, batch_size=batch_size,
                                                steering=(extended, {name: strength}, [layer], t), progress=progress)
+                # the same refit on the unsteered choices is the baseline, so the fit itself shifts nothing
+                baseline = fit_elo(n, involved, p[rows], fixed=elo, free=[t])
                 new = fit_elo(n, involved, steered, fixed=elo, free=[t])
-                shifts[name].append(float(new[t] - elo[t]))
+                shifts[name].append(float(new[t] - baseline[t]))
         result["steering"] = {"strength": strength, "layer": layer, "targets": [texts[t] for t in targets],
                               "mean_elo_shift": {k: round(sum(v) / len(v), 2) for k, v in shifts.items()},
                               "elo_shifts": {k: [round(x, 2) for x in v] for k, v in shifts.items()}}

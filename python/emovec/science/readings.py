@@ -43,13 +43,15 @@ def wrap(tokenizer, message: str, *, chat: bool = True, system: str | None = Non
     return text, (start, start + len(message))
 
 
-def encode(tokenizer, texts: Sequence[str], spans: Sequence[tuple[int, int]] | None = None):
-    """Right-padded ids and mask of ``texts`` (no special tokens added: templates carry their own), and for each
-    text the (start, end) token positions covering its character span ``spans[i]``."""
+def encode(tokenizer, texts: Sequence[str], spans: Sequence[tuple[int, int]] | None = None, *,
+           special: bool = False):
+    """Right-padded ids and mask of ``texts`` and, for each text, the (start, end) token positions covering its
+    character span ``spans[i]``. ``special``: add the tokenizer's special tokens (BOS) as for plain text; chat
+    templates carry their own, so the default is not to."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     try:
-        batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False,
+        batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=special,
                           return_offsets_mapping=spans is not None)
     finally:
         tokenizer.padding_side = side
@@ -69,8 +71,12 @@ def read_messages(model, tokenizer, vectors: VectorSet, messages: Sequence[str],
                   chat: bool = True, system: str | None = None, batch_size: int = 8,
                   progress: Callable[[int], None] | None = None) -> Readings:
     """Readings of every message at ``layers`` (see the module docstring)."""
+    from emovec.layers import find_decoder_layers, resolve_layer_indices
+
+    if not messages:
+        raise ValueError("no messages to read")
     device = next(model.parameters()).device
-    layers = list(layers)
+    layers = resolve_layer_indices(list(layers), len(find_decoder_layers(model).layers))  # sorted, as recorded
     last, user = [], []
     for i in range(0, len(messages), batch_size):
         wrapped = [wrap(tokenizer, m, chat=chat, system=system) for m in messages[i : i + batch_size]]

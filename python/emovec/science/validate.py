@@ -19,13 +19,15 @@ PREFIXES = ("I feel", "He feels", "She was", "They were so", "Right now I am")
 
 
 def family_tokens(tokenizer, emotion: str) -> list[int]:
-    """First tokens of " word" for the emotion word and its family forms; forms whose first token is a bare
-    function word of fewer than 3 letters ("at" of "at ease", "on" of "on edge") are left out."""
+    """First tokens of " word" for the emotion word and its family forms (a leading whitespace-only piece
+    skipped); forms whose first token has fewer than 3 characters ("at" of "at ease", "on" of "on edge") are
+    left out. Forms that share a first token with other words (" self" of the self- emotions) are kept."""
     ids = set()
     for form in (emotion, *_EXTRA_FORMS.get(emotion, ())):
-        first = tokenizer.encode(" " + form, add_special_tokens=False)[0]
-        if len(tokenizer.decode([first]).strip()) >= 3:
-            ids.add(first)
+        tokens = tokenizer.encode(" " + form, add_special_tokens=False)
+        tokens = [t for t in tokens if tokenizer.decode([t]).strip()] or tokens  # a lone "▁" piece is not the word
+        if len(tokenizer.decode([tokens[0]]).strip()) >= 3:
+            ids.add(tokens[0])
     return sorted(ids)
 
 
@@ -35,7 +37,7 @@ def _next_logprobs(model, tokenizer, texts: Sequence[str], recipes: Sequence[dic
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(texts), batch_size):
-        batch, _ = encode(tokenizer, texts[i : i + batch_size])
+        batch, _ = encode(tokenizer, texts[i : i + batch_size], special=True)  # plain text: BOS where the model uses it
         batch = {k: v.to(device) for k, v in batch.items()}
         chunk = list(recipes[i : i + batch_size])
         if any(chunk):
@@ -56,6 +58,8 @@ def run_validate(model, tokenizer, vectors: VectorSet, *, emotions: Sequence[str
                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """For every strength and layer set: Δ log P(own word family) per emotion when steered with it, the same Δ
     under each random direction, and whether the emotion beats every random control (Δ averaged over prefixes)."""
+    if randoms < 1:
+        raise ValueError("validate needs at least one random direction to compare against")
     emotions = list(emotions) if emotions is not None else list(vectors.names)
     layers = [list(x) for x in layers] if layers is not None else [[vectors.default_layer]]
     extended = random_like(vectors, randoms, seed)
@@ -77,8 +81,9 @@ def run_validate(model, tokenizer, vectors: VectorSet, *, emotions: Sequence[str
             for j, e in enumerate(scored):
                 own = _family_delta(logp[1 + j], logp[0], targets[e])
                 random = [_family_delta(logp[1 + len(scored) + r], logp[0], targets[e]) for r in range(randoms)]
-                per[e] = {"delta": round(own, 4), "random_max": round(max(random), 4),
-                          "random_mean": round(sum(random) / len(random), 4), "beats_all": own > max(random)}
+                per[e] = {"delta": round(own, 4), "random": [round(r, 4) for r in random],
+                          "random_max": round(max(random), 4), "random_mean": round(sum(random) / len(random), 4),
+                          "beats_all": own > max(random)}
             share = sum(v["beats_all"] for v in per.values()) / max(len(per), 1)
             result["runs"].append({"layers": layer_set, "strength": strength, "share_beating_all_randoms":
                                    round(share, 4), "per_emotion": per})
@@ -95,7 +100,7 @@ def samples(model, tokenizer, vectors: VectorSet, emotions: Sequence[str], stren
             prefix: str = "Today I feel", max_new_tokens: int = 16) -> list[dict[str, str]]:
     """Greedy continuations of ``prefix``, plain and steered with each emotion."""
     device = next(model.parameters()).device
-    batch, _ = encode(tokenizer, [prefix] * (len(emotions) + 1))
+    batch, _ = encode(tokenizer, [prefix] * (len(emotions) + 1), special=True)
     batch = {k: v.to(device) for k, v in batch.items()}
     recipes = [None] + [{e: strength} for e in emotions]
     with steer(model, vectors, recipes, list(layers), positions="all"):
