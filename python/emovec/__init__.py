@@ -22,10 +22,11 @@ __all__ = [
     "steer",
     "load_model",
     "extract",
+    "SweepResult",
 ]
 
 # imported on first use: transformers loads only when a model does, extraction only when it runs
-_LAZY = {"load_model": "emovec.models", "extract": "emovec.extraction"}
+_LAZY = {"load_model": "emovec.models", "extract": "emovec.extraction", "SweepResult": "emovec.sweep"}
 
 
 def __getattr__(name: str):
