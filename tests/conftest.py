@@ -58,3 +58,31 @@ def vector_file(loaded, tmp_path_factory):
     vectors = emovec.measure_mean_norms(loaded.model, vectors, ["Hello, how are you today?",
                                                                 "The cat sat on the mat and looked out."])
     return vectors.save(tmp_path_factory.mktemp("vectors") / "random.safetensors")
+
+
+TINY_NAMES = ["afraid", "calm", "desperate", "nervous", "happy", "sad", "at ease", "loving"]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model():
+    """A tiny random Llama with the default model's tokenizer (and chat template), and random vectors named after
+    eight emotions at its three layers, with mean norms: fast stand-ins for the experiments and sweeps."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import emovec
+    from emovec.models import _gguf_model_folder
+    from emovec.vectors import VectorSet
+
+    tokenizer = AutoTokenizer.from_pretrained(str(_gguf_model_folder()))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).eval()
+    model.emovec_tokenizer = tokenizer
+    g = torch.Generator().manual_seed(1)
+    vectors = VectorSet(TINY_NAMES, [0, 1, 2], torch.randn(3, len(TINY_NAMES), 32, generator=g), default_layer=1)
+    vectors = emovec.measure_mean_norms(model, vectors, ["Hello there, how are you?", "The weather is mild."],
+                                        tokenizer=tokenizer)
+    return model, tokenizer, vectors

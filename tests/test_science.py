@@ -7,32 +7,14 @@ import pytest
 import torch
 
 import emovec
+from conftest import TINY_NAMES as NAMES
 from emovec.science import dose, implied, preferences, validate
 from emovec.science.readings import encode, read_messages, spearman, wrap
-from emovec.vectors import VectorSet
-
-NAMES = ["afraid", "calm", "desperate", "nervous", "happy", "sad", "at ease", "loving"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from emovec.models import _gguf_model_folder
-
-    tokenizer = AutoTokenizer.from_pretrained(str(_gguf_model_folder()))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config).eval()
-    model.emovec_tokenizer = tokenizer
-    g = torch.Generator().manual_seed(1)
-    vectors = VectorSet(NAMES, [0, 1, 2], torch.randn(3, len(NAMES), 32, generator=g), default_layer=1)
-    vectors = emovec.measure_mean_norms(model, vectors, ["Hello there, how are you?", "The weather is mild."],
-                                        tokenizer=tokenizer)
-    return model, tokenizer, vectors
+def tiny(tiny_chat_model):
+    return tiny_chat_model
 
 
 def test_readings_match_hidden_states(tiny):

@@ -317,7 +317,7 @@ def prepare_folder(out: Path, settings: SweepSettings) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "shards").mkdir(exist_ok=True)
     path = out / "settings.json"
-    record = {"schema": SCHEMA, "key": settings.key(), "settings": asdict(settings)}
+    record = {"schema": SCHEMA, "key": settings.key(), "settings": json.loads(json.dumps(asdict(settings)))}
     if path.exists():
         try:
             existing = json.loads(path.read_text(encoding="utf-8"))
