@@ -24,7 +24,7 @@ from emovec.fileio import atomic_write
 from emovec.layers import find_decoder_layers, resolve_layer_indices
 from emovec.ops import steer_project
 from emovec.runtime import _LayerRuntime
-from emovec.vectors import VectorSet, config_hash
+from emovec.vectors import VectorSet, config_hash, read_safetensors
 
 
 @dataclass(frozen=True)
@@ -137,13 +137,10 @@ def _save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
 
     restart = "delete it, or rerun with --restart (restart=True) to start over"
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        header, tensors = read_safetensors(path)
     except Exception as error:  # safetensors raises several types for corrupt files
         raise CheckpointError(f"the extraction checkpoint {path} is corrupt or truncated ({_short(error)}); "
                               f"{restart}") from None

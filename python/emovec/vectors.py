@@ -220,15 +220,12 @@ class VectorSet:
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any = None) -> VectorSet:
         """Read a file written by :meth:`save`; with ``model``, check it matches (hidden size, layers, config)."""
-        from safetensors import safe_open
 
         path = Path(path)
         if not path.exists():
             raise VectorFileError(f"vector file {path} does not exist; create one with `emovec extract --out {path}`")
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            header, tensors = read_safetensors(path)
         except Exception as error:  # safetensors raises several types for corrupt files
             raise VectorFileError(f"{path} is not a readable safetensors file ({error}); it may be truncated or "
                                   "corrupt: extract the vectors again") from None
@@ -275,6 +272,15 @@ class VectorSet:
         if problems:
             raise VectorFileError(f"{source} do not match this model: {'; '.join(problems)}. "
                                   "Extract vectors for this model with `emovec extract --model ...`")
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The header metadata and every tensor of a safetensors file (no pickle); raises what safetensors raises for
+    a corrupt or truncated file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}, {key: handle.get_tensor(key) for key in handle.keys()}
 
 
 def _parse_header(header: dict[str, str]) -> tuple[list[str], list[int], int | None, dict[str, Any]]:
