@@ -247,3 +247,13 @@ def test_killed_sweep_resumes_to_the_same_result(tmp_path):
     whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
     killed = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     assert killed["totals"] == whole["totals"] and len(killed["shards"]) == len(whole["shards"]) == 7
+
+
+def test_a_datasets_save_to_disk_folder_reads_like_jsonl(tiny_chat_model, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    model, tokenizer, vectors = tiny_chat_model
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(tmp_path / "ds"))
+    _jsonl(tmp_path / "d.jsonl", [{"text": t} for t in TEXTS])
+    run_sweep(model, tokenizer, vectors, tmp_path / "ds", tmp_path / "a", progress=False)
+    run_sweep(model, tokenizer, vectors, tmp_path / "d.jsonl", tmp_path / "b", progress=False)
+    assert SweepResult.open(tmp_path / "a").table().equals(SweepResult.open(tmp_path / "b").table())
