@@ -89,6 +89,10 @@ def test_implied_ranks_follow_the_readings(tiny):
         assert item["rank_last"] == 1 + int((readings[i] > own).sum())
         assert len(item["top_last"]) == 3
     assert result["summary"]["last"]["top10"] == 2  # only 8 vectors here
+    centred = readings - readings.mean(0, keepdim=True)
+    for i, item in enumerate(result["messages"]):
+        own = centred[i, vectors.index(item["emotion"])]
+        assert item["rank_centred"] == 1 + int((centred[i] > own).sum())
 
 
 def test_elo_recovers_planted_strengths():

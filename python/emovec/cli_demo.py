@@ -296,7 +296,8 @@ def _page(model_name, vectors, results, figures, summary) -> str:
         chats.append(
             f'<div class="chat"><div class="role">coloured by <b>{html.escape(convo["emotion"])}</b> '
             f'(full colour at |cosine| {convo["scale"]:.3f}; hover a token for its top 5)</div>'
-            f'<div>{"".join(convo["spans"])}</div><div class="role">strongest over the reply: '
+            f'<div>{"".join(convo["spans"])}</div><div class="role">reply: {html.escape(convo["reply"])}</div>'
+            f'<div class="role">strongest over the reply: '
             f'{html.escape(", ".join(f"{n} {v:+.3f}" for n, v in convo["reply_top"]))}</div></div>')
     sections.append(h.section(
         "2. A monitored conversation", h.paragraph("Every token of the prompt and of the model's reply, coloured by "
@@ -321,12 +322,15 @@ def _page(model_name, vectors, results, figures, summary) -> str:
         "4. Implied emotions", h.paragraph("Messages that imply an emotion without naming it: the rank of the "
                                            f"intended emotion among {imp['num_vectors']} where the reply begins."),
         h.command("emovec implied --out implied"),
-        f'<p class="finding">median rank {imp["summary"]["last"]["median_rank"]} (chance '
-        f'{imp["chance_median_rank"]:.0f}); in the top 5 for {imp["summary"]["last"]["top5"]} of '
-        f'{len(imp["messages"])} messages, top 10 for {imp["summary"]["last"]["top10"]}.</p>',
-        h.table(["message", "intended", "rank", "strongest three"],
-                [[m["text"], m["emotion"], m["rank_last"], ", ".join(n for n, _ in m["top_last"][:3])]
-                 for m in imp["messages"]], numeric={2}),
+        "".join(f'<p class="finding">{label}: median rank {imp["summary"][which]["median_rank"]} (chance '
+                f'{imp["chance_median_rank"]:.0f}); in the top 5 for {imp["summary"][which]["top5"]} of '
+                f'{len(imp["messages"])} messages, top 10 for {imp["summary"][which]["top10"]}.</p>'
+                for which, label in (("last", "where the reply begins"),
+                                     ("centred", "there, each emotion centred on its mean over the messages"),
+                                     ("user", "mean over the user's tokens"))),
+        h.table(["message", "intended", "rank", "rank centred", "strongest three (centred)"],
+                [[m["text"], m["emotion"], m["rank_last"], m["rank_centred"],
+                  ", ".join(n for n, _ in m["top_centred"][:3])] for m in imp["messages"]], numeric={2, 3}),
         h.image(figures["implied"][0], "implied"), anchor="implied"))
 
     pref = results["preferences"]
@@ -339,8 +343,8 @@ def _page(model_name, vectors, results, figures, summary) -> str:
                                       "fitted to Elo ratings; emotion readings on the activities against Elo; steering "
                                       "an emotion on one activity's tokens, against a random direction."),
         h.command(f"emovec preferences --steer {','.join(steered)} --randoms {randoms} --out preferences"),
-        h.table(["category", "mean Elo"], [[k, v] for k, v in sorted(pref["elo_by_category"].items(),
-                                                                      key=lambda kv: -kv[1])], numeric={1}),
+        h.table(["category", "mean Elo"], [[k, f"{v:.0f}"] for k, v in sorted(pref["elo_by_category"].items(),
+                                                                             key=lambda kv: -kv[1])], numeric={1}),
         h.table(["emotion", "r with Elo"], [[k, v] for k, v in list(pref["elo_correlation"].items())[:8]],
                 numeric={1}),
         h.table(["steering", "mean Elo shift"], shift_rows, numeric={1}) if shift_rows else "",
