@@ -84,7 +84,9 @@ class _Parts:
               help="folder for index.html, summary.json, figures and the cached parts")
 @click.option("--quick", is_flag=True, help="tiny sizes (seconds): checks the pipeline, not the findings")
 @click.option("--fresh", is_flag=True, help="recompute every part instead of reusing cached ones")
-def demo(out_dir, quick, fresh) -> None:
+@click.option("--smooth", default=1, show_default=True, type=click.IntRange(min=1), metavar="TOKENS",
+              help="moving average of the monitored conversation's readings over this many tokens (1 = raw)")
+def demo(out_dir, quick, fresh, smooth) -> None:
     """The whole story on the default model: geometry, a monitored conversation, dose-response, implied emotions,
     preferences, steering validated against random directions, steered generations and a benchmark, as
     report/index.html (self-contained) and report/summary.json."""
@@ -99,7 +101,8 @@ def demo(out_dir, quick, fresh) -> None:
         from emovec.extraction import resolve_vectors
 
         vectors = resolve_vectors(None, loaded.model)
-    sizes = QUICK if quick else FULL
+    sizes = {**(QUICK if quick else FULL)}
+    sizes["conversation"] = {**sizes["conversation"], "smooth": smooth}
     base_key = {"model": loaded.name, "config": vectors.metadata.get("config_hash"),
                 "corpus": vectors.metadata.get("corpus_hash"), "emovec": __version__}
     parts = _Parts(out, base_key, fresh)
@@ -202,14 +205,15 @@ def _conversations(loaded, vectors, size) -> list[dict[str, Any]]:
         config = _generation_config(model, tokenizer, size["max_new_tokens"])
         with torch.no_grad(), monitor(model, vectors, [vectors.default_layer], tokenizer=tokenizer) as mon:
             generated = model.generate(**encoded, generation_config=config)
-        result = mon.result().smoothed(1)
+        result = mon.result().smoothed(size.get("smooth", 1))
         ids = result.sequence(0)["token_ids"].tolist()
         spans, scale = render.token_spans(result, emotion=emotion, layer=vectors.default_layer,
                                           special=_special_flags(tokenizer, ids))
         prompt_length = encoded["input_ids"].shape[1]
         reply = tokenizer.decode(generated[0, prompt_length:], skip_special_tokens=True).strip()
-        top_reply = render.mean_emotions(result.smoothed(1), start=prompt_length, k=5)
+        top_reply = render.mean_emotions(result.smoothed(1), start=prompt_length, k=5)  # the mean: raw readings
         out.append({"message": message, "emotion": emotion, "reply": reply, "spans": spans, "scale": round(scale, 4),
+                    "smooth": size.get("smooth", 1),
                     "prompt_tokens": prompt_length, "reply_top": [[n, round(v, 4)] for n, v in top_reply]})
     return out
 
@@ -300,8 +304,10 @@ def _page(model_name, vectors, results, figures, summary) -> str:
             f'<div class="role">strongest over the reply: '
             f'{html.escape(", ".join(f"{n} {v:+.3f}" for n, v in convo["reply_top"]))}</div></div>')
     sections.append(h.section(
-        "2. A monitored conversation", h.paragraph("Every token of the prompt and of the model's reply, coloured by "
-                                                   "the cosine of one emotion at the default layer."),
+        "2. A monitored conversation", h.paragraph(
+            "Every token of the prompt and of the model's reply, coloured by the cosine of one emotion at the default "
+            "layer" + (f", averaged over {results['conversation'][0]['smooth']} neighbouring tokens."
+                       if results["conversation"][0].get("smooth", 1) > 1 else " (raw readings; --smooth N averages).")),
         h.command(f'emovec monitor --chat "{CONVERSATIONS[0][0]}" --emotion afraid --html page.html'),
         "".join(chats), anchor="conversation"))
 
