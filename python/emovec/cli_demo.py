@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -385,7 +384,3 @@ def _page(model_name, vectors, results, figures, summary) -> str:
                 f"machine{' (quick sizes)' if summary['quick'] else ''} · command: emovec demo")
     return h.page("emovec: emotion vectors in " + model_name, subtitle, sections)
 
-
-__all__ = ["demo"]
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -272,12 +272,12 @@ def _write_chunk(path: Path, examples: list[Example], tokenizer, model, vectors:
     compression = {name: ("none" if name in value_names else "snappy") for name in schema.names}
     dictionary = [name for name in schema.names if name == "role"]
 
-    def write_both(tmp: str) -> None:
+    def write_file(tmp: str) -> None:
         with pq.ParquetWriter(tmp, schema, compression=compression, use_dictionary=dictionary) as writer:
             write(writer)
             writer.add_key_value_metadata({"emovec": json.dumps(stats)})
 
-    atomic_write(path, write_both)
+    atomic_write(path, write_file)
     return stats
 
 
