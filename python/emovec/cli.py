@@ -554,7 +554,7 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
             console.print(Text("emotions: (the reply has no tokens to score)", style="dim"))
 
 
-from emovec import cli_data, cli_demo, cli_science, cli_sweep  # noqa: E402, F401  (register their commands)
+from emovec import cli_data, cli_demo, cli_interop, cli_science, cli_sweep  # noqa: E402, F401  (register their commands)
 
 if __name__ == "__main__":
     main()

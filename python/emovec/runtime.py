@@ -395,14 +395,33 @@ Recipe = dict[str, float]
 SANE_RELATIVE_STRENGTH = 0.5  # the research steered with |s| <= 0.5 times the layer's mean residual norm
 
 
+def steering_vector(vectors: VectorSet, recipe: Recipe, layer: int, *, relative: bool = True,
+                    raw: bool = False) -> torch.Tensor:
+    """The (d,) fp32 vector that ``recipe`` adds to layer ``layer``'s residual stream: the sum over its terms of
+    ``strength × scale × direction``, where direction is the unit vector (or, with ``raw=True``, the stored vector
+    as it is) and scale is the layer's mean residual norm when ``relative`` (else 1). The one definition used by
+    :func:`steer` and by the GGUF export."""
+    s = vectors.slice_of(layer)
+    if relative and vectors.mean_norms is None:
+        raise ValueError("relative strength needs the layers' mean residual norms: use vectors with mean_norms "
+                         "(emovec.measure_mean_norms(model, vectors, texts)) or relative=False")
+    scale = float(vectors.mean_norms[s]) if relative else 1.0
+    directions = vectors.vectors[s] if raw else vectors.unit[s]
+    total = torch.zeros(vectors.hidden_size)
+    for name, strength in recipe.items():
+        total = total + float(strength) * scale * directions[vectors.index(name)]
+    return total
+
+
 class Steer(_LayerRuntime):
     """Context that adds vectors to the residual stream, per sequence and per position."""
 
     order = 0
 
     def __init__(self, model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], layers=None, *,
-                 positions: str | Sequence[tuple[int, int]] = "all", relative: bool = True, layer_modules=None,
-                 backend: str | None = None, positions_from_mask: bool = True) -> None:
+                 positions: str | Sequence[tuple[int, int]] = "all", relative: bool | None = None,
+                 raw: bool = False, layer_modules=None, backend: str | None = None,
+                 positions_from_mask: bool = True) -> None:
         super().__init__(model, vectors, layers, layer_modules, backend, positions_from_mask)
         self.recipes = [recipe] if isinstance(recipe, dict) else list(recipe)
         self.per_sequence = not isinstance(recipe, dict)
@@ -437,7 +456,12 @@ class Steer(_LayerRuntime):
             self._spans = spans
             self._spans_per_sequence = per_sequence
         self.positions = positions
+        if raw and relative:
+            raise ValueError("raw=True multiplies the stored vectors as they are (their size is part of them); it "
+                             "cannot be combined with relative=True")
+        relative = not raw if relative is None else bool(relative)
         self.relative = relative
+        self.raw = bool(raw)
         if relative and vectors.mean_norms is None:
             raise ValueError("relative strength needs the layers' mean residual norms: use vectors with mean_norms "
                              "(emovec.measure_mean_norms(model, vectors, texts)) or relative=False")
@@ -453,7 +477,8 @@ class Steer(_LayerRuntime):
             scale = self.vectors.mean_norm(layer) if self.relative else 1.0
             for r in self.recipes:
                 for name, strength in (r or {}).items():
-                    size = abs(float(strength)) * scale
+                    length = float(self.vectors.vectors[self.vectors.slice_of(layer), self.vectors.index(name)].norm())
+                    size = abs(float(strength)) * scale * (length if self.raw else 1.0)
                     if not math.isfinite(size) or size >= limit:
                         raise ValueError(f"steering strength {name}={strength:g} gives a vector of norm {size:.3g} at "
                                          f"layer {layer}, too large for the model ({str(dtype).replace('torch.', '')}"
@@ -468,15 +493,11 @@ class Steer(_LayerRuntime):
                                       "into repetition or nonsense (the research stayed within 0.5)", stacklevel=3)
 
     def enter(self) -> None:
-        unit = self.vectors.unit
         distinct = [r for r in self.recipes if r is not None]
         self._recipe_ids = [None if r is None else distinct.index(r) for r in self.recipes]
         tables = []
         for layer in self.layer_indices:
-            s = self.vectors.slice_of(layer)
-            scale = float(self.vectors.mean_norms[s]) if self.relative else 1.0
-            rows = [sum((strength * scale * unit[s, self.vectors.index(name)] for name, strength in r.items()),
-                        torch.zeros(self.vectors.hidden_size)) for r in distinct]
+            rows = [steering_vector(self.vectors, r, layer, relative=self.relative, raw=self.raw) for r in distinct]
             tables.append(torch.stack(rows) if rows else torch.zeros(1, self.vectors.hidden_size))
         self._tables_cpu = tables
         self._tables: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
@@ -544,7 +565,8 @@ def steer(model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], l
 
     ``recipe`` is ``{"calm": 0.05, ...}`` for every sequence, or a list with one dict (or None) per sequence.
     With ``relative=True`` (default) strength is in units of the layer's mean residual norm (the research's
-    convention: ``s × mean‖h‖ × unit vector``); with ``relative=False`` it multiplies the unit vector.
+    convention: ``s × mean‖h‖ × unit vector``); with ``relative=False`` it multiplies the unit vector; with
+    ``raw=True`` it multiplies the stored vector as it is (an imported control vector, whose size is part of it).
     ``positions``: "all", "prompt", "generated", [(start, end), ...] spans of real-token positions (counted from
     0 at each sequence's first real token, padding excluded), or one such list per sequence.
     Padding rows are never touched.

@@ -1,0 +1,1 @@
+"""Other engines and formats: llama.cpp control vectors (GGUF)."""
