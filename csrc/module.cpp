@@ -17,7 +17,9 @@ emovec::SteerProjectArgs make_args(std::uintptr_t h, int64_t n, int64_t d, int64
                                    std::uintptr_t ablate, int64_t num_ablate, std::uintptr_t probes, int64_t num_probes,
                                    std::uintptr_t center, std::uintptr_t scores, std::uintptr_t norms,
                                    std::uintptr_t segments, std::uintptr_t sums, std::uintptr_t counts,
-                                   int64_t num_segments, std::uintptr_t errors) {
+                                   int64_t num_segments, std::uintptr_t errors, std::uintptr_t clamp,
+                                   int64_t num_clamp, std::uintptr_t bounds, bool relative_bounds,
+                                   std::uintptr_t corrections) {
   emovec::SteerProjectArgs a;
   a.h = as_pointer<void>(h); a.n = n; a.d = d; a.h_row_stride = h_row_stride; a.h_dtype = h_dtype;
   a.w_dtype = w_dtype;
@@ -30,6 +32,9 @@ emovec::SteerProjectArgs make_args(std::uintptr_t h, int64_t n, int64_t d, int64
   a.segments = as_pointer<const int64_t>(segments);
   a.sums = as_pointer<float>(sums); a.counts = as_pointer<float>(counts); a.num_segments = num_segments;
   a.errors = as_pointer<int32_t>(errors);
+  a.clamp = as_pointer<const void>(clamp); a.num_clamp = num_clamp;
+  a.bounds = as_pointer<const float>(bounds); a.relative_bounds = relative_bounds;
+  a.corrections = as_pointer<float>(corrections);
   return a;
 }
 
@@ -45,9 +50,12 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t h, int64_t n, int64_t d, int64_t stride, int h_dtype, int w_dtype, std::uintptr_t slots,
          std::uintptr_t table, int64_t table_rows, std::uintptr_t ablate, int64_t num_ablate, std::uintptr_t probes,
          int64_t num_probes, std::uintptr_t center, std::uintptr_t scores, std::uintptr_t norms,
-         std::uintptr_t segments, std::uintptr_t sums, std::uintptr_t counts, int64_t num_segments, std::uintptr_t errors, int threads) {
+         std::uintptr_t segments, std::uintptr_t sums, std::uintptr_t counts, int64_t num_segments, std::uintptr_t errors,
+         std::uintptr_t clamp, int64_t num_clamp, std::uintptr_t bounds, bool relative_bounds,
+         std::uintptr_t corrections, int threads) {
         auto a = make_args(h, n, d, stride, h_dtype, w_dtype, slots, table, table_rows, ablate, num_ablate, probes,
-                           num_probes, center, scores, norms, segments, sums, counts, num_segments, errors);
+                           num_probes, center, scores, norms, segments, sums, counts, num_segments, errors, clamp,
+                           num_clamp, bounds, relative_bounds, corrections);
         py::gil_scoped_release release;
         emovec::steer_project_cpu(a, threads);
       },
@@ -59,9 +67,11 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t table, int64_t table_rows, std::uintptr_t ablate, int64_t num_ablate, std::uintptr_t probes,
          int64_t num_probes, std::uintptr_t center, std::uintptr_t scores, std::uintptr_t norms,
          std::uintptr_t segments, std::uintptr_t sums, std::uintptr_t counts, int64_t num_segments,
-         std::uintptr_t errors, std::intptr_t stream) {
+         std::uintptr_t errors, std::uintptr_t clamp, int64_t num_clamp, std::uintptr_t bounds,
+         bool relative_bounds, std::uintptr_t corrections, std::intptr_t stream) {
         auto a = make_args(h, n, d, stride, h_dtype, w_dtype, slots, table, table_rows, ablate, num_ablate, probes,
-                           num_probes, center, scores, norms, segments, sums, counts, num_segments, errors);
+                           num_probes, center, scores, norms, segments, sums, counts, num_segments, errors, clamp,
+                           num_clamp, bounds, relative_bounds, corrections);
         emovec::steer_project_cuda(a, stream);
       },
       "Fused op on device memory, one launch on `stream` (cudaStream_t as an integer).");

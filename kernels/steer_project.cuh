@@ -4,6 +4,7 @@
 // fp32 (h is read once from global memory and, when steered, written once), then:
 //   x[r]        = h[r] + table[slot[r]]                    (rows with slot >= 0)
 //   x[r]       -= sum_a (x[r]·u_a) u_a                     (ablation, same rows)
+//   x[r]       -= (p - clamp(p, lo, hi)) w_c, c in order   (regulation, same rows; one warp per row)
 //   h[r]        = round(x[r]);  x[r] = float(h[r]) - center
 //   norms[r]    = ‖x[r]‖,  scores[r, k] = x[r]·probes[k]   (one warp per (row, probe) dot, fp32)
 //   sums[seg[r]] += h[r], counts[seg[r]] += 1             (atomics: segments may repeat across blocks)
@@ -38,6 +39,11 @@ struct Args {
   float* counts;
   int64_t num_segments;
   int32_t* errors;  // kSlotOutOfRange / kSegmentOutOfRange ORed in when an index is out of range (or null)
+  const void* clamp;
+  int64_t num_clamp;
+  const float* bounds;
+  bool relative_bounds;
+  float* corrections;
   int rows_per_block;
   bool probes_in_shared;
 };
@@ -74,7 +80,10 @@ __global__ void steer_project_kernel(Args a) {
   const W* center = static_cast<const W*>(a.center);
 
   // row r is steered when active(r); an out-of-range slot or segment is reported once, by thread 0
-  auto slot_bad = [&](int64_t i) { return a.slots != nullptr && slot_out_of_range(a.slots[i], table != nullptr, a.table_rows); };
+  const W* clamp = static_cast<const W*>(a.clamp);
+  auto slot_bad = [&](int64_t i) {
+    return a.slots != nullptr && slot_out_of_range(a.slots[i], table != nullptr || a.bounds != nullptr, a.table_rows);
+  };
   auto captured = [&](int64_t i) {
     return a.segments != nullptr && a.segments[i] >= 0 && a.segments[i] < a.num_segments;
   };
@@ -112,17 +121,74 @@ __global__ void steer_project_kernel(Args a) {
     __syncthreads();
   }
 
-  // 3. subtract, store back in h's dtype, keep exactly what was stored (minus center) for projection
-  const bool edits = table != nullptr || a.num_ablate > 0;
+  // 3. subtract the ablation in shared memory
+  const bool edits = table != nullptr || a.num_ablate > 0 || a.num_clamp > 0;
+  auto active_row = [&](int64_t i) { return a.slots == nullptr || (a.slots[i] >= 0 && !slot_bad(i)); };
+  if (a.num_ablate > 0) {
+    for (int r = 0; r < rows; ++r) {
+      if (!active_row(row0 + r)) continue;
+      for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+        float v = x[r * d + j];
+        for (int64_t q = 0; q < a.num_ablate; ++q) v -= coef[r * a.num_ablate + q] * load_float(ablate, q * d + j);
+        x[r * d + j] = v;
+      }
+    }
+    __syncthreads();
+  }
+
+  // 4. regulation: one warp per row, the directions one after the other
+  if (a.num_clamp > 0) {
+    for (int r = warp; r < rows; r += warps) {
+      const int64_t i = row0 + r;
+      float* corr = a.corrections ? a.corrections + i * a.num_clamp : nullptr;
+      if (!active_row(i)) {
+        if (corr) for (int64_t c = lane; c < a.num_clamp; c += 32) corr[c] = 0.0f;
+        continue;
+      }
+      const float* bounds = a.bounds + (a.slots ? a.slots[i] : 0) * a.num_clamp * 2;
+      float* xr = x + r * d;
+      float n2 = 0.0f;
+      if (a.relative_bounds) {
+        for (int64_t j = lane; j < d; j += 32) {
+          const float y = center ? xr[j] - load_float(center, j) : xr[j];
+          n2 += y * y;
+        }
+        n2 = warp_sum(n2);
+      }
+      for (int64_t c = 0; c < a.num_clamp; ++c) {
+        float p = 0.0f, uu = 0.0f;
+        for (int64_t j = lane; j < d; j += 32) {
+          const float u = load_float(clamp, c * d + j);
+          p += (center ? xr[j] - load_float(center, j) : xr[j]) * u;
+          uu += u * u;
+        }
+        p = warp_sum(p);
+        uu = warp_sum(uu);
+        float lo = bounds[c * 2], hi = bounds[c * 2 + 1];
+        if (a.relative_bounds) {
+          lo = cosine_bound(lo, n2 - p * p);
+          hi = cosine_bound(hi, n2 - p * p);
+        }
+        const float delta = p - fminf(fmaxf(p, lo), hi);
+        if (corr && lane == 0) corr[c] = delta;
+        if (delta == 0.0f) continue;  // within bounds: the row is left bit-identical
+        for (int64_t j = lane; j < d; j += 32) xr[j] -= delta * load_float(clamp, c * d + j);
+        __syncwarp();
+        n2 += delta * delta * uu - 2.0f * delta * p;
+      }
+    }
+    __syncthreads();
+  }
+
+  // 5. store back in h's dtype, capture, keep exactly what was stored (minus center) for projection
   for (int r = 0; r < rows; ++r) {
     const int64_t i = row0 + r;
-    const bool active = a.slots == nullptr || (a.slots[i] >= 0 && !slot_bad(i));
+    const bool active = active_row(i);
     const bool capture = captured(i);
     H* hr = h + i * a.h_row_stride;
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
       float v = x[r * d + j];
       if (edits && active) {
-        for (int64_t q = 0; q < a.num_ablate; ++q) v -= coef[r * a.num_ablate + q] * load_float(ablate, q * d + j);
         const H stored = store_value<H>(v);
         hr[j] = stored;
         v = load_float(&stored, 0);
@@ -134,7 +200,7 @@ __global__ void steer_project_kernel(Args a) {
   }
   __syncthreads();
 
-  // 4. norms and scores, one warp per dot
+  // 6. norms and scores, one warp per dot
   if (a.norms != nullptr) {
     for (int r = warp; r < rows; r += warps) {
       float s = 0.0f;

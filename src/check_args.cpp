@@ -19,6 +19,11 @@ void check_args(const SteerProjectArgs& a) {
   require(a.table == nullptr || a.slots != nullptr, "a steering table needs slots");
   require(a.table == nullptr || a.table_rows >= 1, "table needs at least one row");
   require(a.num_ablate >= 0 && (a.num_ablate == 0) == (a.ablate == nullptr), "ablate and num_ablate disagree");
+  require(a.num_clamp >= 0 && (a.num_clamp == 0) == (a.clamp == nullptr), "clamp and num_clamp disagree");
+  require((a.clamp == nullptr) == (a.bounds == nullptr), "clamp needs bounds, and bounds need clamp");
+  require(a.bounds == nullptr || a.table_rows >= 1, "bounds need at least one row");
+  require(a.bounds == nullptr || a.slots != nullptr || a.table_rows == 1, "bounds without slots must have one row");
+  require(a.corrections == nullptr || a.clamp != nullptr, "corrections requested without clamp");
   require(a.num_probes >= 0 && (a.num_probes == 0 || a.probes != nullptr), "probes missing");
   require(a.scores == nullptr || a.num_probes > 0, "scores requested without probes");
   require((a.sums == nullptr) == (a.segments == nullptr) && (a.sums == nullptr) == (a.counts == nullptr),

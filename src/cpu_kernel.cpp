@@ -126,20 +126,53 @@ inline void project_tile_packed(const float* x, int64_t dp, int64_t d, int rows,
   }
 }
 
+// Regulation of one row x (fp32, d values) along C unit directions, one after the other (see steer_project.h).
+// A row within a direction's bounds is not touched (bit-identical).
+void clamp_row(float* x, int64_t d, const float* clamp, int64_t C, const float* bounds, const float* center,
+               bool relative, float* corrections) {
+  float n2 = 0.0f;
+  if (relative) {
+    for (int64_t j = 0; j < d; ++j) {
+      const float y = center ? x[j] - center[j] : x[j];
+      n2 += y * y;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float* u = clamp + c * d;
+    float p = 0.0f, uu = 0.0f;
+    for (int64_t j = 0; j < d; ++j) {
+      p += (center ? x[j] - center[j] : x[j]) * u[j];
+      uu += u[j] * u[j];
+    }
+    float lo = bounds[c * 2], hi = bounds[c * 2 + 1];
+    if (relative) {
+      const float r2 = n2 - p * p;
+      lo = cosine_bound(lo, r2);
+      hi = cosine_bound(hi, r2);
+    }
+    const float q = std::min(std::max(p, lo), hi);
+    const float delta = p - q;
+    if (corrections) corrections[c] = delta;
+    if (delta == 0.0f) continue;
+    for (int64_t j = 0; j < d; ++j) x[j] -= delta * u[j];
+    n2 += delta * delta * uu - 2.0f * delta * p;  // ‖y - δu‖² = ‖y‖² - 2δp + δ²‖u‖²
+  }
+}
+
 void report(int32_t* errors, int32_t bit) {
   if (errors != nullptr) __atomic_fetch_or(errors, bit, __ATOMIC_RELAXED);
 }
 
 template <typename H, typename W>
 void run(const SteerProjectArgs& a, int num_threads) {
-  const int64_t n = a.n, d = a.d, K = a.num_probes, A = a.num_ablate;
+  const int64_t n = a.n, d = a.d, K = a.num_probes, A = a.num_ablate, C = a.num_clamp;
   const int64_t dp = round_up(d, kLanes);
   H* h = static_cast<H*>(a.h);
-  const bool edits = a.table != nullptr || A > 0;
+  const bool edits = a.table != nullptr || A > 0 || C > 0;
   const bool projects = a.scores != nullptr || a.norms != nullptr;
 
   Fp32Rows<W> probes(a.probes, K, d, dp), ablate(a.ablate, A, d, d), table(a.table, a.table_rows, d, d),
-      center(a.center, 1, d, d);
+      center(a.center, 1, d, d), clamp(a.clamp, C, d, d);
   const bool packed_path = a.scores != nullptr && n >= kPackMinRows;
   const std::vector<float> packed =
       packed_path ? pack_probes(probes.data, probes.stride, K, d, num_threads) : std::vector<float>();
@@ -162,7 +195,8 @@ void run(const SteerProjectArgs& a, int num_threads) {
           H* hr = h + i * a.h_row_stride;
           for (int64_t j = 0; j < d; ++j) xr[j] = to_float(hr[j]);
           bool active = a.slots == nullptr || a.slots[i] >= 0;
-          if (a.slots != nullptr && slot_out_of_range(a.slots[i], a.table != nullptr, a.table_rows)) {
+          if (a.corrections != nullptr) std::fill(a.corrections + i * C, a.corrections + (i + 1) * C, 0.0f);
+          if (a.slots != nullptr && slot_out_of_range(a.slots[i], a.has_slot_rows(), a.table_rows)) {
             active = false;
             report(a.errors, kSlotOutOfRange);
           }
@@ -181,6 +215,8 @@ void run(const SteerProjectArgs& a, int num_threads) {
               const float* u = ablate.data + q * d;
               for (int64_t j = 0; j < d; ++j) xr[j] -= coef[q] * u[j];
             }
+            if (C > 0) clamp_row(xr, d, clamp.data, C, a.bounds + (a.slots ? a.slots[i] : 0) * C * 2, center.data,
+                                 a.relative_bounds, a.corrections ? a.corrections + i * C : nullptr);
             for (int64_t j = 0; j < d; ++j) {  // store, and keep exactly what was stored
               hr[j] = from_float<H>(xr[j]);
               xr[j] = to_float(hr[j]);

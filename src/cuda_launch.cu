@@ -33,6 +33,8 @@ void launch(const SteerProjectArgs& a, cudaStream_t stream) {
   k.scores = a.scores; k.norms = a.norms;
   k.segments = a.segments; k.sums = a.sums; k.counts = a.counts;
   k.num_segments = a.num_segments; k.errors = a.errors;
+  k.clamp = a.clamp; k.num_clamp = a.num_clamp; k.bounds = a.bounds; k.relative_bounds = a.relative_bounds;
+  k.corrections = a.corrections;
 
   int dev = 0, max_shared = 0;
   throw_on_error(cudaGetDevice(&dev), "cudaGetDevice");

@@ -5,6 +5,7 @@
 // The Python layer (emovec.ops) validates every argument before it reaches this header.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -27,6 +28,13 @@ enum IndexError : int32_t { kSlotOutOfRange = 1, kSegmentOutOfRange = 2 };
 EMOVEC_HD bool slot_out_of_range(int64_t slot, bool has_table, int64_t rows) {
   return slot < -1 || (has_table && slot >= rows);
 }
+// A cosine bound b as a projection for a row whose part orthogonal to the direction has squared norm r2.
+EMOVEC_HD float cosine_bound(float b, float r2) {
+  if (b >= 1.0f) return INFINITY;
+  if (b <= -1.0f) return -INFINITY;
+  const float r = r2 > 0.0f ? sqrtf(r2) : 0.0f;
+  return b * r / sqrtf(1.0f - b * b);
+}
 EMOVEC_HD bool segment_out_of_range(int64_t segment, int64_t segments) { return segment < -1 || segment >= segments; }
 
 struct SteerProjectArgs {
@@ -37,14 +45,24 @@ struct SteerProjectArgs {
 
   // weights, all contiguous and all of one dtype (w_dtype: h_dtype or kFloat32)
   int w_dtype = kFloat32;
-  const int64_t* slots = nullptr;  // [n], -1 = untouched (only rows with slot >= 0 are steered/ablated)
+  const int64_t* slots = nullptr;  // [n], -1 = untouched (only rows with slot >= 0 are steered/ablated/clamped)
   const void* table = nullptr;     // [table_rows, d], strength already folded in
-  int64_t table_rows = 0;
+  int64_t table_rows = 0;          // rows of the table, or of bounds when there is no table (the slots' range)
   const void* ablate = nullptr;    // [num_ablate, d] unit directions, projected out after steering
   int64_t num_ablate = 0;
   const void* probes = nullptr;    // [num_probes, d]
   int64_t num_probes = 0;
   const void* center = nullptr;    // [d] or null
+
+  // Regulation, after steering and ablation, on the same rows: for c = 0 .. num_clamp-1 in order,
+  //   p = (x - center)·u_c;  x -= (p - min(max(p, lo), hi)) u_c      lo, hi = bounds[slot][c][0..1]
+  // (rows with p already within [lo, hi] are untouched). With relative_bounds the bounds are cosines, turned into
+  // projections b·r/sqrt(1 - b²), r = ‖(x - center) - p u_c‖ (±inf for |b| >= 1).
+  const void* clamp = nullptr;     // [num_clamp, d] unit directions
+  int64_t num_clamp = 0;
+  const float* bounds = nullptr;   // [table_rows (1 without slots), num_clamp, 2] fp32
+  bool relative_bounds = false;
+  float* corrections = nullptr;    // [n, num_clamp] or null: p - clamped p (0 within bounds / rows not steered)
 
   float* scores = nullptr;  // [n, num_probes] contiguous, or null
   float* norms = nullptr;   // [n] or null
@@ -59,7 +77,8 @@ struct SteerProjectArgs {
   // ORs kSlotOutOfRange / kSegmentOutOfRange into *errors (when not null), without any host synchronisation.
   int32_t* errors = nullptr;
 
-  // when slots is null, steering/ablation applies to every row (table must then be null)
+  bool has_slot_rows() const { return table != nullptr || bounds != nullptr; }
+  // when slots is null, steering/ablation/clamping applies to every row (table must then be null)
   bool steer_all_rows() const { return slots == nullptr; }
 };
 

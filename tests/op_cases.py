@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +23,12 @@ class Case:
     capture: bool = True
     row_pad: int = 0  # extra columns in each row of h's storage (strided rows)
     weights_fp32: bool = False  # table/probes in fp32 while h is fp16/bf16
+    clamp: int = 0  # regulation directions (not orthogonal), bounds per slot
+    relative: bool = False  # bounds as cosines
 
     def __str__(self) -> str:
-        return f"N{self.n}-d{self.d}-K{self.k}-A{self.a}" + (f"-pad{self.row_pad}" if self.row_pad else "")
+        return (f"N{self.n}-d{self.d}-K{self.k}-A{self.a}" + (f"-pad{self.row_pad}" if self.row_pad else "")
+                + (f"-C{self.clamp}{'rel' if self.relative else ''}" if self.clamp else ""))
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
@@ -37,7 +41,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
     h = storage[:, : case.d]
     wdtype = torch.float32 if case.weights_fp32 else dtype
     inputs = {"h_storage": storage, "h": h}
-    inputs["slots"] = torch.randint(-1, case.table_rows, (case.n,), generator=g) if (case.steer or case.a) else None
+    inputs["slots"] = (torch.randint(-1, case.table_rows, (case.n,), generator=g)
+                       if (case.steer or case.a or case.clamp) else None)
     inputs["table"] = randn(case.table_rows, case.d) * 0.5 if case.steer else None
     if case.a:
         q, _ = torch.linalg.qr(randn(case.d, case.a))  # orthonormal directions
@@ -46,6 +51,17 @@ def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
         inputs["ablate"] = None
     inputs["probes"] = randn(case.k, case.d) / case.d**0.5 if case.k else None
     inputs["center"] = randn(case.d) * 0.1 if case.center else None
+    if case.clamp:
+        # random unit directions (not orthogonal); bounds around zero, tight enough that many rows are corrected,
+        # with some sides unbounded (±inf)
+        inputs["clamp"] = torch.nn.functional.normalize(randn(case.clamp, case.d), dim=1)
+        scale = 0.5 / case.d**0.5 if case.relative else 0.5
+        lo, hi = -randn(case.table_rows, case.clamp).abs() * scale, randn(case.table_rows, case.clamp).abs() * scale
+        lo[torch.rand(lo.shape, generator=g) < 0.2] = -math.inf
+        hi[torch.rand(hi.shape, generator=g) < 0.2] = math.inf
+        inputs["bounds"] = torch.stack([lo, hi], dim=-1)
+    else:
+        inputs["clamp"] = inputs["bounds"] = None
     if case.capture:
         seg = torch.randint(-1, case.num_segments, (case.n,), generator=g)
         inputs["segments"] = seg
@@ -56,8 +72,10 @@ def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
     # cast: h storage to dtype (keeps strides), weights to wdtype
     storage_cast = storage.to(dtype)
     cast = {"h_storage": storage_cast, "h": storage_cast[:, : case.d]}
-    for name in ("table", "ablate", "probes", "center"):
+    for name in ("table", "ablate", "probes", "center", "clamp"):
         cast[name] = inputs[name].to(wdtype) if inputs[name] is not None else None
+    cast["bounds"] = inputs["bounds"].float() if inputs["bounds"] is not None else None
+    cast["relative"] = case.relative
     for name in ("slots", "segments"):
         cast[name] = inputs[name]
     for name in ("sums", "counts"):
@@ -75,14 +93,32 @@ def oracle(inputs: dict) -> dict:
     norms = torch.empty(n, dtype=torch.float64, device=h.device)
     sums = f64["sums"].clone() if f64["sums"] is not None else None
     counts = f64["counts"].clone() if f64["counts"] is not None else None
+    corrections = (torch.empty(n, f64["clamp"].shape[0], dtype=torch.float64, device=h.device)
+                   if f64["clamp"] is not None else None)
     steer_project_reference(h, f64["slots"], f64["table"], f64["ablate"], f64["probes"], f64["center"],
-                            scores, norms, f64["segments"], sums, counts)
-    return {"h": h, "scores": scores, "norms": norms, "sums": sums, "counts": counts}
+                            scores, norms, f64["segments"], sums, counts, None, f64["clamp"], f64["bounds"],
+                            inputs["relative"], corrections)
+    return {"h": h, "scores": scores, "norms": norms, "sums": sums, "counts": counts, "corrections": corrections}
 
 
 def torch_own(inputs: dict) -> dict:
-    """PyTorch's own computation in h's dtype (the naive op sequence): its error sets the tolerance."""
+    """PyTorch's own computation in h's dtype (the naive op sequence): its error sets the tolerance. With
+    regulation (no naive sequence for it), the package's reference computing in fp32 on h's dtype."""
     dtype = inputs["h"].dtype
+    if inputs["clamp"] is not None:
+        h = inputs["h"].clone()
+        n = h.shape[0]
+        k = inputs["probes"].shape[0] if inputs["probes"] is not None else 0
+        out = {"h": h, "scores": torch.empty(n, k, device=h.device) if k else None,
+               "norms": torch.empty(n, device=h.device),
+               "sums": inputs["sums"].clone() if inputs["sums"] is not None else None,
+               "counts": inputs["counts"].clone() if inputs["counts"] is not None else None,
+               "corrections": torch.empty(n, inputs["clamp"].shape[0], device=h.device)}
+        steer_project_reference(h, inputs["slots"], inputs["table"], inputs["ablate"], inputs["probes"],
+                                inputs["center"], out["scores"], out["norms"], inputs["segments"], out["sums"],
+                                out["counts"], None, inputs["clamp"], inputs["bounds"], inputs["relative"],
+                                out["corrections"])
+        return out
     h = inputs["h"].clone()
     w = {name: (inputs[name].to(dtype) if inputs[name] is not None else None) for name in ("table", "ablate", "probes", "center")}
     sums = inputs["sums"].clone() if inputs["sums"] is not None else None

@@ -30,6 +30,10 @@ CASES = [
     Case(1000, 1000, 5, 1, row_pad=3, num_segments=7),
     Case(257, 1000, 171, 3, weights_fp32=True, center=False),
     Case(3, 576, 0, 1),  # steer + capture only, no probes
+    Case(1, 576, 171, 1, clamp=3),  # regulation: non-orthogonal directions, bounds per slot
+    Case(257, 64, 5, 0, clamp=2, relative=True),
+    Case(3, 7, 5, 0, clamp=1, steer=False),  # regulation alone
+    Case(1000, 576, 171, 3, clamp=4, relative=True, weights_fp32=True),
 ]
 # The interpreter executes Triton programs in numpy: keep its shapes small but cover both kernel paths.
 TRITON_CASES = [
@@ -42,6 +46,9 @@ TRITON_CASES = [
     Case(37, 7, 1, 3, row_pad=2, center=False),
     Case(33, 64, 40, 0, steer=False),  # more than one probe tile without edits
     Case(20, 64, 0, 1),
+    Case(5, 64, 171, 1, clamp=3),
+    Case(40, 64, 5, 1, clamp=2, relative=True),
+    Case(20, 33, 0, 0, clamp=3, steer=False),
 ]
 
 
@@ -63,15 +70,17 @@ def run_backend(inputs: dict, backend: str, case: Case) -> dict:
     norms = torch.full((n,), math.nan, device=device)
     sums = inputs["sums"].clone() if inputs["sums"] is not None else None
     counts = inputs["counts"].clone() if inputs["counts"] is not None else None
+    corrections = torch.full((n, case.clamp), math.nan, device=device) if case.clamp else None
     result = emovec.steer_project(
         h, slots=inputs["slots"], table=inputs["table"], ablate=inputs["ablate"], probes=inputs["probes"],
         center=inputs["center"], segments=inputs["segments"], sums=sums, counts=counts, scores=scores, norms=norms,
-        compute_norms=True, backend=backend,
+        compute_norms=True, backend=backend, clamp=inputs["clamp"], bounds=inputs["bounds"],
+        relative_bounds=case.relative, corrections=corrections,
     )
     if case.row_pad:  # the padding columns of strided rows must be untouched
         torch.testing.assert_close(h_storage[:, case.d:], inputs["h_storage"][:, case.d:], rtol=0, atol=0)
     assert result.scores is scores and result.norms is norms
-    return {"h": h, "scores": scores, "norms": norms, "sums": sums, "counts": counts}
+    return {"h": h, "scores": scores, "norms": norms, "sums": sums, "counts": counts, "corrections": corrections}
 
 
 def check(case: Case, dtype: torch.dtype, backend: str, device) -> None:
@@ -83,8 +92,11 @@ def check(case: Case, dtype: torch.dtype, backend: str, device) -> None:
     want = oracle(inputs)
     own = torch_own(inputs)
     got = run_backend(inputs, backend, case)
-    for name in ("h", "scores", "norms", "sums", "counts"):
-        if want[name] is None:
+    if case.clamp:  # the bounds must bite on some rows and not on others, or the case tests nothing
+        corrected = (want["corrections"] != 0).sum().item()
+        assert 0 < corrected < want["corrections"].numel() or case.n <= 1, corrected
+    for name in ("h", "scores", "norms", "sums", "counts", "corrections"):
+        if want.get(name) is None:
             assert got[name] is None, name
             continue
         assert_close_by_rule(f"{backend}/{dtype}/{case}/{name}", got[name], want[name], own[name], dtype)

@@ -85,9 +85,11 @@ def test_compiled_library_checks_arguments_too():
     from emovec._ext import _C
 
     with pytest.raises(ValueError, match="a steering table needs slots"):
-        _C.steer_project_cpu(1, 1, 4, 4, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
+        _C.steer_project_cpu(1, 1, 4, 4, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, 0, 1)
     with pytest.raises(ValueError, match="h dtype code"):
-        _C.steer_project_cpu(1, 1, 4, 4, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
+        _C.steer_project_cpu(1, 1, 4, 4, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, 0, 1)
+    with pytest.raises(ValueError, match="clamp needs bounds"):  # clamp directions without bounds
+        _C.steer_project_cpu(1, 1, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, False, 0, 1)
 
 
 def test_import_without_the_extension_warns_once_and_torch_backend_works():
@@ -130,6 +132,13 @@ def test_custom_op_registration_passes_opcheck():
     h = torch.randn(5, 8)
     probes = torch.randn(3, 8)
     args = (h, torch.tensor([0, -1, 0, 1, -1]), torch.randn(2, 8), None, probes, None,
-            torch.empty(5, 3), torch.empty(5), None, None, None, torch.zeros(1, dtype=torch.int32), "torch")
+            torch.empty(5, 3), torch.empty(5), None, None, None, torch.zeros(1, dtype=torch.int32), None, None, False,
+            None, "torch")
+    torch.library.opcheck(torch.ops.emovec.steer_project.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    clamp = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
+    bounds = torch.tensor([[[-0.1, 0.1], [-torch.inf, 0.0]]] * 2)
+    args = (h, torch.tensor([0, -1, 0, 1, -1]), torch.randn(2, 8), None, probes, None, torch.empty(5, 3),
+            torch.empty(5), None, None, None, None, clamp, bounds, True, torch.empty(5, 2), "torch")
     torch.library.opcheck(torch.ops.emovec.steer_project.default, args,
                           test_utils=("test_schema", "test_faketensor"))

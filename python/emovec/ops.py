@@ -22,6 +22,8 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 CUDA_MAX_ROWS = 64
 # ablation directions per call: the kernels keep one coefficient per direction and row in registers/shared memory
 MAX_ABLATE = 64
+# clamp (regulation) directions per call, for the same reason
+MAX_CLAMP = 64
 
 
 class SteerProjectResult(NamedTuple):
@@ -115,6 +117,21 @@ def _check_finite(name: str, t: torch.Tensor | None) -> None:
         raise ValueError(f"{name} contains NaN or infinite values; check how it was computed or loaded")
 
 
+def _check_clamp(clamp: torch.Tensor, bounds: torch.Tensor, relative: bool) -> None:
+    _check_finite("clamp", clamp)
+    lengths = clamp.float().norm(dim=1)
+    if bool(((lengths - 1).abs() > 1e-3).any()):
+        raise ValueError(f"clamp directions must be unit vectors (norms {lengths.min().item():.4g} to "
+                         f"{lengths.max().item():.4g}); normalise them with torch.nn.functional.normalize(clamp, dim=1)")
+    if bool(bounds.isnan().any()):
+        raise ValueError("bounds contain NaN; use -inf / +inf for a side without a bound")
+    lo, hi = bounds[..., 0], bounds[..., 1]
+    if bool((lo > hi).any()):
+        raise ValueError("a lower bound is above its upper bound; give bounds as (lower, upper)")
+    if relative and bool(((lo >= 1) | (hi <= -1)).any()):
+        raise ValueError("relative bounds are cosines: a lower bound must be below 1 and an upper bound above -1")
+
+
 def _check_range(name: str, index: torch.Tensor, upper: int, what: str) -> None:
     if index.numel() == 0:
         return
@@ -141,12 +158,18 @@ def steer_project(
     backend: str | None = None,
     validate: bool = True,
     errors: torch.Tensor | None = None,
+    clamp: torch.Tensor | None = None,
+    bounds: torch.Tensor | None = None,
+    relative_bounds: bool = False,
+    corrections: torch.Tensor | None = None,
 ) -> SteerProjectResult:
     """Steer ``h`` in place, project it onto probes and capture per-segment sums, in one pass over ``h``.
 
     For each row ``i`` of ``h``::
 
         if slots[i] >= 0:   h[i] += table[slots[i]];   h[i] -= Σ_a (h[i]·u_a) u_a     (u_a = ablate[a])
+                            for c in order:  p = (h[i] - center)·w_c                 (w_c = clamp[c])
+                                             h[i] -= (p - min(max(p, lo), hi)) w_c   (lo, hi = bounds[slots[i], c])
         scores[i, k] = (h[i] - center) · probes[k]          norms[i] = ‖h[i] - center‖
         if segments[i] >= 0:  sums[segments[i]] += h[i];    counts[segments[i]] += 1
 
@@ -177,6 +200,19 @@ def steer_project(
     errors : optional (1,) int32 flag on h's device, ORed with ``SLOT_OUT_OF_RANGE`` (1) and
         ``SEGMENT_OUT_OF_RANGE`` (2) when such rows occur, without a host synchronisation: pass one flag
         to many calls and check it once (see :func:`index_error_message`).
+    clamp : (C, d) unit directions, optional
+        Regulation: after steering and ablation, each steered row's projection on each direction is held
+        within its bounds, one direction after the other in the order given (a later direction sees the row
+        as the earlier ones left it, so non-orthogonal directions are well defined). Rows already within
+        bounds are left bit-identical. Needs ``bounds``.
+    bounds : (R, C, 2) fp32
+        ``[..., 0]`` the lower and ``[..., 1]`` the upper bound of each direction, per slot (R = the table's
+        rows; without ``slots``, R = 1 and every row uses row 0); ±inf = unbounded on that side.
+    relative_bounds : bounds are cosines of ``h - center`` with the direction (in (-1, 1); |b| >= 1 is
+        unbounded), met exactly: the projection is set to ``b·r/sqrt(1 - b²)`` where r is the norm of the
+        row's part orthogonal to the direction. Default: bounds are projections.
+    corrections : optional (N, C) fp32 output: ``p - clamped p`` per row and direction (0 within bounds and
+        on rows that are not steered).
 
     Returns
     -------
@@ -205,10 +241,32 @@ def steer_project(
         _check_tensor("table", table, ndim=2, device=device, dtypes=weight_dtypes, shape=(None, d))
         if table.shape[0] == 0:
             raise ValueError("table must have at least one row")
+    if clamp is not None:
+        _check_tensor("clamp", clamp, ndim=2, device=device, dtypes=weight_dtypes, shape=(None, d))
+        if clamp.shape[0] > MAX_CLAMP:
+            raise ValueError(f"clamp has {clamp.shape[0]} directions; the fused op regulates at most {MAX_CLAMP}")
+        if bounds is None:
+            raise ValueError("clamp needs bounds: an (R, C, 2) fp32 tensor of lower and upper bounds per slot")
+        rows = table.shape[0] if table is not None else (None if slots is not None else 1)
+        _check_tensor("bounds", bounds, ndim=3, device=device, dtypes=(torch.float32,),
+                      shape=(rows, clamp.shape[0], 2))
+        if bounds.shape[0] == 0:
+            raise ValueError("bounds must have at least one row")
+        if clamp.shape[0] == 0:
+            clamp = bounds = None
+    elif bounds is not None:
+        raise ValueError("bounds were given without clamp directions; pass clamp (C, d) unit vectors")
+    num_clamp = clamp.shape[0] if clamp is not None else 0
+    if corrections is not None:
+        if clamp is None:
+            raise ValueError("corrections was given without clamp directions; pass clamp and bounds")
+        _check_tensor("corrections", corrections, ndim=2, device=device, dtypes=(torch.float32,), shape=(n, num_clamp))
+        if not corrections.is_contiguous():
+            raise ValueError("corrections must be contiguous")
     if slots is not None:
         _check_tensor("slots", slots, ndim=1, device=device, dtypes=INDEX_DTYPES, shape=(n,))
-        if table is None and ablate is None:
-            raise ValueError("slots were given without a table or ablate directions; nothing would use them")
+        if table is None and ablate is None and clamp is None:
+            raise ValueError("slots were given without a table, ablate or clamp directions; nothing would use them")
     if ablate is not None:
         _check_tensor("ablate", ablate, ndim=2, device=device, dtypes=weight_dtypes, shape=(None, d))
         if ablate.shape[0] == 0:
@@ -261,6 +319,10 @@ def steer_project(
     if checking:
         if slots is not None and table is not None:
             _check_range("slots", slots, table.shape[0], "row of table, -1 = untouched")
+        elif slots is not None and bounds is not None:
+            _check_range("slots", slots, bounds.shape[0], "row of bounds, -1 = untouched")
+        if clamp is not None:
+            _check_clamp(clamp, bounds, relative_bounds)
         if segments is not None:
             _check_range("segments", segments, sums.shape[0], "row of sums, -1 = not captured")
         for name, t in (("table", table), ("ablate", ablate), ("probes", probes), ("center", center)):
@@ -271,12 +333,15 @@ def steer_project(
         slots = slots.to(torch.int64)
     if segments is not None:
         segments = segments.to(torch.int64)
-    table, ablate, probes, center = (t.contiguous() if t is not None else None for t in (table, ablate, probes, center))
+    table, ablate, probes, center, clamp, bounds = (t.contiguous() if t is not None else None
+                                                    for t in (table, ablate, probes, center, clamp, bounds))
     if chosen in ("cpu", "cuda"):  # the C++ core takes all weights in one dtype
-        weights = [t for t in (table, ablate, probes, center) if t is not None]
+        weights = [t for t in (table, ablate, probes, center, clamp) if t is not None]
         if any(t.dtype != weights[0].dtype for t in weights):
-            table, ablate, probes, center = (t.float() if t is not None else None for t in (table, ablate, probes, center))
-    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, chosen)
+            table, ablate, probes, center, clamp = (t.float() if t is not None else None
+                                                    for t in (table, ablate, probes, center, clamp))
+    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, clamp, bounds,
+            bool(relative_bounds), corrections, chosen)
     if torch.compiler.is_compiling():
         torch.ops.emovec.steer_project(*args)  # traced through the registered op and its fake implementation
     else:
@@ -304,19 +369,21 @@ def index_error_message(code: int) -> str | None:
             "This is a bug in the caller's index bookkeeping: please report it")
 
 
-def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors,
-                  on_gpu: bool) -> None:
+def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, clamp,
+                  bounds, relative_bounds, corrections, on_gpu: bool) -> None:
     if h.shape[0] == 0:  # nothing to do, and empty tensors have null data pointers
         return
-    weights = [t for t in (table, ablate, probes, center) if t is not None]
+    weights = [t for t in (table, ablate, probes, center, clamp) if t is not None]
     w_dtype = weights[0].dtype if weights else torch.float32
+    slot_rows = table.shape[0] if table is not None else (bounds.shape[0] if bounds is not None else 0)
     args = (
         _address(h), h.shape[0], h.shape[1], h.stride(0) if h.shape[0] > 1 else h.shape[1], _ext.DTYPE_CODES[h.dtype],
-        _ext.DTYPE_CODES[w_dtype], _address(slots), _address(table), table.shape[0] if table is not None else 0,
+        _ext.DTYPE_CODES[w_dtype], _address(slots), _address(table), slot_rows,
         _address(ablate), ablate.shape[0] if ablate is not None else 0, _address(probes),
         probes.shape[0] if probes is not None else 0, _address(center), _address(scores), _address(norms),
         _address(segments), _address(sums), _address(counts), sums.shape[0] if sums is not None else 0,
-        _address(errors),
+        _address(errors), _address(clamp), clamp.shape[0] if clamp is not None else 0, _address(bounds),
+        bool(relative_bounds), _address(corrections),
     )
     if on_gpu:
         with torch.cuda.device(h.device):
@@ -328,9 +395,10 @@ def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segmen
         _ext._C.steer_project_cpu(*args, torch.get_num_threads())
 
 
-def _run_backend(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors,
-                 backend: str) -> None:
-    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors)
+def _run_backend(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, clamp,
+                 bounds, relative_bounds, corrections, backend: str) -> None:
+    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, clamp, bounds,
+            relative_bounds, corrections)
     if backend == "torch":
         steer_project_reference(*args)
     elif backend == "cpu":
@@ -345,7 +413,8 @@ def _run_backend(h, slots, table, ablate, probes, center, scores, norms, segment
         raise ValueError(f"unknown backend {backend!r}")
 
 
-@torch.library.custom_op("emovec::steer_project", mutates_args=("h", "scores", "norms", "sums", "counts", "errors"))
+@torch.library.custom_op("emovec::steer_project",
+                         mutates_args=("h", "scores", "norms", "sums", "counts", "errors", "corrections"))
 def _steer_project_op(
     h: torch.Tensor,
     slots: torch.Tensor | None,
@@ -359,11 +428,17 @@ def _steer_project_op(
     sums: torch.Tensor | None,
     counts: torch.Tensor | None,
     errors: torch.Tensor | None,
+    clamp: torch.Tensor | None,
+    bounds: torch.Tensor | None,
+    relative_bounds: bool,
+    corrections: torch.Tensor | None,
     backend: str,
 ) -> None:
-    _run_backend(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, backend)
+    _run_backend(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, clamp, bounds,
+                 relative_bounds, corrections, backend)
 
 
 @_steer_project_op.register_fake
-def _(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, backend) -> None:
+def _(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, clamp, bounds,
+      relative_bounds, corrections, backend) -> None:
     return None

@@ -25,20 +25,28 @@ def steer_project_reference(
     sums: torch.Tensor | None,
     counts: torch.Tensor | None,
     errors: torch.Tensor | None = None,
+    clamp: torch.Tensor | None = None,
+    bounds: torch.Tensor | None = None,
+    relative_bounds: bool = False,
+    corrections: torch.Tensor | None = None,
 ) -> None:
     """Same contract as :func:`emovec.ops.steer_project`, on already validated arguments.
 
     ``h[i] += table[slots[i]]`` (slot -1: row untouched), then ``h[i] -= sum_a (h[i]·u_a) u_a`` for the
-    rows that are steered (all rows when ``slots`` is None); ``scores[i, k] = (h[i] - center)·probes[k]``
+    rows that are steered (all rows when ``slots`` is None), then each clamp direction in order (see
+    :func:`clamp_rows`); ``scores[i, k] = (h[i] - center)·probes[k]``
     and ``norms[i] = ‖h[i] - center‖`` on the stored value of ``h[i]``; ``sums[segments[i]] += h[i]`` and
     ``counts[segments[i]] += 1`` for rows with ``segments[i] >= 0``. Computes in fp32, or in float64 when
     ``h`` is float64 (the tests' oracle).
     """
     acc = torch.promote_types(h.dtype, torch.float32)
     x = h.to(acc)
-    if table is not None or ablate is not None:
+    if corrections is not None:
+        corrections.zero_()
+    if table is not None or ablate is not None or clamp is not None:
         if slots is not None:  # out-of-range slots (< -1, or past the table) leave their row untouched
-            bad = (slots < -1) | (slots >= table.shape[0]) if table is not None else slots < -1
+            rows = table.shape[0] if table is not None else (bounds.shape[0] if bounds is not None else None)
+            bad = (slots < -1) | (slots >= rows) if rows is not None else slots < -1
             active = (slots >= 0) & ~bad
             _report(errors, bad, SLOT_OUT_OF_RANGE)
         else:
@@ -48,6 +56,15 @@ def steer_project_reference(
         if ablate is not None:
             u = ablate.to(acc)
             x = torch.where(active[:, None], x - (x @ u.T) @ u, x)
+        if clamp is not None:
+            rows_bounds = bounds[torch.where(active, slots, 0)] if slots is not None else bounds[0].expand(
+                x.shape[0], *bounds.shape[1:])
+            clamped, corr = clamp_rows(x, clamp.to(acc), rows_bounds.to(acc),
+                                       center.to(acc) if center is not None else None, relative_bounds)
+            x = torch.where(active[:, None], clamped, x)
+            corr = torch.where(active[:, None], corr, 0.0)
+            if corrections is not None:
+                corrections.copy_(corr)
         h.copy_(x)
         x = h.to(acc)  # project what is stored, after rounding to h's dtype
     centered = x - center.to(acc) if center is not None else x
@@ -61,6 +78,39 @@ def steer_project_reference(
         keep = (segments >= 0) & ~bad
         sums.index_add_(0, segments[keep], x[keep].to(sums.dtype))
         counts.index_add_(0, segments[keep], torch.ones_like(segments[keep], dtype=counts.dtype))
+
+
+def cosine_bound(bound: torch.Tensor, orthogonal_sq: torch.Tensor) -> torch.Tensor:
+    """The projection whose cosine with a unit direction is ``bound`` for a row whose part orthogonal to the direction
+    has squared norm ``orthogonal_sq``: ``b·r / sqrt(1 - b²)`` (cosine = p / sqrt(r² + p²) rises with p), and ±inf
+    for |b| >= 1 (no bound on that side)."""
+    r = orthogonal_sq.clamp_min(0).sqrt()
+    inside = bound.abs() < 1
+    safe = torch.where(inside, bound, torch.zeros_like(bound))
+    return torch.where(inside, safe * r / (1 - safe * safe).sqrt(), torch.where(bound > 0, torch.inf, -torch.inf))
+
+
+def clamp_rows(x: torch.Tensor, clamp: torch.Tensor, bounds: torch.Tensor, center: torch.Tensor | None,
+               relative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regulate rows ``x`` (N, d) along unit directions ``clamp`` (C, d), one direction after the other, in order:
+    ``p = (x - center)·u_c``; ``x -= (p - min(max(p, lo), hi)) u_c`` with ``lo, hi = bounds[:, c]`` ((N, C, 2));
+    with ``relative`` the bounds are cosines, turned into projections for each row (:func:`cosine_bound`), so the
+    row's cosine with u_c ends within [lo, hi]. Returns (x, corrections (N, C): p - clamped p, 0 within bounds).
+    Directions need not be orthogonal: a later one sees the rows as the earlier ones left them."""
+    x = x.clone()
+    corrections = torch.zeros(x.shape[0], clamp.shape[0], dtype=x.dtype, device=x.device)
+    for c in range(clamp.shape[0]):
+        u = clamp[c]
+        y = x - center if center is not None else x
+        p = y @ u
+        lo, hi = bounds[:, c, 0], bounds[:, c, 1]
+        if relative:
+            orthogonal = (y * y).sum(1) - p * p
+            lo, hi = cosine_bound(lo, orthogonal), cosine_bound(hi, orthogonal)
+        delta = p - torch.minimum(torch.maximum(p, lo), hi)
+        x = torch.where((delta != 0)[:, None], x - delta[:, None] * u, x)  # rows within bounds stay bit-identical
+        corrections[:, c] = delta
+    return x, corrections
 
 
 def _report(errors: torch.Tensor | None, bad: torch.Tensor, bit: int) -> None:

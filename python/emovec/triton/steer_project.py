@@ -4,6 +4,10 @@ Contract: see :func:`emovec.ops.steer_project` (reference: :mod:`emovec.referenc
 ``BLOCK_N`` rows and walks the hidden dimension in ``BLOCK_D`` chunks:
 
   pass 1 (ablation only):  coef[r, a] = (h[r] + table[slot[r]]) · u_a
+  pass 1b (regulation only): dots[r, c] = (x0[r] - center) · w_c and ‖x0[r] - center‖² on the steered, ablated
+           rows x0; then, direction after direction, p_c = dots[r, c] - Σ_{c' < c} δ[r, c'] (w_c'·w_c) (the
+           projection after the earlier corrections, with the Gram matrix of the directions), δ[r, c] =
+           p_c - clamp(p_c, lo, hi); pass 2 subtracts Σ_c δ[r, c] w_c
   pass 2:  x = h + table[slot] - coef @ u;  h = round(x);  norms, capture and the first probe tile of
            scores[r, k] = (h[r] - center) · probes[k] accumulate from the same chunk (tl.dot for large N)
   pass 3:  the remaining probe tiles re-read the freshly written rows (L2-resident).
@@ -39,11 +43,22 @@ def _probe_tile_dot(x, probes_ptr, k_offsets, cols, K, D, col_mask, h_dtype: tl.
 
 
 @triton.jit
+def _cosine_bound(b, r2):
+    """A cosine bound as a projection for rows whose orthogonal part has squared norm r2 (±inf for |b| >= 1)."""
+    inside = tl.abs(b) < 1.0
+    safe = tl.where(inside, b, 0.0)
+    value = safe * tl.sqrt(tl.maximum(r2, 0.0)) / tl.sqrt(1.0 - safe * safe)
+    return tl.where(inside, value, tl.where(b > 0, float("inf"), float("-inf")))
+
+
+@triton.jit
 def _steer_project_kernel(
     h_ptr, h_row_stride, slots_ptr, table_ptr, ablate_ptr, probes_ptr, center_ptr,
     scores_ptr, norms_ptr, segments_ptr, sums_ptr, counts_ptr, errors_ptr,
-    N, D, K, A, R, S,
-    HAS_ERRORS: tl.constexpr,
+    clamp_ptr, gram_ptr, bounds_ptr, corrections_ptr,
+    N, D, K, A, R, S, C,
+    HAS_ERRORS: tl.constexpr, HAS_CLAMP: tl.constexpr, RELATIVE_BOUNDS: tl.constexpr, HAS_CORRECTIONS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_ABLATE: tl.constexpr, HAS_CENTER: tl.constexpr,
     HAS_SCORES: tl.constexpr, HAS_NORMS: tl.constexpr, HAS_CAPTURE: tl.constexpr,
     USE_DOT: tl.constexpr,  # constexpr so the tl.dot / broadcast-sum branches are compiled out
@@ -58,7 +73,7 @@ def _steer_project_kernel(
     if HAS_SLOTS:
         slot = tl.load(slots_ptr + rows, mask=row_mask, other=-1)
         bad_slot = (slot < -1) & row_mask  # out of range: row untouched, reported
-        if HAS_TABLE:
+        if HAS_TABLE or HAS_CLAMP:
             bad_slot = bad_slot | ((slot >= R) & row_mask)
         active = (slot >= 0) & row_mask & (bad_slot == 0)
         slot = tl.where(active, slot, 0)
@@ -67,7 +82,7 @@ def _steer_project_kernel(
     else:
         slot = tl.zeros([BLOCK_N], dtype=tl.int64)
         active = row_mask
-    EDITS: tl.constexpr = HAS_TABLE or HAS_ABLATE
+    EDITS: tl.constexpr = HAS_TABLE or HAS_ABLATE or HAS_CLAMP
     h_rows = h_ptr + rows[:, None] * h_row_stride
     a_offsets = tl.arange(0, BLOCK_A)
 
@@ -84,6 +99,46 @@ def _steer_project_kernel(
             u = tl.load(ablate_ptr + a_offsets[:, None] * D + cols[None, :], mask=(a_offsets[:, None] < A) & col_mask[None, :], other=0.0).to(tl.float32)
             coef += tl.sum(x[:, None, :] * u[None, :, :], axis=2)
         coef = tl.where(active[:, None], coef, 0.0)
+
+    # pass 1b: regulation, the corrections δ of every direction, in order
+    c_offsets = tl.arange(0, BLOCK_C)
+    delta = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    if HAS_CLAMP:
+        dots = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        n2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            x = tl.load(h_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+            if HAS_TABLE:
+                x += tl.load(table_ptr + slot[:, None] * D + cols[None, :], mask=active[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+            if HAS_ABLATE:
+                u = tl.load(ablate_ptr + a_offsets[:, None] * D + cols[None, :], mask=(a_offsets[:, None] < A) & col_mask[None, :], other=0.0).to(tl.float32)
+                x -= tl.sum(coef[:, :, None] * u[None, :, :], axis=1)
+            if HAS_CENTER:
+                x -= tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            w = tl.load(clamp_ptr + c_offsets[:, None] * D + cols[None, :], mask=(c_offsets[:, None] < C) & col_mask[None, :], other=0.0).to(tl.float32)
+            dots += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+            n2 += tl.sum(x * x, axis=1)
+        bound_rows = bounds_ptr + slot * C * 2
+        for c in range(0, C):
+            chosen = c_offsets == c
+            gram_col = tl.load(gram_ptr + c_offsets * C + c, mask=c_offsets < C, other=0.0)  # w_c'·w_c
+            uu = tl.sum(tl.where(chosen, gram_col, 0.0), axis=0)
+            p = tl.sum(tl.where(chosen[None, :], dots, 0.0), axis=1) - tl.sum(delta * gram_col[None, :], axis=1)
+            lo = tl.load(bound_rows + c * 2, mask=active, other=float("-inf"))
+            hi = tl.load(bound_rows + c * 2 + 1, mask=active, other=float("inf"))
+            if RELATIVE_BOUNDS:
+                lo = _cosine_bound(lo, n2 - p * p)
+                hi = _cosine_bound(hi, n2 - p * p)
+            step = p - tl.minimum(tl.maximum(p, lo), hi)
+            step = tl.where(active, step, 0.0)
+            delta = tl.where(chosen[None, :], step[:, None], delta)
+            n2 += step * step * uu - 2.0 * step * p
+        if HAS_CORRECTIONS:
+            tl.store(corrections_ptr + rows[:, None] * C + c_offsets[None, :], delta,
+                     mask=row_mask[:, None] & (c_offsets[None, :] < C))
+    changed = tl.sum((delta != 0.0).to(tl.int32), axis=1) > 0
 
     # pass 2: edit, store, norms, capture and the first probe tile of scores
     if HAS_CAPTURE:
@@ -108,6 +163,9 @@ def _steer_project_kernel(
                 if HAS_ABLATE:
                     u = tl.load(ablate_ptr + a_offsets[:, None] * D + cols[None, :], mask=(a_offsets[:, None] < A) & col_mask[None, :], other=0.0).to(tl.float32)
                     x -= tl.sum(coef[:, :, None] * u[None, :, :], axis=1)
+                if HAS_CLAMP:  # rows within every bound are left bit-identical
+                    w = tl.load(clamp_ptr + c_offsets[:, None] * D + cols[None, :], mask=(c_offsets[:, None] < C) & col_mask[None, :], other=0.0).to(tl.float32)
+                    x = tl.where(changed[:, None], x - tl.sum(delta[:, :, None] * w[None, :, :], axis=1), x)
                 stored = x.to(h_ptr.dtype.element_ty)
                 tl.store(h_rows + cols[None, :], stored, mask=active[:, None] & col_mask[None, :])
                 x = tl.where(active[:, None], stored.to(tl.float32), x)
@@ -143,15 +201,18 @@ def _steer_project_kernel(
 
 
 def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts,
-                         errors=None) -> None:
+                         errors=None, clamp=None, bounds=None, relative_bounds=False, corrections=None) -> None:
     """Launch the Triton kernel on validated arguments (see :func:`emovec.ops.steer_project`)."""
     n, d = h.shape
     if n == 0:
         return
     k = probes.shape[0] if probes is not None else 0
     a = ablate.shape[0] if ablate is not None else 0
-    edits = table is not None or ablate is not None
+    c = clamp.shape[0] if clamp is not None else 0
+    edits = table is not None or ablate is not None or clamp is not None
     block_a = max(1, triton.next_power_of_2(a))
+    block_c = max(1, triton.next_power_of_2(c))
+    gram = (clamp.float() @ clamp.float().T).contiguous() if clamp is not None else None
     # tl.dot needs tiles of at least 16; under the interpreter it is exact only in fp32 (see DESIGN.md)
     use_dot = n > SMALL_N and k > 0
     # the broadcast-sum path holds BLOCK_N x BLOCK_K x BLOCK_D products in registers: keep BLOCK_D small there
@@ -160,6 +221,8 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
     flags = dict(
         HAS_SLOTS=slots is not None, HAS_TABLE=table is not None, HAS_ABLATE=ablate is not None,
         HAS_CENTER=center is not None, HAS_ERRORS=errors is not None, DOT_IEEE=dot_ieee, BLOCK_D=block_d, BLOCK_A=block_a,
+        HAS_CLAMP=clamp is not None, RELATIVE_BOUNDS=bool(relative_bounds), HAS_CORRECTIONS=corrections is not None,
+        BLOCK_C=block_c,
     )
     # absent tensors are passed as h: never dereferenced, the matching HAS_* flag is False
     pointers = [
@@ -170,38 +233,41 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
         scores if scores is not None else h, norms if norms is not None else h,
         segments if segments is not None else h, sums if sums is not None else h, counts if counts is not None else h,
         errors if errors is not None else h,
+        clamp if clamp is not None else h, gram if gram is not None else h, bounds if bounds is not None else h,
+        corrections if corrections is not None else h,
     ]
-    sizes = (table.shape[0] if table is not None else 0, sums.shape[0] if sums is not None else 0)
+    slot_rows = table.shape[0] if table is not None else (bounds.shape[0] if bounds is not None else 0)
+    sizes = (slot_rows, sums.shape[0] if sums is not None else 0)
     if use_dot:
         block_k = min(128 if h.dtype == torch.float32 else 256, max(16, triton.next_power_of_2(k)))
         block_n = 64 if block_k <= 64 else 32
-        if a:  # the ablation products are BLOCK_N x BLOCK_A x BLOCK_D in registers: keep them under 16K
-            flags["BLOCK_D"] = max(16, min(block_d, 16384 // (block_n * block_a)))
+        if a or c:  # ablation/clamp products are BLOCK_N x BLOCK_A (C) x BLOCK_D in registers: keep them under 16K
+            flags["BLOCK_D"] = max(16, min(block_d, 16384 // (block_n * max(block_a, block_c))))
         grid = (triton.cdiv(n, block_n), 1)
         _steer_project_kernel[grid](
-            *pointers, *outputs, n, d, k, a, *sizes,
+            *pointers, *outputs, n, d, k, a, *sizes, c,
             HAS_SCORES=scores is not None, HAS_NORMS=norms is not None, HAS_CAPTURE=sums is not None,
             USE_DOT=True, BLOCK_N=block_n, BLOCK_K=block_k, **flags,
         )
         return
     block_n = max(1, min(SMALL_N, triton.next_power_of_2(n)))
     block_k = max(1, min(32, triton.next_power_of_2(max(k, 1))))
-    if a:
-        flags["BLOCK_D"] = max(1, min(block_d, 16384 // (block_n * block_a)))
+    if a or c:
+        flags["BLOCK_D"] = max(1, min(block_d, 16384 // (block_n * max(block_a, block_c))))
     project_now = scores is not None and not edits
     if edits or norms is not None or sums is not None or project_now:
         # a probe-tile grid only when no program would capture twice
         probe_tiles = triton.cdiv(k, block_k) if project_now and sums is None else 1
         _steer_project_kernel[(triton.cdiv(n, block_n), probe_tiles)](
-            *pointers, *outputs, n, d, k, a, *sizes,
+            *pointers, *outputs, n, d, k, a, *sizes, c,
             HAS_SCORES=project_now, HAS_NORMS=norms is not None, HAS_CAPTURE=sums is not None,
             USE_DOT=False, BLOCK_N=block_n, BLOCK_K=block_k, **flags,
         )
     if scores is not None and not project_now:
         # edits are done and stored: project the rows on a (row tile x probe tile) grid, nothing else
-        flags.update(HAS_SLOTS=False, HAS_TABLE=False, HAS_ABLATE=False)
+        flags.update(HAS_SLOTS=False, HAS_TABLE=False, HAS_ABLATE=False, HAS_CLAMP=False, HAS_CORRECTIONS=False)
         _steer_project_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-            *pointers, *outputs, n, d, k, a, *sizes,
+            *pointers, *outputs, n, d, k, a, *sizes, c,
             HAS_SCORES=True, HAS_NORMS=False, HAS_CAPTURE=False,
             USE_DOT=False, BLOCK_N=block_n, BLOCK_K=block_k, **flags,
         )
