@@ -2,7 +2,7 @@
 
 from emovec._ext import has_cpp_library
 from emovec.ops import BackendUnavailable, SteerProjectResult, backend_status, steer_project
-from emovec.runtime import MonitorResult, measure_mean_norms, monitor, steer
+from emovec.runtime import MonitorResult, RegulationResult, measure_mean_norms, monitor, regulate, steer
 from emovec.vectors import VectorFileError, VectorSet
 
 __version__ = "0.1.0"
@@ -19,6 +19,8 @@ __all__ = [
     "VectorSet",
     "measure_mean_norms",
     "monitor",
+    "regulate",
+    "RegulationResult",
     "steer",
     "load_model",
     "extract",

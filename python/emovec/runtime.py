@@ -413,27 +413,13 @@ def steering_vector(vectors: VectorSet, recipe: Recipe, layer: int, *, relative:
     return total
 
 
-class Steer(_LayerRuntime):
-    """Context that adds vectors to the residual stream, per sequence and per position."""
+class _PerSequence(_LayerRuntime):
+    """Shared by steer and regulate: one spec (a dict, or None) per sequence or one for all, and the positions
+    they apply to; each step turns them into the op's per-row slots (-1: row untouched), on the device."""
 
-    order = 0
-
-    def __init__(self, model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], layers=None, *,
-                 positions: str | Sequence[tuple[int, int]] = "all", relative: bool | None = None,
-                 raw: bool = False, layer_modules=None, backend: str | None = None,
-                 positions_from_mask: bool = True) -> None:
-        super().__init__(model, vectors, layers, layer_modules, backend, positions_from_mask)
-        self.recipes = [recipe] if isinstance(recipe, dict) else list(recipe)
-        self.per_sequence = not isinstance(recipe, dict)
-        for r in self.recipes:
-            if r is None:
-                continue
-            if not isinstance(r, dict):
-                raise TypeError(f"a steering recipe is a dict of name -> strength (e.g. {{'calm': 0.05}}), got {r!r}")
-            for name, strength in r.items():
-                vectors.index(name)
-                if not isinstance(strength, (int, float)):
-                    raise TypeError(f"strength of {name!r} must be a number, got {strength!r}")
+    def _init_specs(self, spec, positions) -> None:
+        self.recipes = [spec] if isinstance(spec, dict) else list(spec)
+        self.per_sequence = not isinstance(spec, dict)
         if isinstance(positions, str):
             if positions not in ("all", "prompt", "generated"):
                 raise ValueError(f"positions must be 'all', 'prompt', 'generated' or a list of (start, end) spans, "
@@ -456,6 +442,85 @@ class Steer(_LayerRuntime):
             self._spans = spans
             self._spans_per_sequence = per_sequence
         self.positions = positions
+
+    def _init_steps(self) -> None:
+        distinct = [r for r in self.recipes if r is not None]
+        self._recipe_ids = [None if r is None else distinct.index(r) for r in self.recipes]
+        self._first_width = None
+        self._real_count = None
+        self.slots = None
+        self._slots_on: dict[torch.device, torch.Tensor] = {}
+        self._recipe_tensors: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def begin_step(self, step: _Step) -> None:
+        device = step.input_ids.device if step.input_ids is not None else next(self.model.parameters()).device
+        batch, length = step.batch, step.length
+        if self.per_sequence and len(self._recipe_ids) != batch:
+            raise ValueError(f"{len(self._recipe_ids)} {self.what} were given for a batch of {batch} sequences; "
+                             "give one (or None) per sequence, or a single dict for all")
+        recipe_id = self._recipe_tensor(batch, device)
+        real = step.real if step.real is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        if step.past == 0 or self._first_width is None:
+            self._first_width = length
+            self._real_count = torch.zeros(batch, dtype=torch.long, device=device)
+        columns = torch.arange(step.past, step.past + length, device=device)
+        if self.positions == "all":
+            chosen = real
+        elif self.positions == "prompt":
+            chosen = real & (columns < self._first_width)[None, :]
+        elif self.positions == "generated":
+            chosen = real & (columns >= self._first_width)[None, :]
+        else:
+            if self._spans_per_sequence and self._spans.shape[0] != batch:
+                raise ValueError(f"{self._spans.shape[0]} lists of position spans were given for a batch of {batch} "
+                                 "sequences; give one list per sequence")
+            position = self._real_count[:, None] + real.long().cumsum(1) - 1
+            spans = self._spans.to(device)
+            start, end = spans[:, None, :, 0], spans[:, None, :, 1]  # (B or 1, 1, S)
+            inside = ((position[:, :, None] >= start) & (position[:, :, None] < end)).any(-1)
+            chosen = real & inside
+        self._real_count = self._real_count + real.long().sum(1)
+        self.slots = torch.where(chosen, recipe_id[:, None], -1).reshape(-1)
+        self._slots_on = {self.slots.device: self.slots}
+
+    def _recipe_tensor(self, batch: int, device) -> torch.Tensor:
+        """The spec index of each sequence (-1: none), built once per batch size and device (no per-step copy)."""
+        key = (batch, device)
+        if key not in self._recipe_tensors:
+            ids = self._recipe_ids if self.per_sequence else self._recipe_ids * batch
+            self._recipe_tensors[key] = torch.tensor([-1 if i is None else i for i in ids], device=device)
+        return self._recipe_tensors[key]
+
+    def _slots(self, device) -> torch.Tensor:
+        slots = self._slots_on.get(device)
+        if slots is None:  # a model split across devices: one copy per device per step
+            slots = self._slots_on[device] = self.slots.to(device)
+        return slots
+
+
+class Steer(_PerSequence):
+    """Context that adds vectors to the residual stream, per sequence and per position."""
+
+    order = 0
+    what = "steering recipes"
+
+    def __init__(self, model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], layers=None, *,
+                 positions: str | Sequence[tuple[int, int]] = "all", relative: bool | None = None,
+                 raw: bool = False, layer_modules=None, backend: str | None = None,
+                 positions_from_mask: bool = True) -> None:
+        super().__init__(model, vectors, layers, layer_modules, backend, positions_from_mask)
+        if not isinstance(recipe, (dict, list, tuple)):
+            raise TypeError(f"a steering recipe is a dict of name -> strength (e.g. {{'calm': 0.05}}), got {recipe!r}")
+        for r in [recipe] if isinstance(recipe, dict) else list(recipe):
+            if r is None:
+                continue
+            if not isinstance(r, dict):
+                raise TypeError(f"a steering recipe is a dict of name -> strength (e.g. {{'calm': 0.05}}), got {r!r}")
+            for name, strength in r.items():
+                vectors.index(name)
+                if not isinstance(strength, (int, float)):
+                    raise TypeError(f"strength of {name!r} must be a number, got {strength!r}")
+        self._init_specs(recipe, positions)
         if raw and relative:
             raise ValueError("raw=True multiplies the stored vectors as they are (their size is part of them); it "
                              "cannot be combined with relative=True")
@@ -493,19 +558,14 @@ class Steer(_LayerRuntime):
                                       "into repetition or nonsense (the research stayed within 0.5)", stacklevel=3)
 
     def enter(self) -> None:
+        self._init_steps()
         distinct = [r for r in self.recipes if r is not None]
-        self._recipe_ids = [None if r is None else distinct.index(r) for r in self.recipes]
         tables = []
         for layer in self.layer_indices:
             rows = [steering_vector(self.vectors, r, layer, relative=self.relative, raw=self.raw) for r in distinct]
             tables.append(torch.stack(rows) if rows else torch.zeros(1, self.vectors.hidden_size))
         self._tables_cpu = tables
         self._tables: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-        self._first_width = None
-        self._real_count = None
-        self.slots = None
-        self._slots_on: dict[torch.device, torch.Tensor] = {}
-        self._recipe_tensors: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def _table(self, position: int, device, dtype) -> torch.Tensor:
         key = (position, device, dtype)
@@ -513,50 +573,8 @@ class Steer(_LayerRuntime):
             self._tables[key] = self._tables_cpu[position].to(device=device, dtype=dtype).contiguous()
         return self._tables[key]
 
-    def begin_step(self, step: _Step) -> None:
-        device = step.input_ids.device if step.input_ids is not None else next(self.model.parameters()).device
-        batch, length = step.batch, step.length
-        if self.per_sequence and len(self._recipe_ids) != batch:
-            raise ValueError(f"{len(self._recipe_ids)} steering recipes were given for a batch of {batch} sequences; "
-                             "give one recipe (or None) per sequence, or a single dict for all")
-        recipe_id = self._recipe_tensor(batch, device)
-        real = step.real if step.real is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
-        if step.past == 0 or self._first_width is None:
-            self._first_width = length
-            self._real_count = torch.zeros(batch, dtype=torch.long, device=device)
-        columns = torch.arange(step.past, step.past + length, device=device)
-        if self.positions == "all":
-            chosen = real
-        elif self.positions == "prompt":
-            chosen = real & (columns < self._first_width)[None, :]
-        elif self.positions == "generated":
-            chosen = real & (columns >= self._first_width)[None, :]
-        else:
-            if self._spans_per_sequence and self._spans.shape[0] != batch:
-                raise ValueError(f"{self._spans.shape[0]} lists of position spans were given for a batch of {batch} "
-                                 "sequences; give one list per sequence")
-            position = self._real_count[:, None] + real.long().cumsum(1) - 1
-            spans = self._spans.to(device)
-            start, end = spans[:, None, :, 0], spans[:, None, :, 1]  # (B or 1, 1, S)
-            inside = ((position[:, :, None] >= start) & (position[:, :, None] < end)).any(-1)
-            chosen = real & inside
-        self._real_count = self._real_count + real.long().sum(1)
-        self.slots = torch.where(chosen, recipe_id[:, None], -1).reshape(-1)
-        self._slots_on = {self.slots.device: self.slots}
-
-    def _recipe_tensor(self, batch: int, device) -> torch.Tensor:
-        """The recipe index of each sequence (-1: none), built once per batch size and device (no per-step copy)."""
-        key = (batch, device)
-        if key not in self._recipe_tensors:
-            ids = self._recipe_ids if self.per_sequence else self._recipe_ids * batch
-            self._recipe_tensors[key] = torch.tensor([-1 if i is None else i for i in ids], device=device)
-        return self._recipe_tensors[key]
-
     def apply(self, position: int, flat: torch.Tensor) -> None:
-        slots = self._slots_on.get(flat.device)
-        if slots is None:  # a model split across devices: one copy per device per step
-            slots = self._slots_on[flat.device] = self.slots.to(flat.device)
-        steer_project(flat, slots=slots, table=self._table(position, flat.device, flat.dtype),
+        steer_project(flat, slots=self._slots(flat.device), table=self._table(position, flat.device, flat.dtype),
                       compute_norms=False, backend=self.backend, validate=False, errors=self.error_flag(flat.device))
 
 
@@ -572,6 +590,170 @@ def steer(model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], l
     Padding rows are never touched.
     """
     return Steer(model, vectors, recipe, layers, **kwargs)
+
+
+# ===================================================================================== regulate
+
+
+Bounds = dict[str, tuple[float | None, float | None]]
+
+
+@dataclass
+class RegulationResult:
+    """Per-token corrections made by :func:`regulate`.
+
+    corrections : (B, T, L, C) fp32, ``p - clamped p`` of each bound's direction at each regulated layer (projection
+        units, on the residual stream as steering left it): > 0 where a cap pulled the reading down, < 0 where a
+        floor pushed it up, 0 within bounds, at untouched positions and at padding.
+    mask : (B, T) bool, True at real tokens.
+    """
+
+    names: list[str]
+    layers: list[int]
+    corrections: torch.Tensor
+    mask: torch.Tensor
+
+    def share_corrected(self) -> dict[str, float]:
+        """Per name, the share of real (token, layer) readings that a bound had to correct."""
+        real = self.mask[:, :, None].expand(*self.corrections.shape[:3])
+        total = max(int(real.sum()), 1)
+        return {name: float((self.corrections[..., c] != 0)[real].sum()) / total for c, name in enumerate(self.names)}
+
+
+def _parse_bounds(spec: Any, vectors: VectorSet, relative: bool) -> Bounds:
+    if not isinstance(spec, dict) or not spec:
+        raise TypeError(f"bounds are a dict of name -> (lower, upper), e.g. {{'desperate': (None, 0.02)}}, got {spec!r}")
+    out: Bounds = {}
+    for name, pair in spec.items():
+        vectors.index(name)
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"the bounds of {name!r} must be a (lower, upper) pair, None for no bound on a side, "
+                            f"e.g. (None, 0.02); got {pair!r}")
+        lo, hi = (None if v is None else float(v) for v in pair)
+        for v in (lo, hi):
+            if v is not None and math.isnan(v):
+                raise ValueError(f"a bound of {name!r} is NaN; use None for no bound")
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"the lower bound of {name!r} ({lo:g}) is above its upper bound ({hi:g})")
+        if relative and ((lo is not None and lo >= 1) or (hi is not None and hi <= -1)):
+            raise ValueError(f"the bounds of {name!r} are cosines (relative=True): a floor must be below 1 and a cap "
+                             "above -1")
+        out[name] = (lo, hi)
+    return out
+
+
+class Regulate(_PerSequence):
+    """Context that holds each named concept's reading within bounds, per token, inside the forward pass."""
+
+    order = 0.5  # after steering (0), before monitoring (1): the monitor reads the regulated stream
+    what = "bound sets"
+
+    def __init__(self, model, vectors: VectorSet, bounds: Bounds | Sequence[Bounds | None], layers=None, *,
+                 positions: str | Sequence[tuple[int, int]] = "all", relative: bool = True, record: bool = True,
+                 layer_modules=None, backend: str | None = None, positions_from_mask: bool = True) -> None:
+        super().__init__(model, vectors, layers, layer_modules, backend, positions_from_mask)
+        specs = [bounds] if isinstance(bounds, dict) else list(bounds) if isinstance(bounds, (list, tuple)) else None
+        if specs is None:
+            raise TypeError(f"bounds are a dict of name -> (lower, upper), or a list with one such dict (or None) per "
+                            f"sequence; got {bounds!r}")
+        parsed = [None if b is None else _parse_bounds(b, vectors, relative) for b in specs]
+        self._init_specs(parsed[0] if isinstance(bounds, dict) else parsed, positions)
+        names: list[str] = []
+        for b in parsed:
+            for name in b or {}:
+                if name not in names:
+                    names.append(name)
+        if not names:
+            raise ValueError("no bounds were given: name at least one concept, e.g. {'desperate': (None, 0.02)}")
+        self.names = names
+        self.relative = bool(relative)
+        self.record = record
+
+    def enter(self) -> None:
+        self._init_steps()
+        distinct = [r for r in self.recipes if r is not None]
+        unit = self.vectors.unit
+        index = [self.vectors.index(n) for n in self.names]
+        self._clamp_cpu = [unit[self.vectors.slice_of(layer)][index].contiguous() for layer in self.layer_indices]
+        rows = [[(-math.inf if r.get(n, (None, None))[0] is None else r[n][0],
+                  math.inf if r.get(n, (None, None))[1] is None else r[n][1]) for n in self.names] for r in distinct]
+        self._bounds_cpu = torch.tensor(rows, dtype=torch.float32)
+        self._on: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+        self.corrections = self.real = None
+        self._capacity = self._width = 0
+        self._scratch: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _tensor(self, kind: str, position: int, device) -> torch.Tensor:
+        key = (kind, position, device)
+        if key not in self._on:
+            source = self._clamp_cpu[position] if kind == "clamp" else self._bounds_cpu
+            self._on[key] = source.to(device).contiguous()
+        return self._on[key]
+
+    def begin_step(self, step: _Step) -> None:
+        super().begin_step(step)
+        if not self.record:
+            return
+        device = self.slots.device
+        L, C = len(self.layer_indices), len(self.names)
+        end = step.past + step.length
+        if step.past == 0 or self.corrections is None or self.corrections.shape[0] != step.batch:
+            self._capacity = 0
+        if end > self._capacity:
+            capacity = max(end, 2 * self._capacity, 64)
+            old = (self.corrections, self.real, self._capacity)
+            self.corrections = torch.zeros(step.batch, capacity, L, C, device=device)
+            self.real = torch.zeros(step.batch, capacity, dtype=torch.bool, device=device)
+            if old[2]:
+                self.corrections[:, : old[2]] = old[0][:, : old[2]]
+                self.real[:, : old[2]] = old[1][:, : old[2]]
+            self._capacity = capacity
+        self.real[:, step.past:end] = step.real if step.real is not None else True
+        self._width = end
+
+    def apply(self, position: int, flat: torch.Tensor) -> None:
+        corrections = None
+        if self.record:
+            key = (flat.shape[0], flat.device)
+            if key not in self._scratch:
+                self._scratch[key] = torch.empty(flat.shape[0], len(self.names), device=flat.device)
+            corrections = self._scratch[key]
+        steer_project(flat, slots=self._slots(flat.device), clamp=self._tensor("clamp", position, flat.device),
+                      bounds=self._tensor("bounds", 0, flat.device), relative_bounds=self.relative,
+                      corrections=corrections, compute_norms=False, backend=self.backend, validate=False,
+                      errors=self.error_flag(flat.device))
+        if corrections is not None:
+            step = self.step
+            self.corrections[:, step.past: step.past + step.length, position] = corrections.view(
+                step.batch, step.length, -1)
+
+    def result(self) -> RegulationResult:
+        """The corrections recorded so far (copied to the CPU)."""
+        if self.corrections is None:
+            raise RuntimeError("nothing was recorded: run the model inside the `with emovec.regulate(...)` block "
+                               "(with record=True)")
+        w = self._width
+        mask = self.real[:, :w].cpu()
+        return RegulationResult(list(self.names), list(self.layer_indices),
+                                torch.where(mask[:, :, None, None], self.corrections[:, :w].cpu(), 0.0), mask)
+
+
+def regulate(model, vectors: VectorSet, bounds: Bounds | Sequence[Bounds | None], layers=None, **kwargs) -> Regulate:
+    """Hold concepts' readings within bounds, per token, while the context is active.
+
+    ``bounds`` is ``{"desperate": (None, 0.02), "calm": (0.0, None)}`` (None: no bound on that side) for every
+    sequence, or a list with one such dict (or None: unregulated) per sequence. With ``relative=True`` (default) the
+    bounds are cosines of the residual stream with the concept's unit vector (the monitor's ``cosine`` reading at
+    that layer), met exactly; with ``relative=False`` they are projections ``h · unit vector``. At each chosen layer
+    and position, after any steering, each bound is applied in the order the names first appear: a token whose
+    reading is out of bounds is moved along the concept's direction just onto the bound; a token within bounds is
+    left bit-identical. ``positions`` as for :func:`steer`; padding is never touched. ``result()`` gives per-token
+    corrections (``record=False`` skips recording).
+
+    >>> with emovec.regulate(model, vectors, {"desperate": (None, 0.02)}, layers=[15, 20]):
+    ...     model.generate(**inputs, max_new_tokens=40)
+    """
+    return Regulate(model, vectors, bounds, layers, **kwargs)
 
 
 @torch.no_grad()
