@@ -295,3 +295,63 @@ def test_chat_commands_and_eof(loaded, vector_file):
     assert "(conversation forgotten)" in out and "Traceback" not in result.output
     line = one_line_error(invoke("chat", "--vectors", str(vector_file), "--add", "nope=1", input="/quit\n"))
     assert "unknown concept 'nope'" in line
+
+
+# ================================================================================================ regulation
+
+
+def test_parse_cap_and_floor():
+    assert cli._parse_bounds(["desperate<=0.02", "afraid <= 0, sad=0.1"], ["calm>=0"]) == {
+        "calm": (0.0, None), "desperate": (None, 0.02), "afraid": (None, 0.0), "sad": (None, 0.1)}
+    assert cli._parse_bounds(["calm<=0.3"], ["calm>=-0.1"]) == {"calm": (-0.1, 0.3)}
+    for bad, flag in (("calm>=0.1", "--cap"), ("calm<=x", "--cap"), ("calm", "--cap")):
+        with pytest.raises(cli.UserError, match="bad"):
+            cli._parse_bounds([bad], [])
+    with pytest.raises(cli.UserError, match="--floor"):
+        cli._parse_bounds([], ["calm<=0"])
+    with pytest.raises(cli.UserError, match="twice"):
+        cli._parse_bounds(["calm<=0", "calm<=0.1"], [])
+
+
+@slow
+def test_monitor_with_a_cap_reads_at_most_the_cap(loaded, vector_file, tmp_path):
+    """The cap at the monitored layer: the JSON's cosines for that emotion never exceed it, and the note counts the
+    corrected readings; without the cap some tokens read above it."""
+    out = tmp_path / "m.json"
+    plain = invoke("monitor", "--vectors", str(vector_file), "--emotion", "sad", "--json", str(out), TEXT)
+    assert plain.exit_code == 0, plain.output
+    readings = [t["emotion"]["cosine"] if "emotion" in t else None for t in json.loads(out.read_text())["tokens"]]
+    mon = emovec.VectorSet.load(vector_file)
+    with torch.no_grad(), emovec.monitor(loaded.model, mon, [19]) as m:
+        loaded.model(**loaded.tokenizer(TEXT, return_tensors="pt"))
+    sad = m.result().cosine[0, :, 0, NAMES.index("sad")]
+    cap = float(sad.median())
+    result = invoke("monitor", "--vectors", str(vector_file), "--layer", "19", "--cap", f"sad<={cap}", "--json",
+                    str(out), TEXT)
+    assert result.exit_code == 0, result.output
+    assert "regulated sad <=" in result.stdout and "readings corrected" in result.stdout
+    with torch.no_grad(), emovec.regulate(loaded.model, mon, {"sad": (None, cap)}, [19]), \
+            emovec.monitor(loaded.model, mon, [19]) as m2:
+        loaded.model(**loaded.tokenizer(TEXT, return_tensors="pt"))
+    capped = m2.result().cosine[0, :, 0, NAMES.index("sad")]
+    assert (capped <= cap + 1e-5).all() and (sad > cap + 1e-4).any()
+    del readings
+
+
+@slow
+def test_steer_with_only_a_floor_and_chat_with_a_cap(loaded, vector_file, tmp_path):
+    out = tmp_path / "s.json"
+    result = invoke("steer", "--vectors", str(vector_file), "--floor", "calm>=0.5", "--max-new-tokens", "6",
+                    "--json", str(out), "The weather today is")
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["bounds"] == {"calm": [0.5, None]} and data["regulate_layers"] == [19]
+    assert data["plain"] != data["steered"] and "regulated calm >= 0.5 (cosine): calm: 9/9 readings" in result.stdout
+    result = invoke("chat", "--vectors", str(vector_file), "--max-new-tokens", "5", "--cap", "sad<=-0.5",
+                    input="Hi\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"regulated: sad \d+/\d+ tokens \(mean correction", result.stdout), result.stdout
+    line = one_line_error(invoke("steer", "--vectors", str(vector_file), "--cap", "sadd<=0.1", "hello"))
+    assert "unknown concept 'sadd'" in line
+    line = one_line_error(invoke("chat", "--vectors", str(vector_file), "--cap", "sad<=-2", input="/quit\n"))
+    assert "cosines" in line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import platform
@@ -281,6 +282,96 @@ def _describe_recipe(recipe: dict[str, float], absolute: bool) -> str:
     return f"{terms} ({'absolute' if absolute else 'relative'})" if recipe else "none"
 
 
+def _parse_bound_terms(items: Sequence[str], op: str) -> dict[str, float]:
+    """``["desperate<=0.02", "afraid<=0"]`` (op "<=") -> {"desperate": 0.02, "afraid": 0.0}; NAME=VALUE also works."""
+    out: dict[str, float] = {}
+    flag = "--cap" if op == "<=" else "--floor"
+    for item in items:
+        for term in (t.strip() for t in item.split(",") if t.strip()):
+            match = re.fullmatch(r"(.+?)\s*(<=|>=|=)\s*([^<>=]+)", term)
+            if not match or match.group(2) not in (op, "="):
+                raise UserError(f"bad {flag} {term!r}: write NAME{op}VALUE, e.g. {flag} "
+                                f"\"{'desperate<=0.02' if op == '<=' else 'calm>=0'}\"")
+            name, value = match.group(1).strip(), match.group(3).strip()
+            try:
+                bound = float(value)
+            except ValueError:
+                raise UserError(f"bad bound {value!r} in {term!r}: it must be a number (a cosine, e.g. 0.02)") from None
+            if not math.isfinite(bound):
+                raise UserError(f"bad bound {value!r} in {term!r}: it must be a finite number")
+            if name in out:
+                raise UserError(f"{flag} gives {name!r} twice; give each concept once")
+            out[name] = bound
+    return out
+
+
+def _parse_bounds(caps: Sequence[str], floors: Sequence[str]) -> dict[str, tuple[float | None, float | None]]:
+    """--cap / --floor terms as emovec.regulate bounds: {name: (floor or None, cap or None)}."""
+    upper, lower = _parse_bound_terms(caps, "<="), _parse_bound_terms(floors, ">=")
+    return {name: (lower.get(name), upper.get(name)) for name in list(dict.fromkeys([*lower, *upper]))}
+
+
+def _describe_bounds(bounds) -> str:
+    parts = []
+    for name, (lo, hi) in bounds.items():
+        if lo is not None and hi is not None:
+            parts.append(f"{lo:g} <= {name} <= {hi:g}")
+        elif hi is not None:
+            parts.append(f"{name} <= {hi:g}")
+        else:
+            parts.append(f"{name} >= {lo:g}")
+    return ", ".join(parts) + " (cosine)" if parts else "none"
+
+
+def _regulation_options(command):
+    """--cap, --floor and --regulate-layer for monitor, steer and chat."""
+    options = [
+        click.option("--cap", "caps", multiple=True, metavar="NAME<=COSINE",
+                     help='hold NAME\'s reading at or below COSINE on every token, e.g. "desperate<=0.02" (repeatable)'),
+        click.option("--floor", "floors", multiple=True, metavar="NAME>=COSINE",
+                     help='hold NAME\'s reading at or above COSINE on every token, e.g. "calm>=0" (repeatable)'),
+        click.option("--regulate-layer", "regulate_layer", default=None, metavar="SPEC",
+                     help="layer(s) where --cap/--floor apply (default: --layer)"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _check_bounds(model, vectors, bounds, layer, backend) -> None:
+    """Refuse bad --cap / --floor before any work (unknown names, floor above cap, cosines out of range)."""
+    import emovec
+
+    if bounds:
+        with _user_errors():
+            emovec.regulate(model, vectors, bounds, layer, backend=backend)
+
+
+def _regulation_note(result, bounds) -> str:
+    """One line: per bound, the share of the tokens it corrected and the largest correction."""
+    parts = []
+    real = result.mask[:, :, None].expand(*result.corrections.shape[:3])
+    for c, name in enumerate(result.names):
+        values = result.corrections[..., c][real]
+        hits = int((values != 0).sum())
+        biggest = float(values.abs().max()) if values.numel() else 0.0
+        parts.append(f"{name}: {hits}/{values.numel()} readings corrected"
+                     + (f" (largest {biggest:.3g})" if hits else ""))
+    return "regulated " + _describe_bounds(bounds) + ": " + "; ".join(parts)
+
+
+def _reply_regulation(result, start: int) -> str:
+    """Per bound, how many of the reply's tokens (from ``start``) it corrected, and the mean correction there."""
+    parts = []
+    reply = result.corrections[0, start:]  # (T, L, C)
+    for c, name in enumerate(result.names):
+        hit = (reply[..., c] != 0).any(-1)
+        size = reply[..., c].abs().amax(-1)[hit]
+        parts.append(f"{name} {int(hit.sum())}/{reply.shape[0]} tokens"
+                     + (f" (mean correction {float(size.mean()):.3g})" if int(hit.sum()) else ""))
+    return "; ".join(parts)
+
+
 def _generation_config(model, tokenizer, max_new_tokens: int):
     """The model's generation config, made greedy (sampling parameters cleared) with ``max_new_tokens``."""
     config = copy.deepcopy(model.generation_config)
@@ -336,8 +427,9 @@ def _quiet():
 @click.option("--truncate", is_flag=True, help="cut a text longer than the model's context (default: refuse it)")
 @click.option("--smooth", default=1, show_default=True, type=click.IntRange(min=1), metavar="TOKENS",
               help="moving average of the cosines over this many neighbouring tokens (1 = raw readings)")
+@_regulation_options
 def monitor(text: str, model_name, vectors_path, layer, backend, device, top, chat, emotion, html_path, json_path,
-            truncate, smooth) -> None:
+            truncate, smooth, caps, floors, regulate_layer) -> None:
     """Show, per token of TEXT ("-" reads stdin), the strongest emotions in the residual stream."""
     import json
 
@@ -347,6 +439,7 @@ def monitor(text: str, model_name, vectors_path, layer, backend, device, top, ch
     from emovec import render
 
     text = _read_text(text)
+    bounds = _parse_bounds(caps, floors)
     _check_outputs(html_path, json_path)
     loaded, vectors = _setup(model_name, vectors_path, device, backend)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -354,9 +447,14 @@ def monitor(text: str, model_name, vectors_path, layer, backend, device, top, ch
         if emotion is not None:
             vectors.index(emotion)
         context = emovec.monitor(model, vectors, layer, tokenizer=tokenizer, backend=backend)
+        regulation = (emovec.regulate(model, vectors, bounds, regulate_layer if regulate_layer else layer,
+                                      backend=backend) if bounds else None)
         encoded = _encode(tokenizer, text, chat=chat, generation_prompt=False, device=_device_of(model))
         encoded = _check_length(encoded, model, truncate)
-        with torch.no_grad(), context as mon:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if regulation is not None:
+                stack.enter_context(regulation)
+            mon = stack.enter_context(context)
             model(**encoded, use_cache=False)
     result = mon.result().smoothed(smooth)
     special = _special_flags(tokenizer, result.sequence(0)["token_ids"].tolist())
@@ -366,6 +464,11 @@ def monitor(text: str, model_name, vectors_path, layer, backend, device, top, ch
                + (f" (moving average over {smooth} tokens)" if smooth > 1 else ""))
     console = _console()
     console.print(render.monitor_table(result, top=top, emotion=emotion, special=special, title=summary))
+    if regulation is not None:
+        from rich.text import Text
+
+        console.print(Text(_regulation_note(regulation.result(), bounds)
+                           + f" at layer(s) {', '.join(map(str, regulation.layer_indices))}", style="dim"))
     if html_path is not None:
         page = render.monitor_html(result, emotion=emotion, top=max(top, 5), special=special,
                                    title="emovec monitor", subtitle=summary)
@@ -391,9 +494,10 @@ def monitor(text: str, model_name, vectors_path, layer, backend, device, top, ch
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="also write both generations as JSON")
 @click.option("--truncate", is_flag=True, help="cut a prompt longer than the model's context (default: refuse it)")
+@_regulation_options
 def steer(prompt: str, model_name, vectors_path, layer, backend, device, adds, absolute, positions, max_new_tokens,
-          chat, json_path, truncate) -> None:
-    """Generate from PROMPT greedily, plain and steered, and show both side by side."""
+          chat, json_path, truncate, caps, floors, regulate_layer) -> None:
+    """Generate from PROMPT greedily, plain and steered (and/or regulated with --cap/--floor), side by side."""
     import json
 
     import torch
@@ -402,8 +506,9 @@ def steer(prompt: str, model_name, vectors_path, layer, backend, device, adds, a
     from emovec import render
 
     recipe = _parse_recipe(adds)
-    if not recipe:
-        raise UserError("give at least one --add NAME=STRENGTH, e.g. --add calm=0.05")
+    bounds = _parse_bounds(caps, floors)
+    if not recipe and not bounds:
+        raise UserError("give at least one --add NAME=STRENGTH (e.g. --add calm=0.05) or a --cap/--floor")
     prompt = _read_text(prompt)
     _check_outputs(json_path)
     loaded, vectors = _setup(model_name, vectors_path, device, backend)
@@ -411,32 +516,50 @@ def steer(prompt: str, model_name, vectors_path, layer, backend, device, adds, a
     _check_recipe(recipe, vectors)
     _check_relative(recipe, vectors, absolute)
     config = _generation_config(model, tokenizer, max_new_tokens)
+    regulation = None
     with _user_errors():
-        # one batch of two copies of the prompt: the first unsteered, the second steered
+        # one batch of two copies of the prompt: the first plain, the second steered and/or regulated
         context = emovec.steer(model, vectors, [None, recipe], layer, positions=positions, relative=not absolute,
-                               backend=backend)
+                               backend=backend) if recipe else None
+        if bounds:
+            regulation = emovec.regulate(model, vectors, [None, bounds], regulate_layer if regulate_layer else layer,
+                                         positions=positions, backend=backend)
         encoded = _encode(tokenizer, prompt, chat=chat, generation_prompt=True, device=_device_of(model))
         encoded = _check_length(encoded, model, truncate)
         batch = {key: value.repeat(2, 1) for key, value in encoded.items()}
-        with torch.no_grad(), _quiet(), context:
+        with torch.no_grad(), _quiet(), contextlib.ExitStack() as stack:
+            for ctx in (context, regulation):
+                if ctx is not None:
+                    stack.enter_context(ctx)
             out = model.generate(**batch, generation_config=config)
     new = out[:, batch["input_ids"].shape[1]:]
     plain, steered = tokenizer.batch_decode(new, skip_special_tokens=True)
-    described = _describe_recipe(recipe, absolute)
-    layers = ", ".join(str(x) for x in context.layer_indices)
+    described = " + ".join(([_describe_recipe(recipe, absolute)] if recipe else [])
+                           + ([f"regulated {_describe_bounds(bounds)}"] if bounds else []))
+    shown = (context or regulation).layer_indices
+    layers = ", ".join(str(x) for x in shown)
     console = _console()
     from rich.text import Text
 
-    console.print(Text(f"{loaded.name} · layer{'s' if len(context.layer_indices) > 1 else ''} {layers} · "
+    console.print(Text(f"{loaded.name} · layer{'s' if len(shown) > 1 else ''} {layers} · "
                        f"positions {positions} · {max_new_tokens} new tokens, greedy", style="dim"))
     console.print(Text("prompt: ", style="bold") + Text(prompt))
-    console.print(render.steer_table(plain.strip(), steered.strip(), f"steered: {described}"))
+    console.print(render.steer_table(plain.strip(), steered.strip(), f"{'steered' if recipe else 'regulated'}: "
+                                                                     f"{described}"))
     if plain == steered:
-        console.print(Text("(the steered generation is identical to the plain one)", style="dim"))
+        console.print(Text(f"(the {'steered' if recipe else 'regulated'} generation is identical to the plain one)",
+                           style="dim"))
+    if regulation is not None:
+        regulated = regulation.result()  # the second sequence is the regulated one
+        regulated = dataclasses.replace(regulated, corrections=regulated.corrections[1:], mask=regulated.mask[1:])
+        console.print(Text(_regulation_note(regulated, bounds) + " at layer(s) "
+                           + ", ".join(map(str, regulation.layer_indices)), style="dim"))
     if json_path is not None:
         data = {"model": loaded.name, "prompt": prompt, "chat": chat, "recipe": recipe, "relative": not absolute,
-                "layers": list(context.layer_indices), "positions": positions, "max_new_tokens": max_new_tokens,
-                "plain": plain, "steered": steered}
+                "layers": list((context or regulation).layer_indices), "positions": positions,
+                "max_new_tokens": max_new_tokens, "plain": plain, "steered": steered,
+                "bounds": {n: list(b) for n, b in bounds.items()},
+                "regulate_layers": list(regulation.layer_indices) if regulation is not None else []}
         _write_atomic(json_path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
         click.echo(f"wrote {json_path}", err=True)
 
@@ -465,7 +588,9 @@ def _streamer(tokenizer):
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1), help="per reply")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(min=1), help="emotions shown per reply")
 @click.option("--system", default=None, help="a system prompt (default: the chat template's own)")
-def chat(model_name, vectors_path, layer, backend, device, adds, absolute, positions, max_new_tokens, top, system) -> None:
+@_regulation_options
+def chat(model_name, vectors_path, layer, backend, device, adds, absolute, positions, max_new_tokens, top, system,
+         caps, floors, regulate_layer) -> None:
     """Chat with the model; after each reply, its strongest emotions (mean cosine over the reply's tokens)."""
     import torch
     from rich.text import Text
@@ -474,10 +599,13 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
     from emovec import render
 
     recipe = _parse_recipe(adds)
+    bounds = _parse_bounds(caps, floors)
     loaded, vectors = _setup(model_name, vectors_path, device, backend)
     model, tokenizer = loaded.model, loaded.tokenizer
     _check_recipe(recipe, vectors)
     _check_relative(recipe, vectors, absolute)
+    regulate_at = regulate_layer if regulate_layer else layer
+    _check_bounds(model, vectors, bounds, regulate_at, backend)
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{loaded.name}'s tokenizer has no chat template, so it cannot chat; use `emovec steer`")
     with _user_errors():  # check the layer spec and the steering once, before the first turn
@@ -488,7 +616,8 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
     config = _generation_config(model, tokenizer, max_new_tokens)
     console = _console()
     console.print(Text(f"chatting with {loaded.name} · emotions at layer{'s' if len(probe.layer_indices) > 1 else ''} "
-                       f"{layers} · steering: {_describe_recipe(recipe, absolute)}", style="dim"))
+                       f"{layers} · steering: {_describe_recipe(recipe, absolute)}"
+                       + (f" · regulated: {_describe_bounds(bounds)}" if bounds else ""), style="dim"))
     console.print(Text(_CHAT_HELP, style="dim"))
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
@@ -540,6 +669,8 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
                 if recipe:
                     stack.enter_context(emovec.steer(model, vectors, recipe, layer, positions=positions,
                                                      relative=not absolute, backend=backend))
+                reg = stack.enter_context(emovec.regulate(model, vectors, bounds, regulate_at, positions=positions,
+                                                          backend=backend)) if bounds else None
                 mon = stack.enter_context(emovec.monitor(model, vectors, layer, tokenizer=tokenizer, backend=backend))
                 out = model.generate(**encoded, generation_config=config, streamer=_streamer(tokenizer))
         except KeyboardInterrupt:
@@ -552,6 +683,8 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
             console.print(Text("emotions: ", style="bold") + render.emotion_text(pairs))
         else:
             console.print(Text("emotions: (the reply has no tokens to score)", style="dim"))
+        if reg is not None:
+            console.print(Text("regulated: ", style="bold") + Text(_reply_regulation(reg.result(), prompt_length)))
 
 
 from emovec import cli_data, cli_demo, cli_interop, cli_science, cli_sweep  # noqa: E402, F401  (register their commands)
