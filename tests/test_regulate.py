@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import emovec
-from test_runtime import NAMES, hidden_at, state, assert_same_state, tiny  # noqa: F401  (tiny is a fixture)
+from conftest import RUNTIME_NAMES as NAMES
+from test_runtime import assert_same_state, hidden_at, state
 
 
 def cosines(model, ids, layer, unit, **kwargs):

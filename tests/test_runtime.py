@@ -6,24 +6,8 @@ import pytest
 import torch
 
 import emovec
+from conftest import RUNTIME_NAMES as NAMES  # noqa: E402  (the `tiny` fixture lives in conftest)
 from emovec.vectors import VectorSet
-
-NAMES = ["calm", "afraid", "happy", "sad", "desperate"]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128, pad_token_id=0,
-                         eos_token_id=299, bos_token_id=1)
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None  # a random model may emit it; tests compare full-length outputs
-    vectors = VectorSet.from_tensor(torch.randn(4, len(NAMES), 64), NAMES, layers=[0, 1, 2, 3],
-                                    mean_norms=[1.0, 2.0, 3.0, 4.0])
-    return model, vectors
 
 
 def state(model):
