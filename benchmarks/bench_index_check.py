@@ -66,8 +66,9 @@ def main() -> None:
         flag = torch.zeros(1, dtype=torch.int32)
         calls = {
             "old": lambda: old.steer_project_cpu(*base, threads),
-            "new": lambda: new.steer_project_cpu(*base, 0, threads),
-            "new_flag": lambda: new.steer_project_cpu(*base, flag.data_ptr(), threads),
+            # the new core also takes clamp, num_clamp, bounds, relative_bounds, corrections (none here)
+            "new": lambda: new.steer_project_cpu(*base, 0, 0, 0, 0, False, 0, threads),
+            "new_flag": lambda: new.steer_project_cpu(*base, flag.data_ptr(), 0, 0, 0, False, 0, threads),
         }
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(5):  # interleaved rounds, so drift on a shared machine hits every provider alike

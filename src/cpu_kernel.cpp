@@ -126,24 +126,34 @@ inline void project_tile_packed(const float* x, int64_t dp, int64_t d, int rows,
   }
 }
 
-// Regulation of one row x (fp32, d values) along C unit directions, one after the other (see steer_project.h).
-// A row within a direction's bounds is not touched (bit-identical).
-void clamp_row(float* x, int64_t d, const float* clamp, int64_t C, const float* bounds, const float* center,
-               bool relative, float* corrections) {
-  float n2 = 0.0f;
-  if (relative) {
-    for (int64_t j = 0; j < d; ++j) {
-      const float y = center ? x[j] - center[j] : x[j];
-      n2 += y * y;
-    }
+// dot product of two fp32 rows with kLanes independent accumulators (vectorised without -ffast-math).
+inline float dot_lanes(const float* a, const float* b, int64_t d) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
   }
+  float s = 0.0f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; j < d; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// Regulation of one row x (fp32, d values) along C unit directions, one after the other (see steer_project.h).
+// y is scratch for x - center; uu[c] = ‖u_c‖². A row within a direction's bounds is not touched (bit-identical).
+void clamp_row(float* x, float* y, int64_t d, const float* clamp, const float* uu, int64_t C, const float* bounds,
+               const float* center, bool relative, float* corrections) {
+  if (center) {
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) y[j] = x[j] - center[j];
+  } else {
+    std::copy(x, x + d, y);
+  }
+  float n2 = relative ? dot_lanes(y, y, d) : 0.0f;
   for (int64_t c = 0; c < C; ++c) {
     const float* u = clamp + c * d;
-    float p = 0.0f, uu = 0.0f;
-    for (int64_t j = 0; j < d; ++j) {
-      p += (center ? x[j] - center[j] : x[j]) * u[j];
-      uu += u[j] * u[j];
-    }
+    const float p = dot_lanes(y, u, d);
     float lo = bounds[c * 2], hi = bounds[c * 2 + 1];
     if (relative) {
       const float r2 = n2 - p * p;
@@ -154,8 +164,12 @@ void clamp_row(float* x, int64_t d, const float* clamp, int64_t C, const float* 
     const float delta = p - q;
     if (corrections) corrections[c] = delta;
     if (delta == 0.0f) continue;
-    for (int64_t j = 0; j < d; ++j) x[j] -= delta * u[j];
-    n2 += delta * delta * uu - 2.0f * delta * p;  // ‖y - δu‖² = ‖y‖² - 2δp + δ²‖u‖²
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      x[j] -= delta * u[j];
+      y[j] -= delta * u[j];
+    }
+    n2 += delta * delta * uu[c] - 2.0f * delta * p;  // ‖y - δu‖² = ‖y‖² - 2δp + δ²‖u‖²
   }
 }
 
@@ -173,6 +187,8 @@ void run(const SteerProjectArgs& a, int num_threads) {
 
   Fp32Rows<W> probes(a.probes, K, d, dp), ablate(a.ablate, A, d, d), table(a.table, a.table_rows, d, d),
       center(a.center, 1, d, d), clamp(a.clamp, C, d, d);
+  std::vector<float> clamp_sq(C);  // ‖u_c‖², once per call
+  for (int64_t c = 0; c < C; ++c) clamp_sq[c] = dot_lanes(clamp.data + c * d, clamp.data + c * d, d);
   const bool packed_path = a.scores != nullptr && n >= kPackMinRows;
   const std::vector<float> packed =
       packed_path ? pack_probes(probes.data, probes.stride, K, d, num_threads) : std::vector<float>();
@@ -184,6 +200,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
       std::vector<float> x(kRowTile * dp, 0.0f);  // this tile's rows, fp32, centered, zero-padded
       std::vector<float> tile_scores(a.scores ? kRowTile * K : 0);
       std::vector<float> coef(A);
+      std::vector<float> centered(C > 0 ? d : 0);  // scratch of the regulation
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t row0 = b * kRowTile;
@@ -215,8 +232,10 @@ void run(const SteerProjectArgs& a, int num_threads) {
               const float* u = ablate.data + q * d;
               for (int64_t j = 0; j < d; ++j) xr[j] -= coef[q] * u[j];
             }
-            if (C > 0) clamp_row(xr, d, clamp.data, C, a.bounds + (a.slots ? a.slots[i] : 0) * C * 2, center.data,
-                                 a.relative_bounds, a.corrections ? a.corrections + i * C : nullptr);
+            if (C > 0)
+              clamp_row(xr, centered.data(), d, clamp.data, clamp_sq.data(), C,
+                        a.bounds + (a.slots ? a.slots[i] : 0) * C * 2, center.data, a.relative_bounds,
+                        a.corrections ? a.corrections + i * C : nullptr);
             for (int64_t j = 0; j < d; ++j) {  // store, and keep exactly what was stored
               hr[j] = from_float<H>(xr[j]);
               xr[j] = to_float(hr[j]);

@@ -222,3 +222,43 @@ def test_implied_preferences_and_validate_commands(tiny_cli, tmp_path):
 
     assert "--strengths must be comma-separated numbers" in one_line_error(invoke(
         "validate", "--model", "tiny", "--vectors", str(tiny_cli), "--strengths", "x", "--out", str(tmp_path / "v")))
+
+
+def test_regulation_checks(tiny):
+    """The regulation experiment on the tiny model: the dose cap flattens the regulated layer's curve down to the cap,
+    caps alone never change unsteered logits (they stay within bounds by construction), and the steered + capped run
+    reports how much the cap corrected."""
+    from emovec.science import regulation
+
+    model, tokenizer, vectors = tiny
+    templates = [t for t in dose.load_templates() if t["name"] in ("tylenol", "fever")]
+    result = regulation.run_regulation(model, tokenizer, vectors, layer=0, later=2, strength=0.5,
+                                       templates=templates, max_new_tokens=4)
+    assert result["layer"] == 0 and result["later_layer"] == 2
+    for row in result["dose"]:
+        capped = row["regulated_layer"]["capped"]
+        assert max(capped) <= row["cap"] + 1e-4  # the reading where the reply begins never exceeds the cap
+        plain = row["regulated_layer"]["plain"]
+        assert all(abs(c - min(p, row["cap"])) < 1e-4 for p, c in zip(plain, capped))
+    assert set(result["steer_then_cap"]) == {"desperate", "random-0"}
+    for entry in result["steer_then_cap"].values():
+        assert entry["cap_alone_max_abs_logit_change"] == 0.0
+        assert 0.0 <= entry["share_of_readings_corrected_when_steered"] <= 1.0
+        assert len(entry["generations"]["steered_and_capped"]) == len(regulation.GENERATION_PROMPTS)
+    assert regulation.summary_lines(result)
+
+
+def test_regulation_command(tiny_cli, tmp_path):
+    import json
+
+    out = tmp_path / "r"
+    result = _run("regulation", "--model", "tiny", "--vectors", str(tiny_cli), "--layer", "0", "--later", "1",
+                  "--only", "tylenol", "--out", str(out), "--quiet")
+    data = json.loads((out / "regulation.json").read_text())
+    assert data["layer"] == 0 and [r["template"] for r in data["dose"]] == ["tylenol"]
+    assert (out / "regulation-dose.png").exists() and (out / "regulation-steer.png").exists()
+    assert "steer +desperate" in result.stdout
+    from test_cli_runtime import invoke, one_line_error
+
+    assert "unknown dose template" in one_line_error(invoke("regulation", "--model", "tiny", "--vectors",
+                                                            str(tiny_cli), "--only", "nope", "--out", str(out)))

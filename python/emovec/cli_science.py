@@ -295,6 +295,47 @@ def validate(model_name, vectors_path, out_dir, quiet, emotions, strengths, laye
            f"share of emotions whose steering beats all {randoms} random directions on their own word")
 
 
+@main.command()
+@_experiment_options
+@click.option("--layer", "layer_spec", default=None,
+              help="the regulated (dose) and steered layer (default: the vectors' default layer)")
+@click.option("--later", default=4, show_default=True, type=click.IntRange(min=1),
+              help="layers after --layer: the downstream reading, and where (b)/(c) cap")
+@click.option("--strength", default=0.2, show_default=True, type=float, help="relative steering strength of (b)/(c)")
+@click.option("--only", default=None, help="comma-separated dose template names (default: all)")
+def regulation(model_name, vectors_path, out_dir, quiet, layer_spec, later, strength, only) -> None:
+    """Show that regulation works: dose-response with afraid capped, +desperate steering pulled back by a cap at a
+    later layer, a random direction as the control, and the caps' effect on text within bounds (zero)."""
+    from emovec.report.experiments import draw_regulation
+    from emovec.science.dose import load_templates
+    from emovec.science.regulation import run_regulation, summary_lines
+
+    out = _prepare_out(out_dir)
+    loaded, vectors, layers = _science_setup(model_name, vectors_path, layer_spec)
+    if len(layers) != 1:
+        raise UserError("--layer names one layer for this command")
+    with _user_errors():
+        vectors.index("afraid")
+        vectors.index("desperate")
+        templates = load_templates()
+        if only:
+            wanted = [t.strip() for t in only.split(",") if t.strip()]
+            unknown = [t for t in wanted if t not in {row["name"] for row in templates}]
+            if unknown:
+                raise ValueError(f"unknown dose template(s) {unknown}; known: {[row['name'] for row in templates]}")
+            templates = [row for row in templates if row["name"] in wanted]
+        if not quiet:
+            click.echo("emovec regulation: dose curves, steering with and without caps ...", err=True)
+        result = run_regulation(loaded.model, loaded.tokenizer, vectors, layer=layers[0], later=later,
+                                strength=strength, templates=templates)
+    result["model"] = loaded.name
+    result["command"] = "emovec " + " ".join(sys.argv[1:])
+    figures = draw_regulation(result, out)
+    _finish(out, "regulation", result, figures)
+    for line in summary_lines(result):
+        click.echo(line)
+
+
 def _table(columns: list[str], rows: list[dict], title: str) -> None:
     from rich.table import Table
 

@@ -110,3 +110,47 @@ def draw_validate(result: dict[str, Any], folder: str | Path) -> list[Path]:
         written.append(_figure_saver(fig, Path(folder) / f"validate-l{layers.replace(',', '_')}-s{run['strength']:g}.png"))
         plt.close(fig)
     return written
+
+
+def draw_regulation(result: dict[str, Any], folder: str | Path) -> list[Path]:
+    """regulation-dose.png: afraid against danger rank per dose template, plain and capped, at the regulated and the
+    later layer; regulation-steer.png: the desperate family's log-probability, plain / steered / steered+capped."""
+    plt = _plt()
+    written = []
+    rows = result["dose"]
+    fig, axes = plt.subplots(2, max(1, len(rows)), figsize=(2.6 * max(1, len(rows)), 5), squeeze=False)
+    for j, row in enumerate(rows):
+        for i, (tag, label) in enumerate((("regulated_layer", f"L{result['layer']}"),
+                                          ("later_layer", f"L{result['later_layer']}"))):
+            ax = axes[i][j]
+            ax.plot(row[tag]["plain"], marker="o", ms=3, label="plain")
+            ax.plot(row[tag]["capped"], marker="s", ms=3, label="afraid capped")
+            if i == 0:
+                ax.axhline(row["cap"], color="grey", lw=0.8, ls=":")
+                ax.set_title(row["template"], fontsize=7)
+            ax.set_xlabel("dose (index)", fontsize=7)
+            if j == 0:
+                ax.set_ylabel(f"afraid, {label}", fontsize=8)
+            ax.tick_params(labelsize=6)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    written.append(_figure_saver(fig, Path(folder) / "regulation-dose.png"))
+    plt.close(fig)
+
+    checks = result["steer_then_cap"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    kinds = ("plain", "steered", "steered_and_capped")
+    width = 0.8 / max(1, len(checks))
+    for k, (name, entry) in enumerate(checks.items()):
+        values = [entry["desperate_family_logp"][kind] for kind in kinds]
+        ax.bar([x + k * width for x in range(len(kinds))], values, width=width, label=f"steer +{name}, cap {name}")
+    ax.set_xticks([x + width * (len(checks) - 1) / 2 for x in range(len(kinds))], ["plain", "steered",
+                                                                                   "steered + capped"])
+    ax.set_ylabel("log P(next word is a desperate word)")
+    ax.set_title(f"steer at L{result['layer']} ({result['strength']:+g}), cap at L{result['later_layer']}",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(_figure_saver(fig, Path(folder) / "regulation-steer.png"))
+    plt.close(fig)
+    return written
