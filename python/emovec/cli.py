@@ -116,6 +116,31 @@ def _load_model(name: str | None = None, device: str | None = None):
     return _MODELS[key]
 
 
+def _command_line() -> str:
+    """The running command as the user would type it again (its non-default options), for result files."""
+    import shlex
+
+    ctx = click.get_current_context()
+    parts = ctx.command_path.split()
+    parts[0] = "emovec"
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            parts += [str(v) for v in (value if isinstance(value, (list, tuple)) else [value]) if v is not None]
+            continue
+        if value is None or value == param.default or value in ((), False):
+            continue
+        flag = param.opts[0]
+        if getattr(param, "is_flag", False):
+            parts.append(flag)
+        elif getattr(param, "multiple", False):
+            for v in value:
+                parts += [flag, str(v)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def _one_line(error: BaseException) -> str:
     message = error.args[0] if isinstance(error, KeyError) and error.args else error
     return " ".join(str(message).split()) or type(error).__name__
@@ -687,7 +712,7 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
             console.print(Text("regulated: ", style="bold") + Text(_reply_regulation(reg.result(), prompt_length)))
 
 
-from emovec import cli_data, cli_demo, cli_interop, cli_science, cli_sweep  # noqa: E402, F401  (register their commands)
+from emovec import cli_bench, cli_data, cli_demo, cli_interop, cli_science, cli_sweep  # noqa: E402, F401  (register their commands)
 
 if __name__ == "__main__":
     main()

@@ -329,7 +329,9 @@ def regulation(model_name, vectors_path, out_dir, quiet, layer_spec, later, stre
         result = run_regulation(loaded.model, loaded.tokenizer, vectors, layer=layers[0], later=later,
                                 strength=strength, templates=templates)
     result["model"] = loaded.name
-    result["command"] = "emovec " + " ".join(sys.argv[1:])
+    from emovec.cli import _command_line
+
+    result["command"] = _command_line()
     figures = draw_regulation(result, out)
     _finish(out, "regulation", result, figures)
     for line in summary_lines(result):
