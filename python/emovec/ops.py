@@ -349,6 +349,22 @@ def steer_project(
     return SteerProjectResult(scores, norms, sums, counts)
 
 
+def steer_project_trusted(h, *, slots=None, table=None, ablate=None, probes=None, center=None, scores=None, norms=None,
+                          segments=None, sums=None, counts=None, errors=None, clamp=None, bounds=None,
+                          relative_bounds: bool = False, corrections=None, backend: str | None = None) -> None:
+    """:func:`steer_project` without any argument checks, for emovec's own runtime, whose tensors are built right
+    once (contiguous weights of one dtype, int64 slots and segments, preallocated outputs): it saves the checks'
+    few microseconds on every call, which at decode is most of the cost. Everything else (backend choice, the
+    custom op under torch.compile) is the same; the kernels stay memory-safe whatever the indices."""
+    chosen = _pick_backend(h, backend)
+    args = (h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, clamp, bounds,
+            bool(relative_bounds), corrections, chosen)
+    if torch.compiler.is_compiling():
+        torch.ops.emovec.steer_project(*args)
+    else:
+        _run_backend(*args)
+
+
 # ---------------------------------------------------------------- backends behind the custom op
 
 

@@ -23,7 +23,7 @@ from emovec.layers import (
     replace_layer_output,
     resolve_layer_indices,
 )
-from emovec.ops import steer_project
+from emovec.ops import steer_project_trusted
 from emovec.vectors import VectorSet
 
 
@@ -348,8 +348,8 @@ class Monitor(_LayerRuntime):
                                   torch.empty(flat.shape[0], device=flat.device))
         scores, norms = self._scratch[key]
         center = self._center(flat.device)
-        steer_project(flat, probes=self._probe(position, flat.device), center=center, scores=scores, norms=norms,
-                      backend=self.backend, validate=False)
+        steer_project_trusted(flat, probes=self._probe(position, flat.device), center=center, scores=scores,
+                              norms=norms, backend=self.backend)
         cols = slice(step.past, step.past + step.length)
         self.scores[:, cols, position] = scores.view(step.batch, step.length, -1)
         self.norms[:, cols, position] = norms.view(step.batch, step.length)
@@ -574,8 +574,8 @@ class Steer(_PerSequence):
         return self._tables[key]
 
     def apply(self, position: int, flat: torch.Tensor) -> None:
-        steer_project(flat, slots=self._slots(flat.device), table=self._table(position, flat.device, flat.dtype),
-                      compute_norms=False, backend=self.backend, validate=False, errors=self.error_flag(flat.device))
+        steer_project_trusted(flat, slots=self._slots(flat.device), table=self._table(position, flat.device, flat.dtype),
+                              backend=self.backend, errors=self.error_flag(flat.device))
 
 
 def steer(model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], layers=None, **kwargs) -> Steer:
@@ -718,10 +718,9 @@ class Regulate(_PerSequence):
             if key not in self._scratch:
                 self._scratch[key] = torch.empty(flat.shape[0], len(self.names), device=flat.device)
             corrections = self._scratch[key]
-        steer_project(flat, slots=self._slots(flat.device), clamp=self._tensor("clamp", position, flat.device),
-                      bounds=self._tensor("bounds", 0, flat.device), relative_bounds=self.relative,
-                      corrections=corrections, compute_norms=False, backend=self.backend, validate=False,
-                      errors=self.error_flag(flat.device))
+        steer_project_trusted(flat, slots=self._slots(flat.device), clamp=self._tensor("clamp", position, flat.device),
+                              bounds=self._tensor("bounds", 0, flat.device), relative_bounds=self.relative,
+                              corrections=corrections, backend=self.backend, errors=self.error_flag(flat.device))
         if corrections is not None:
             step = self.step
             self.corrections[:, step.past: step.past + step.length, position] = corrections.view(

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from emovec.layers import find_decoder_layers, layer_output_hidden, replace_layer_output
-from emovec.ops import backend_status, steer_project
+from emovec.ops import backend_status, steer_project, steer_project_trusted
 from emovec.reference import naive_sequence
 from emovec.runtime import monitor, steer
 from emovec.vectors import VectorSet
@@ -203,11 +203,11 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
             slots = torch.zeros(batch, dtype=torch.long, device=device)
 
             def fused(b):
-                def run():
+                def run():  # what the runtime calls per layer: steering at one layer, monitoring at all
                     for i in layers:
-                        steer_project(h[i], slots=slots if i == steer_layer else None,
-                                      table=table if i == steer_layer else None, probes=probes[i], scores=scores,
-                                      norms=norms, backend=b, validate=False)
+                        if i == steer_layer:
+                            steer_project_trusted(h[i], slots=slots, table=table, backend=b)
+                        steer_project_trusted(h[i], probes=probes[i], scores=scores, norms=norms, backend=b)
                 return run
 
             def naive_step():
