@@ -66,6 +66,8 @@ def test_bench_command_quick(tiny_cli, tmp_path):
             assert row["time_vs_baseline"] == 1.0
     providers = {r["provider"] for r in data["rows"] if r["scenario"] == "prefill"}
     assert {"plain", "naive", "emovec-torch"} <= providers
+    capped = {r["provider"] for r in data["rows"] if r["scenario"] == "generate b1"}
+    assert any(p.endswith("+cap") for p in capped)  # regulation's cost on top of monitoring + steering
     assert data["machine"]["cpu"] and data["command"].startswith("emovec bench")
     assert (out / "bench.png").exists() and (out / "bench.csv").read_text().count("\n") == len(data["rows"]) + 1
     assert "generate b8" in result.stdout

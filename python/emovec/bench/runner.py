@@ -22,7 +22,7 @@ import torch
 from emovec.layers import find_decoder_layers, layer_output_hidden, replace_layer_output
 from emovec.ops import backend_status, steer_project, steer_project_trusted
 from emovec.reference import naive_sequence
-from emovec.runtime import monitor, steer
+from emovec.runtime import monitor, regulate, steer
 from emovec.vectors import VectorSet
 
 
@@ -138,10 +138,12 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
     g = torch.Generator().manual_seed(1)
     vocab = min(getattr(model.config, "vocab_size", 32000), 30000)
 
-    def providers(run: Callable[[Any], Any]) -> dict[str, Callable[[], Any]]:
+    def providers(run: Callable[[Any], Any], with_cap: bool = False) -> dict[str, Callable[[], Any]]:
         out = {"plain": lambda: run(None), "naive": lambda: run("naive")}
         for b in backends:
             out[f"emovec-{b}"] = lambda b=b: run(b)
+        if with_cap and backends:  # the same plus a cosine cap on the steered concept at the steered layer
+            out[f"emovec-{backends[0]}+cap"] = lambda: run(("cap", backends[0]))
         return out
 
     def contexts(kind, recording: bool = True, steering: bool = True):
@@ -152,6 +154,9 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
             stack.enter_context(NaiveHooks(model, unit, steer_layer if steering else None,
                                            steer_vector if steering else None))
         elif kind is not None:
+            if isinstance(kind, tuple):  # ("cap", backend)
+                kind = kind[1]
+                stack.enter_context(regulate(model, vectors, {name0: (None, 0.0)}, [steer_layer], backend=kind))
             if steering:
                 stack.enter_context(steer(model, vectors, recipe, [steer_layer], backend=kind))
             if recording:
@@ -161,7 +166,8 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
     def recorded_mb(batch: int, tokens: int, kind) -> float:
         if kind is None:
             return 0.0
-        return batch * tokens * num_layers * (k + 1) * 4 / 2**20
+        extra = batch * tokens * 4 if str(kind).endswith("+cap") else 0  # the corrections of one bound, one layer
+        return (batch * tokens * num_layers * (k + 1) * 4 + extra) / 2**20
 
     if "generate" in scenarios:
         prompt_len = 16
@@ -176,7 +182,7 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
                 with contexts(kind):
                     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
 
-            timings = interleaved(providers(gen), device, rounds)
+            timings = interleaved(providers(gen, with_cap=True), device, rounds)
             _rows(result, f"generate b{batch}", timings, batch * new_tokens, "plain",
                   {p: recorded_mb(batch, prompt_len + new_tokens, p if p != "plain" else None) for p in timings})
     if "prefill" in scenarios:
@@ -216,7 +222,23 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
                     xf = x.float()
                     (xf @ unit[i].T).cpu(), xf.norm(dim=-1).cpu()
 
+            clamp = unit[steer_layer][:1].contiguous()
+            bounds = torch.tensor([[[-float("inf"), 0.0]]], device=device)
+            corrections = torch.empty(batch, 1, device=device)
+
+            def fused_cap(b):
+                def run():
+                    for i in layers:
+                        if i == steer_layer:
+                            steer_project_trusted(h[i], slots=slots, table=table, backend=b)
+                            steer_project_trusted(h[i], slots=slots, clamp=clamp, bounds=bounds, relative_bounds=True,
+                                                  corrections=corrections, backend=b)
+                        steer_project_trusted(h[i], probes=probes[i], scores=scores, norms=norms, backend=b)
+                return run
+
             fns = {"naive": naive_step, **{f"emovec-{b}": fused(b) for b in backends}}
+            if backends:
+                fns[f"emovec-{backends[0]}+cap"] = fused_cap(backends[0])
             timings = interleaved(fns, device, rounds=max(3, rounds), repeats=20, warmup=3)
             _rows(result, f"step b{batch} ({num_layers} layers)", timings, batch, "naive", {})
     if "op" in scenarios:
