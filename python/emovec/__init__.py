@@ -25,10 +25,12 @@ __all__ = [
     "load_model",
     "extract",
     "SweepResult",
+    "generate",
 ]
 
 # imported on first use: transformers loads only when a model does, extraction only when it runs
-_LAZY = {"load_model": "emovec.models", "extract": "emovec.extraction", "SweepResult": "emovec.sweep"}
+_LAZY = {"load_model": "emovec.models", "extract": "emovec.extraction", "SweepResult": "emovec.sweep",
+         "generate": "emovec.generation"}
 
 
 def __getattr__(name: str):

@@ -1,0 +1,238 @@
+"""``emovec.generate``: greedy generation with monitoring and steering that ``torch.compile`` captures whole.
+
+The eager runtime (``emovec.monitor`` / ``emovec.steer`` around ``model.generate``) reads each step's layout from the
+model call in Python, which is right for any caller but changes Python state every step: under ``torch.compile``
+that means guards and recompiles. Here the loop is emovec's own and every piece of per-step bookkeeping lives in
+device tensors allocated once:
+
+- a static KV cache (transformers' ``StaticCache``) of ``prompt + max_new_tokens`` columns and a full-length
+  attention mask, so the prefill call and every decode call keep their shapes;
+- the steering slots of the prefill rows and of a decode row, fixed for the whole run;
+- the monitor's buffers ``(B, L, T, K)`` and the column the current step writes, a (1,) tensor updated in place
+  between steps (``fill_``, outside the graph; the CUDA-graph way of feeding a captured step).
+
+Inside the decoder layers a wrapper calls the fused op (the ``torch.ops.emovec.steer_project`` custom op when
+compiling) and ``index_copy_`` into the buffers: no Python value depends on the step, so the prefill and the decode
+step compile once each (``fullgraph=True``: no graph breaks) and later calls and later generations with the same
+shapes reuse them. With ``compile=False`` the same loop runs eagerly and gives the same tokens and scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from emovec.layers import find_decoder_layers, layer_output_hidden, replace_layer_output, resolve_layer_indices
+from emovec.ops import steer_project_trusted
+from emovec.runtime import MonitorResult, Recipe, steering_vector
+from emovec.vectors import VectorSet
+
+
+@dataclass
+class GenerateResult:
+    sequences: torch.Tensor  # (B, P + new) token ids, the prompt (left padding kept) then the generated tokens
+    monitor: MonitorResult | None  # every real token's scores at the monitored layers (None without monitoring)
+
+
+class _StaticLayer:
+    """The forward wrapper of one decoder layer: steer (fixed slots per phase), then project and record."""
+
+    def __init__(self, layer: torch.nn.Module, run: _StaticRun, index: int) -> None:
+        self.inner = layer.forward
+        self.run = run
+        self.index = index
+
+    def __call__(self, *args, **kwargs):
+        output = self.inner(*args, **kwargs)
+        hidden = layer_output_hidden(output)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        run = self.run
+        decode = run.decode  # a Python bool with two values: one compiled graph per phase
+        table = run.tables.get(self.index)
+        if table is not None:
+            steer_project_trusted(flat, slots=run.decode_slots if decode else run.prefill_slots, table=table,
+                                  backend=run.backend)
+        probes = run.probes.get(self.index)
+        if probes is not None:
+            scores = run.decode_scores if decode else run.prefill_scores
+            norms = run.decode_norms if decode else run.prefill_norms
+            steer_project_trusted(flat, probes=probes, scores=scores, norms=norms, backend=run.backend)
+            columns = run.decode_column if decode else run.prefill_columns
+            position = run.positions[self.index]
+            batch = hidden.shape[0]
+            run.scores[position].index_copy_(1, columns, scores.view(batch, -1, scores.shape[-1]))
+            run.norms[position].index_copy_(1, columns, norms.view(batch, -1))
+        if not hidden.is_contiguous():  # reshape copied: hand the edited copy on (a static property when compiling)
+            output = replace_layer_output(output, flat.view_as(hidden))
+        return output
+
+
+class _StaticRun:
+    """Buffers, tables, wrappers and KV cache of one generation shape, kept on the model and reused (refilled in
+    place) by later calls with the same shape, so compiled graphs see the same objects and never recompile."""
+
+    def __init__(self, model, *, batch: int, prompt: int, total: int, steer_at: Sequence[int],
+                 monitor_at: Sequence[int], k: int, recipes: int, backend: str | None) -> None:
+        from transformers import StaticCache
+
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.backend = backend
+        self.decode = False
+        d = find_decoder_layers(model).hidden_size
+        self.tables = {layer: torch.zeros(recipes, d, device=device, dtype=dtype) for layer in steer_at}
+        self.prefill_slots = torch.full((batch * prompt,), -1, dtype=torch.long, device=device)
+        self.decode_slots = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.probes = {layer: torch.zeros(k, d, device=device) for layer in monitor_at}
+        self.positions = {layer: i for i, layer in enumerate(monitor_at)}
+        self.scores = torch.zeros(len(monitor_at), batch, total, k, device=device)
+        self.norms = torch.zeros(len(monitor_at), batch, total, device=device)
+        self.prefill_scores = torch.empty(batch * prompt, k, device=device)
+        self.prefill_norms = torch.empty(batch * prompt, device=device)
+        self.decode_scores = torch.empty(batch, k, device=device)
+        self.decode_norms = torch.empty(batch, device=device)
+        self.prefill_columns = torch.arange(prompt, device=device)
+        self.decode_column = torch.zeros(1, dtype=torch.long, device=device)
+        self.cache = StaticCache(config=model.config, max_cache_len=total)
+        config = model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache.early_initialization(batch, heads, head_dim, dtype, device)
+        found = find_decoder_layers(model)
+        self.wrappers = {index: _StaticLayer(found.layers[index], self, index)
+                         for index in sorted(set(steer_at) | set(monitor_at))}
+
+    def install(self, model) -> list[torch.nn.Module]:
+        found = find_decoder_layers(model)
+        installed = []
+        try:
+            for index, wrapper in self.wrappers.items():
+                layer = found.layers[index]
+                if "forward" in layer.__dict__:
+                    raise RuntimeError("a decoder layer already carries a wrapper (is an emovec.monitor/steer block "
+                                       "active?); emovec.generate installs its own")
+                layer.forward = wrapper
+                installed.append(layer)
+        except BaseException:
+            for layer in installed:
+                layer.__dict__.pop("forward", None)
+            raise
+        return installed
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int = 32, vectors: VectorSet | None = None, monitor_layers: Any = None,
+             recipe: Recipe | Sequence[Recipe | None] | None = None, steer_layers: Any = None,
+             positions: str = "all", relative: bool = True, compile: bool = False, compile_kwargs: dict | None = None,
+             backend: str | None = None, tokenizer=None) -> GenerateResult:
+    """Greedy generation of ``max_new_tokens`` with monitoring (``vectors`` at ``monitor_layers``) and steering
+    (``recipe`` at ``steer_layers``, strengths as in :func:`emovec.steer`, ``positions`` "all", "prompt" or
+    "generated"), in a static KV cache; with ``compile=True`` the model's forward is compiled with
+    ``torch.compile(fullgraph=True, **compile_kwargs)`` once per phase (prefill, decode) and reused by later calls
+    of the same shape.
+
+    Returns the sequences and a :class:`MonitorResult` (scores, norms, mask, token ids) like ``emovec.monitor``'s.
+    Generation does not stop at end-of-sequence tokens (every sequence gets ``max_new_tokens``), so shapes stay
+    fixed. Left padding (``attention_mask``) is handled: padding rows are neither steered nor recorded. What
+    compiles once per shape: batch, prompt length, ``max_new_tokens``, the layers, the number of vectors and the
+    number of distinct recipes; prompts, strengths and the concepts named may change freely between calls. On a
+    GPU, ``compile_kwargs={"mode": "reduce-overhead"}`` has inductor capture each phase in a CUDA graph."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError("input_ids must be a (batch, tokens) tensor with at least one token")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if positions not in ("all", "prompt", "generated"):
+        raise ValueError(f"positions must be 'all', 'prompt' or 'generated', got {positions!r}")
+    if (recipe is not None or monitor_layers is not None) and vectors is None:
+        raise ValueError("monitoring and steering need vectors=")
+    device = input_ids.device
+    batch, prompt = input_ids.shape
+    total = prompt + max_new_tokens
+    num_layers = len(find_decoder_layers(model).layers)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = torch.cat([attention_mask.long(), torch.ones(batch, max_new_tokens, dtype=torch.long, device=device)], 1)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    steer_at = resolve_layer_indices(steer_layers, num_layers) if recipe is not None else []
+    monitor_at = resolve_layer_indices(monitor_layers, num_layers) if monitor_layers is not None else []
+    k = len(vectors.names) if vectors is not None and monitor_at else 0
+    recipes, distinct = [], []
+    if recipe is not None:
+        recipes = [recipe] * batch if isinstance(recipe, dict) else list(recipe)
+        if len(recipes) != batch:
+            raise ValueError(f"{len(recipes)} recipes for a batch of {batch}; give one per sequence or one dict")
+        distinct = [r for r in recipes if r is not None]
+        if not distinct:
+            raise ValueError("every recipe is None: nothing to steer (leave recipe out)")
+        for r in distinct:
+            for name in r:
+                vectors.index(name)
+    key = (batch, prompt, total, tuple(steer_at), tuple(monitor_at), k, len(distinct), str(device),
+           next(model.parameters()).dtype, backend)
+    states = model.__dict__.setdefault("_emovec_static_runs", {})
+    if key not in states:
+        states[key] = _StaticRun(model, batch=batch, prompt=prompt, total=total, steer_at=steer_at,
+                                 monitor_at=monitor_at, k=k, recipes=len(distinct), backend=backend)
+    run = states[key]
+    # refill the run's tensors in place for this call
+    if distinct:
+        ids = torch.tensor([-1 if r is None else distinct.index(r) for r in recipes], device=device)
+        for layer in steer_at:
+            rows = [steering_vector(vectors, r, layer, relative=relative) for r in distinct]
+            run.tables[layer].copy_(torch.stack(rows))
+        real = attention_mask.bool()
+        run.prefill_slots.copy_(torch.where(real & (positions in ("all", "prompt")), ids[:, None], -1).reshape(-1))
+        run.decode_slots.copy_(ids if positions in ("all", "generated") else torch.full_like(ids, -1))
+    for layer in monitor_at:
+        run.probes[layer].copy_(vectors.unit[vectors.slice_of(layer)])
+    run.scores.zero_()
+    run.norms.zero_()
+    run.cache.reset()
+    forward = _compiled_forward(model, compile_kwargs) if compile else model.forward
+    sequences = torch.empty(batch, total, dtype=torch.long, device=device)
+    sequences[:, :prompt] = input_ids
+    installed = run.install(model)
+    try:
+        for step in range(max_new_tokens):
+            if step == 0:
+                run.decode = False
+                step_ids, step_positions = input_ids, position_ids[:, :prompt]
+            else:
+                column = prompt + step - 1
+                run.decode = True
+                run.decode_column.fill_(column)
+                step_ids, step_positions = sequences[:, column:column + 1], position_ids[:, column:column + 1]
+            out = forward(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, cache=run.cache,
+                          use_cache=True)
+            sequences[:, prompt + step] = out.logits[:, -1].argmax(-1)
+    finally:
+        for layer in installed:
+            layer.__dict__.pop("forward", None)
+    result = None
+    if monitor_at:
+        width = total - 1  # the last token is generated, never read
+        real = mask[:, :width].bool().cpu()
+        scores = torch.where(real[:, :, None, None], run.scores[:, :, :width].permute(1, 2, 0, 3).cpu(), 0.0)
+        norms = torch.where(real[:, :, None], run.norms[:, :, :width].permute(1, 2, 0).cpu(), 0.0)
+        ids = sequences[:, :width].cpu()
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "emovec_tokenizer", None)
+        tokens = None
+        if tokenizer is not None:
+            tokens = [tokenizer.convert_ids_to_tokens(ids[b][real[b]].tolist()) for b in range(batch)]
+        result = MonitorResult(list(vectors.names), list(monitor_at), scores, norms, real, ids,
+                               torch.where(real, real.long().cumsum(1) - 1, -1), tokens)
+    return GenerateResult(sequences, result)
+
+
+def _compiled_forward(model, compile_kwargs: dict | None):
+    """``torch.compile(model.forward, fullgraph=True)``, made once per model and options and kept on the model."""
+    options = {"fullgraph": True, **(compile_kwargs or {})}
+    key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+    cache = model.__dict__.setdefault("_emovec_compiled", {})
+    if key not in cache:
+        cache[key] = torch.compile(model.forward, **options)
+    return cache[key]

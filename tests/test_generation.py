@@ -1,0 +1,100 @@
+"""emovec.generate: greedy generation with monitoring and steering in a static cache, eager and under torch.compile,
+against the eager runtime (emovec.steer + emovec.monitor around model.generate) on the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import emovec
+from conftest import RUNTIME_NAMES as NAMES
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 290, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0  # left padding
+    return ids, mask
+
+
+def _reference(model, vectors, ids, mask, recipe, positions, new=5):
+    with torch.no_grad(), emovec.steer(model, vectors, recipe, [1], positions=positions), \
+            emovec.monitor(model, vectors, "all") as mon:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    return out, mon.result(decode=False)
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
+def test_eager_static_loop_matches_the_runtime(tiny, positions):
+    model, vectors = tiny
+    ids, mask = _batch()
+    recipe = [{"calm": 0.5, "sad": -0.3}, None]
+    got = emovec.generate(model, ids, mask, max_new_tokens=5, vectors=vectors, monitor_layers="all", recipe=recipe,
+                          steer_layers=[1], positions=positions)
+    want, mon = _reference(model, vectors, ids, mask, recipe, positions)
+    assert got.sequences.tolist() == want.tolist()
+    assert torch.equal(got.monitor.mask, mon.mask) and got.monitor.layers == [0, 1, 2, 3]
+    torch.testing.assert_close(got.monitor.scores, mon.scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.monitor.norms, mon.norms, rtol=1e-5, atol=1e-5)
+    assert got.monitor.names == NAMES
+    assert "forward" not in model.model.layers[1].__dict__  # restored
+
+
+def test_compiled_without_graph_breaks_and_without_recompiling(tiny):
+    """fullgraph=True: a graph break would raise. One graph for the prefill, one for the decode step; a second call
+    with other prompts and other strengths reuses them (the counter does not move) and still matches eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model, vectors = tiny
+    counter = CompileCounter()
+    ids, mask = _batch(1)
+    for call, (recipe, seed) in enumerate((([{"calm": 0.5}, None], 1), ([None, {"happy": -0.4, "calm": 0.2}], 2))):
+        ids, mask = _batch(seed)
+        eager = emovec.generate(model, ids, mask, max_new_tokens=4, vectors=vectors, monitor_layers=[0, 2],
+                                recipe=recipe, steer_layers=[1])
+        compiled = emovec.generate(model, ids, mask, max_new_tokens=4, vectors=vectors, monitor_layers=[0, 2],
+                                   recipe=recipe, steer_layers=[1], compile=True, compile_kwargs={"backend": counter})
+        assert compiled.sequences.tolist() == eager.sequences.tolist()
+        torch.testing.assert_close(compiled.monitor.scores, eager.monitor.scores, rtol=1e-5, atol=1e-5)
+        assert counter.frame_count == 2, f"call {call}: {counter.frame_count} graphs compiled"
+
+
+@pytest.mark.slow
+def test_inductor_compiles_once(tiny):
+    """The real compiler (inductor, C++ on the CPU): same tokens as eager, and a second call compiles nothing."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.compile_fx import compile_fx
+
+    torch._dynamo.reset()
+    model, vectors = tiny
+    compiled_graphs = []
+
+    def backend(gm, example_inputs):
+        compiled_graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    ids, mask = _batch(3)
+    kwargs = dict(max_new_tokens=3, vectors=vectors, monitor_layers="all", recipe={"afraid": 0.3}, steer_layers=[2])
+    eager = emovec.generate(model, ids, mask, **kwargs)
+    first = emovec.generate(model, ids, mask, compile=True, compile_kwargs={"backend": backend}, **kwargs)
+    assert first.sequences.tolist() == eager.sequences.tolist() and len(compiled_graphs) == 2
+    torch.testing.assert_close(first.monitor.scores, eager.monitor.scores, rtol=1e-4, atol=1e-4)
+    emovec.generate(model, ids.flip(0), mask.flip(0), compile=True, compile_kwargs={"backend": backend}, **kwargs)
+    assert len(compiled_graphs) == 2 and counters["stats"]["unique_graphs"] >= 2
+
+
+def test_bad_arguments(tiny):
+    model, vectors = tiny
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="need vectors"):
+        emovec.generate(model, ids, recipe={"calm": 0.1}, steer_layers=[1])
+    with pytest.raises(ValueError, match="positions"):
+        emovec.generate(model, ids, vectors=vectors, monitor_layers=[1], positions="some")
+    with pytest.raises(ValueError, match="2 recipes for a batch of 1|recipes for a batch"):
+        emovec.generate(model, ids[:1], vectors=vectors, recipe=[{"calm": 0.1}, None], steer_layers=[1])
+    with pytest.raises(KeyError, match="unknown concept"):
+        emovec.generate(model, ids, vectors=vectors, recipe={"clam": 0.1}, steer_layers=[1])
+    with pytest.raises(ValueError, match="at least one token"):
+        emovec.generate(model, ids[:, :0], vectors=vectors, monitor_layers=[1])
