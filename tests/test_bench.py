@@ -70,6 +70,7 @@ def test_bench_command_quick(tiny_cli, tmp_path):
     assert any(p.endswith("+cap") for p in capped)  # regulation's cost on top of monitoring + steering
     assert data["machine"]["cpu"] and data["command"].startswith("emovec bench")
     assert (out / "bench.png").exists() and (out / "bench.csv").read_text().count("\n") == len(data["rows"]) + 1
+    assert any("nnsight" in note for note in data["notes"])
     assert "generate b8" in result.stdout
     from test_cli_runtime import one_line_error
 

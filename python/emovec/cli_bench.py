@@ -76,6 +76,20 @@ def _plot(result: dict, path: Path) -> Path:
     return out
 
 
+def _other_tools() -> list[str]:
+    """nnsight and repeng, when installed, would be timed doing the same monitoring / steering; say what happened."""
+    import importlib.util
+
+    notes = []
+    for tool in ("nnsight", "repeng"):
+        if importlib.util.find_spec(tool) is None:
+            notes.append(f"{tool} is not installed: skipped (pip install {tool} to compare; emovec bench does not "
+                         "drive it yet)")
+        else:
+            notes.append(f"{tool} is installed, but emovec bench does not drive it yet: not timed")
+    return notes
+
+
 @main.command()
 @click.option("--model", "model_name", default=None, metavar="NAME_OR_PATH", help="default: SmolLM2-135M-Instruct")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -118,7 +132,7 @@ def bench(model_name, device, dtype, quick, k, new_tokens, rounds, backends, sce
         result = run_bench(loaded.model, loaded.tokenizer, progress=lambda s: click.echo(f"emovec bench: {s}", err=True),
                            **kwargs)
     result.update(model=loaded.name, command=_command_line(), quick=quick,
-                  machine=_machine(result["device"]))
+                  machine=_machine(result["device"]), notes=_other_tools())
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "bench.json", json.dumps(result, indent=1) + "\n")
     columns = ["scenario", "provider", "p20_ms", "p50_ms", "p80_ms", "tokens_per_s", "time_vs_baseline", "recorded_mb"]
@@ -136,6 +150,8 @@ def bench(model_name, device, dtype, quick, k, new_tokens, rounds, backends, sce
     for row in result["rows"]:
         table.add_row(*[str(row[c]) for c in columns])
     _console().print(table)
+    for line in result["notes"]:
+        click.echo(f"note: {line}", err=True)
     click.echo(f"wrote {out / 'bench.json'}, {out / 'bench.csv'} and {figure}", err=True)
     if not result["rows"]:
         raise UserError("no scenario ran")
