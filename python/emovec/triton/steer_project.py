@@ -200,6 +200,43 @@ def _steer_project_kernel(
             tl.store(scores_ptr + rows[:, None] * K + k_offsets[None, :], acc, mask=row_mask[:, None] & (k_offsets[None, :] < K))
 
 
+def plan(n: int, d: int, k: int, a: int, c: int, h_dtype: torch.dtype, *, scores: bool, norms: bool, capture: bool,
+         edits: bool) -> dict:
+    """The block sizes and paths the launcher picks for a call, without launching: ``flags`` (the constexpr block
+    sizes and USE_DOT / DOT_IEEE), ``grid`` of the first launch, whether that launch computes ``scores`` / ``norms``,
+    and ``second_projection`` (a projection-only launch after the edits, on the small-N path). Shared by
+    :func:`steer_project_triton` and benchmarks/kernel_report.py."""
+    block_a = max(1, triton.next_power_of_2(a))
+    block_c = max(1, triton.next_power_of_2(c))
+    # tl.dot needs tiles of at least 16; under the interpreter it is exact only in fp32 (see DESIGN.md)
+    use_dot = n > SMALL_N and k > 0
+    # the broadcast-sum path holds BLOCK_N x BLOCK_K x BLOCK_D products in registers: keep BLOCK_D small there
+    block_d = max(16, min(64, triton.next_power_of_2(d))) if use_dot else min(32, triton.next_power_of_2(d))
+    flags = dict(DOT_IEEE=h_dtype == torch.float32 or interpreting, BLOCK_D=block_d, BLOCK_A=block_a,
+                 BLOCK_C=block_c, USE_DOT=use_dot)
+    if use_dot:
+        block_k = min(128 if h_dtype == torch.float32 else 256, max(16, triton.next_power_of_2(k)))
+        block_n = 64 if block_k <= 64 else 32
+        if a or c:  # ablation/clamp products are BLOCK_N x BLOCK_A (C) x BLOCK_D in registers: keep them under 16K
+            flags["BLOCK_D"] = max(16, min(block_d, 16384 // (block_n * max(block_a, block_c))))
+        flags.update(BLOCK_N=block_n, BLOCK_K=block_k)
+        return {"flags": flags, "grid": (triton.cdiv(n, block_n), 1), "scores": scores, "norms": norms,
+                "second_projection": False, "launch": True,
+                "describe": f"tl.dot N{block_n} K{block_k} D{flags['BLOCK_D']}"}
+    block_n = max(1, min(SMALL_N, triton.next_power_of_2(n)))
+    block_k = max(1, min(32, triton.next_power_of_2(max(k, 1))))
+    if a or c:
+        flags["BLOCK_D"] = max(1, min(block_d, 16384 // (block_n * max(block_a, block_c))))
+    flags.update(BLOCK_N=block_n, BLOCK_K=block_k)
+    project_now = scores and not edits
+    # a probe-tile grid only when no program would capture twice
+    probe_tiles = triton.cdiv(k, block_k) if project_now and not capture else 1
+    return {"flags": flags, "grid": (triton.cdiv(n, block_n), probe_tiles), "scores": project_now, "norms": norms,
+            "second_projection": scores and not project_now,
+            "launch": edits or norms or capture or project_now,
+            "describe": f"broadcast-sum N{block_n} K{block_k} D{flags['BLOCK_D']}"}
+
+
 def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts,
                          errors=None, clamp=None, bounds=None, relative_bounds=False, corrections=None) -> None:
     """Launch the Triton kernel on validated arguments (see :func:`emovec.ops.steer_project`)."""
@@ -210,19 +247,13 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
     a = ablate.shape[0] if ablate is not None else 0
     c = clamp.shape[0] if clamp is not None else 0
     edits = table is not None or ablate is not None or clamp is not None
-    block_a = max(1, triton.next_power_of_2(a))
-    block_c = max(1, triton.next_power_of_2(c))
+    chosen = plan(n, d, k, a, c, h.dtype, scores=scores is not None, norms=norms is not None,
+                  capture=sums is not None, edits=edits)
     gram = (clamp.float() @ clamp.float().T).contiguous() if clamp is not None else None
-    # tl.dot needs tiles of at least 16; under the interpreter it is exact only in fp32 (see DESIGN.md)
-    use_dot = n > SMALL_N and k > 0
-    # the broadcast-sum path holds BLOCK_N x BLOCK_K x BLOCK_D products in registers: keep BLOCK_D small there
-    block_d = max(16, min(64, triton.next_power_of_2(d))) if use_dot else min(32, triton.next_power_of_2(d))
-    dot_ieee = h.dtype == torch.float32 or interpreting
     flags = dict(
         HAS_SLOTS=slots is not None, HAS_TABLE=table is not None, HAS_ABLATE=ablate is not None,
-        HAS_CENTER=center is not None, HAS_ERRORS=errors is not None, DOT_IEEE=dot_ieee, BLOCK_D=block_d, BLOCK_A=block_a,
-        HAS_CLAMP=clamp is not None, RELATIVE_BOUNDS=bool(relative_bounds), HAS_CORRECTIONS=corrections is not None,
-        BLOCK_C=block_c,
+        HAS_CENTER=center is not None, HAS_ERRORS=errors is not None, HAS_CLAMP=clamp is not None,
+        RELATIVE_BOUNDS=bool(relative_bounds), HAS_CORRECTIONS=corrections is not None, **chosen["flags"],
     )
     # absent tensors are passed as h: never dereferenced, the matching HAS_* flag is False
     pointers = [
@@ -238,36 +269,16 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
     ]
     slot_rows = table.shape[0] if table is not None else (bounds.shape[0] if bounds is not None else 0)
     sizes = (slot_rows, sums.shape[0] if sums is not None else 0)
-    if use_dot:
-        block_k = min(128 if h.dtype == torch.float32 else 256, max(16, triton.next_power_of_2(k)))
-        block_n = 64 if block_k <= 64 else 32
-        if a or c:  # ablation/clamp products are BLOCK_N x BLOCK_A (C) x BLOCK_D in registers: keep them under 16K
-            flags["BLOCK_D"] = max(16, min(block_d, 16384 // (block_n * max(block_a, block_c))))
-        grid = (triton.cdiv(n, block_n), 1)
-        _steer_project_kernel[grid](
+    if chosen["launch"]:
+        _steer_project_kernel[chosen["grid"]](
             *pointers, *outputs, n, d, k, a, *sizes, c,
-            HAS_SCORES=scores is not None, HAS_NORMS=norms is not None, HAS_CAPTURE=sums is not None,
-            USE_DOT=True, BLOCK_N=block_n, BLOCK_K=block_k, **flags,
+            HAS_SCORES=chosen["scores"], HAS_NORMS=chosen["norms"], HAS_CAPTURE=sums is not None, **flags,
         )
-        return
-    block_n = max(1, min(SMALL_N, triton.next_power_of_2(n)))
-    block_k = max(1, min(32, triton.next_power_of_2(max(k, 1))))
-    if a or c:
-        flags["BLOCK_D"] = max(1, min(block_d, 16384 // (block_n * max(block_a, block_c))))
-    project_now = scores is not None and not edits
-    if edits or norms is not None or sums is not None or project_now:
-        # a probe-tile grid only when no program would capture twice
-        probe_tiles = triton.cdiv(k, block_k) if project_now and sums is None else 1
-        _steer_project_kernel[(triton.cdiv(n, block_n), probe_tiles)](
-            *pointers, *outputs, n, d, k, a, *sizes, c,
-            HAS_SCORES=project_now, HAS_NORMS=norms is not None, HAS_CAPTURE=sums is not None,
-            USE_DOT=False, BLOCK_N=block_n, BLOCK_K=block_k, **flags,
-        )
-    if scores is not None and not project_now:
+    if chosen["second_projection"]:
         # edits are done and stored: project the rows on a (row tile x probe tile) grid, nothing else
         flags.update(HAS_SLOTS=False, HAS_TABLE=False, HAS_ABLATE=False, HAS_CLAMP=False, HAS_CORRECTIONS=False)
+        block_n, block_k = flags["BLOCK_N"], flags["BLOCK_K"]
         _steer_project_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
             *pointers, *outputs, n, d, k, a, *sizes, c,
-            HAS_SCORES=True, HAS_NORMS=False, HAS_CAPTURE=False,
-            USE_DOT=False, BLOCK_N=block_n, BLOCK_K=block_k, **flags,
+            HAS_SCORES=True, HAS_NORMS=False, HAS_CAPTURE=False, **flags,
         )
