@@ -70,11 +70,8 @@ def test_chat_checks_the_backend_before_the_first_prompt(loaded, vector_file, ba
     monkeypatch.setattr("emovec.ops.interpreting", False)
     import emovec.ops
 
-    emovec.ops._backend_status.cache_clear()
-    try:
-        result = invoke("chat", "--vectors", str(vector_file), "--backend", backend, input="hello\n")
-    finally:
-        emovec.ops._backend_status.cache_clear()
+    monkeypatch.setattr("emovec.ops._STATUS", None)  # recomputed with the interpreter off, restored after
+    result = invoke("chat", "--vectors", str(vector_file), "--backend", backend, input="hello\n")
     line = one_line_error(result)
     assert f"backend {backend!r}" in line and "assistant>" not in result.output
 

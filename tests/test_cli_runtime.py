@@ -311,6 +311,15 @@ def test_parse_cap_and_floor():
         cli._parse_bounds([], ["calm<=0"])
     with pytest.raises(cli.UserError, match="twice"):
         cli._parse_bounds(["calm<=0", "calm<=0.1"], [])
+    for bad in ("a==0.1", "<=0.5"):
+        with pytest.raises(cli.UserError, match="bad --cap"):
+            cli._parse_bounds([bad], [])
+    with pytest.raises(cli.UserError, match="never binds"):
+        cli._parse_bounds(["calm<=1"], [])
+    with pytest.raises(cli.UserError, match="never binds"):
+        cli._parse_bounds([], ["calm>=-1.5"])
+    with pytest.raises(cli.UserError, match="--regulate-layer needs"):
+        cli._parse_bounds([], [], "19")
 
 
 @slow

@@ -98,3 +98,18 @@ def test_bad_arguments(tiny):
         emovec.generate(model, ids, vectors=vectors, recipe={"clam": 0.1}, steer_layers=[1])
     with pytest.raises(ValueError, match="at least one token"):
         emovec.generate(model, ids[:, :0], vectors=vectors, monitor_layers=[1])
+
+
+def test_compiled_with_a_named_backend(tiny):
+    """A named backend (backend="cpu" / "torch") is resolved while tracing without calling into the extension."""
+    from torch._dynamo.testing import CompileCounter
+
+    model, vectors = tiny
+    ids, mask = _batch(4)
+    kwargs = dict(max_new_tokens=3, vectors=vectors, monitor_layers=[1], recipe={"calm": 0.2}, steer_layers=[1])
+    for backend in ("torch", "cpu") if emovec.has_cpp_library else ("torch",):
+        torch._dynamo.reset()
+        eager = emovec.generate(model, ids, mask, backend=backend, **kwargs)
+        compiled = emovec.generate(model, ids, mask, backend=backend, compile=True,
+                                   compile_kwargs={"backend": CompileCounter()}, **kwargs)
+        assert compiled.sequences.tolist() == eager.sequences.tolist()

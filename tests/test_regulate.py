@@ -139,3 +139,28 @@ def test_bad_bounds_get_clear_errors(tiny):
     with pytest.raises(ValueError, match="bound sets were given for a batch of 1"):
         with torch.no_grad(), emovec.regulate(model, vectors, [{"calm": (0, None)}, None], layers=[1]):
             model(input_ids=torch.randint(2, 290, (1, 4)))
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_buffers_are_fp32_whatever_the_default_dtype(tiny, default):
+    """The kernels write fp32 scores, norms and corrections: the runtime's buffers must be fp32 even when torch's
+    default dtype is not (a bf16 default would otherwise be written past its end)."""
+    model, vectors = tiny
+    ids = torch.randint(2, 290, (1, 6), generator=torch.Generator().manual_seed(8))
+
+    def run():
+        with torch.no_grad(), emovec.regulate(model, vectors, {"sad": (None, 0.0)}, layers=[1]) as reg, \
+                emovec.monitor(model, vectors, layers=[1, 2]) as mon:
+            model(input_ids=ids)
+        return mon.result().scores, reg.result().corrections
+
+    want = run()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        got = run()
+    finally:
+        torch.set_default_dtype(previous)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b)

@@ -313,7 +313,7 @@ def _parse_bound_terms(items: Sequence[str], op: str) -> dict[str, float]:
     flag = "--cap" if op == "<=" else "--floor"
     for item in items:
         for term in (t.strip() for t in item.split(",") if t.strip()):
-            match = re.fullmatch(r"(.+?)\s*(<=|>=|=)\s*([^<>=]+)", term)
+            match = re.fullmatch(r"([^<>=]+?)\s*(<=|>=|=)\s*([^<>=]+)", term)
             if not match or match.group(2) not in (op, "="):
                 raise UserError(f"bad {flag} {term!r}: write NAME{op}VALUE, e.g. {flag} "
                                 f"\"{'desperate<=0.02' if op == '<=' else 'calm>=0'}\"")
@@ -324,15 +324,21 @@ def _parse_bound_terms(items: Sequence[str], op: str) -> dict[str, float]:
                 raise UserError(f"bad bound {value!r} in {term!r}: it must be a number (a cosine, e.g. 0.02)") from None
             if not math.isfinite(bound):
                 raise UserError(f"bad bound {value!r} in {term!r}: it must be a finite number")
+            if (op == "<=" and bound >= 1) or (op == ">=" and bound <= -1):
+                raise UserError(f"{flag} {term!r} never binds: bounds are cosines, so a cap must be below 1 and a floor "
+                                "above -1")
             if name in out:
                 raise UserError(f"{flag} gives {name!r} twice; give each concept once")
             out[name] = bound
     return out
 
 
-def _parse_bounds(caps: Sequence[str], floors: Sequence[str]) -> dict[str, tuple[float | None, float | None]]:
+def _parse_bounds(caps: Sequence[str], floors: Sequence[str],
+                  regulate_layer: str | None = None) -> dict[str, tuple[float | None, float | None]]:
     """--cap / --floor terms as emovec.regulate bounds: {name: (floor or None, cap or None)}."""
     upper, lower = _parse_bound_terms(caps, "<="), _parse_bound_terms(floors, ">=")
+    if regulate_layer is not None and not upper and not lower:
+        raise UserError("--regulate-layer needs a --cap or --floor to apply there")
     return {name: (lower.get(name), upper.get(name)) for name in list(dict.fromkeys([*lower, *upper]))}
 
 
@@ -464,7 +470,7 @@ def monitor(text: str, model_name, vectors_path, layer, backend, device, top, ch
     from emovec import render
 
     text = _read_text(text)
-    bounds = _parse_bounds(caps, floors)
+    bounds = _parse_bounds(caps, floors, regulate_layer)
     _check_outputs(html_path, json_path)
     loaded, vectors = _setup(model_name, vectors_path, device, backend)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -501,6 +507,9 @@ def monitor(text: str, model_name, vectors_path, layer, backend, device, top, ch
         click.echo(f"wrote {html_path}", err=True)
     if json_path is not None:
         data = render.monitor_json(result, top=top, model=loaded.name, text=text, chat=chat)
+        if regulation is not None:
+            data["regulation"] = {"bounds": {n: list(b) for n, b in bounds.items()}, "units": "cosine",
+                                  "layers": list(regulation.layer_indices)}
         _write_atomic(json_path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
         click.echo(f"wrote {json_path}", err=True)
 
@@ -531,7 +540,7 @@ def steer(prompt: str, model_name, vectors_path, layer, backend, device, adds, a
     from emovec import render
 
     recipe = _parse_recipe(adds)
-    bounds = _parse_bounds(caps, floors)
+    bounds = _parse_bounds(caps, floors, regulate_layer)
     if not recipe and not bounds:
         raise UserError("give at least one --add NAME=STRENGTH (e.g. --add calm=0.05) or a --cap/--floor")
     prompt = _read_text(prompt)
@@ -624,7 +633,7 @@ def chat(model_name, vectors_path, layer, backend, device, adds, absolute, posit
     from emovec import render
 
     recipe = _parse_recipe(adds)
-    bounds = _parse_bounds(caps, floors)
+    bounds = _parse_bounds(caps, floors, regulate_layer)
     loaded, vectors = _setup(model_name, vectors_path, device, backend)
     model, tokenizer = loaded.model, loaded.tokenizer
     _check_recipe(recipe, vectors)

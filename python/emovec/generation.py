@@ -86,14 +86,14 @@ class _StaticRun:
         self.tables = {layer: torch.zeros(recipes, d, device=device, dtype=dtype) for layer in steer_at}
         self.prefill_slots = torch.full((batch * prompt,), -1, dtype=torch.long, device=device)
         self.decode_slots = torch.full((batch,), -1, dtype=torch.long, device=device)
-        self.probes = {layer: torch.zeros(k, d, device=device) for layer in monitor_at}
+        self.probes = {layer: torch.zeros(k, d, device=device, dtype=torch.float32) for layer in monitor_at}
         self.positions = {layer: i for i, layer in enumerate(monitor_at)}
-        self.scores = torch.zeros(len(monitor_at), batch, total, k, device=device)
-        self.norms = torch.zeros(len(monitor_at), batch, total, device=device)
-        self.prefill_scores = torch.empty(batch * prompt, k, device=device)
-        self.prefill_norms = torch.empty(batch * prompt, device=device)
-        self.decode_scores = torch.empty(batch, k, device=device)
-        self.decode_norms = torch.empty(batch, device=device)
+        self.scores = torch.zeros(len(monitor_at), batch, total, k, device=device, dtype=torch.float32)
+        self.norms = torch.zeros(len(monitor_at), batch, total, device=device, dtype=torch.float32)
+        self.prefill_scores = torch.empty(batch * prompt, k, device=device, dtype=torch.float32)
+        self.prefill_norms = torch.empty(batch * prompt, device=device, dtype=torch.float32)
+        self.decode_scores = torch.empty(batch, k, device=device, dtype=torch.float32)
+        self.decode_norms = torch.empty(batch, device=device, dtype=torch.float32)
         self.prefill_columns = torch.arange(prompt, device=device)
         self.decode_column = torch.zeros(1, dtype=torch.long, device=device)
         self.cache = StaticCache(config=model.config, max_cache_len=total)

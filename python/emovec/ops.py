@@ -6,7 +6,6 @@ the same contract, checked in tests against :mod:`emovec.reference`.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -42,8 +41,19 @@ def backend_status() -> dict[str, str | None]:
     return dict(_backend_status())
 
 
-@functools.lru_cache(maxsize=1)  # fixed for the life of the process; asked at every op call
+_STATUS: dict[str, str | None] | None = None
+
+
 def _backend_status() -> dict[str, str | None]:
+    """Fixed for the life of the process and asked at every op call: computed once, then a plain module global,
+    which torch.compile reads as a constant (it cannot trace the extension's calls that compute it)."""
+    global _STATUS
+    if _STATUS is None:
+        _STATUS = _compute_backend_status()
+    return _STATUS
+
+
+def _compute_backend_status() -> dict[str, str | None]:
     cuda_device = torch.cuda.is_available()
     status: dict[str, str | None] = {"torch": None}
     status["cpu"] = None if _ext.has_cpp_library else f"emovec._C is not built ({_ext.import_error}); {_ext.REBUILD_HINT}"
@@ -241,6 +251,12 @@ def steer_project(
         _check_tensor("table", table, ndim=2, device=device, dtypes=weight_dtypes, shape=(None, d))
         if table.shape[0] == 0:
             raise ValueError("table must have at least one row")
+    if isinstance(clamp, torch.Tensor) and clamp.ndim == 2 and clamp.shape[0] == 0:  # no directions: nothing to do
+        if isinstance(bounds, torch.Tensor) and bounds.numel() == 0:
+            bounds = None
+        if isinstance(corrections, torch.Tensor) and corrections.numel() == 0:
+            corrections = None
+        clamp = None
     if clamp is not None:
         _check_tensor("clamp", clamp, ndim=2, device=device, dtypes=weight_dtypes, shape=(None, d))
         if clamp.shape[0] > MAX_CLAMP:
@@ -252,8 +268,6 @@ def steer_project(
                       shape=(rows, clamp.shape[0], 2))
         if bounds.shape[0] == 0:
             raise ValueError("bounds must have at least one row")
-        if clamp.shape[0] == 0:
-            clamp = bounds = None
     elif bounds is not None:
         raise ValueError("bounds were given without clamp directions; pass clamp (C, d) unit vectors")
     num_clamp = clamp.shape[0] if clamp is not None else 0
@@ -427,6 +441,9 @@ def _run_backend(h, slots, table, ablate, probes, center, scores, norms, segment
         steer_project_triton(*args)
     else:  # pragma: no cover - steer_project validates the name
         raise ValueError(f"unknown backend {backend!r}")
+
+
+_backend_status()  # now, at import: under torch.compile the answer must already be a plain global
 
 
 @torch.library.custom_op("emovec::steer_project",

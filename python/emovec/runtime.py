@@ -326,8 +326,8 @@ class Monitor(_LayerRuntime):
         if end > self._capacity:
             capacity = max(end, 2 * self._capacity, 64)
             old = (self.scores, self.norms, self.real, self.ids, self._capacity)
-            self.scores = torch.zeros(step.batch, capacity, L, K, device=device)
-            self.norms = torch.zeros(step.batch, capacity, L, device=device)
+            self.scores = torch.zeros(step.batch, capacity, L, K, device=device, dtype=torch.float32)
+            self.norms = torch.zeros(step.batch, capacity, L, device=device, dtype=torch.float32)
             self.real = torch.zeros(step.batch, capacity, dtype=torch.bool, device=device)
             self.ids = torch.zeros(step.batch, capacity, dtype=torch.long, device=device)
             if old[4]:
@@ -344,8 +344,9 @@ class Monitor(_LayerRuntime):
         step = self.step
         key = (flat.shape[0], flat.device)
         if key not in self._scratch:
-            self._scratch[key] = (torch.empty(flat.shape[0], len(self.vectors.names), device=flat.device),
-                                  torch.empty(flat.shape[0], device=flat.device))
+            self._scratch[key] = (torch.empty(flat.shape[0], len(self.vectors.names), device=flat.device,
+                                              dtype=torch.float32),
+                                  torch.empty(flat.shape[0], device=flat.device, dtype=torch.float32))
         scores, norms = self._scratch[key]
         center = self._center(flat.device)
         steer_project_trusted(flat, probes=self._probe(position, flat.device), center=center, scores=scores,
@@ -407,7 +408,7 @@ def steering_vector(vectors: VectorSet, recipe: Recipe, layer: int, *, relative:
                          "(emovec.measure_mean_norms(model, vectors, texts)) or relative=False")
     scale = float(vectors.mean_norms[s]) if relative else 1.0
     directions = vectors.vectors[s] if raw else vectors.unit[s]
-    total = torch.zeros(vectors.hidden_size)
+    total = torch.zeros(vectors.hidden_size, dtype=torch.float32)
     for name, strength in recipe.items():
         total = total + float(strength) * scale * directions[vectors.index(name)]
     return total
@@ -563,7 +564,7 @@ class Steer(_PerSequence):
         tables = []
         for layer in self.layer_indices:
             rows = [steering_vector(self.vectors, r, layer, relative=self.relative, raw=self.raw) for r in distinct]
-            tables.append(torch.stack(rows) if rows else torch.zeros(1, self.vectors.hidden_size))
+            tables.append(torch.stack(rows) if rows else torch.zeros(1, self.vectors.hidden_size, dtype=torch.float32))
         self._tables_cpu = tables
         self._tables: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -702,7 +703,7 @@ class Regulate(_PerSequence):
         if end > self._capacity:
             capacity = max(end, 2 * self._capacity, 64)
             old = (self.corrections, self.real, self._capacity)
-            self.corrections = torch.zeros(step.batch, capacity, L, C, device=device)
+            self.corrections = torch.zeros(step.batch, capacity, L, C, device=device, dtype=torch.float32)
             self.real = torch.zeros(step.batch, capacity, dtype=torch.bool, device=device)
             if old[2]:
                 self.corrections[:, : old[2]] = old[0][:, : old[2]]
@@ -716,7 +717,7 @@ class Regulate(_PerSequence):
         if self.record:
             key = (flat.shape[0], flat.device)
             if key not in self._scratch:
-                self._scratch[key] = torch.empty(flat.shape[0], len(self.names), device=flat.device)
+                self._scratch[key] = torch.empty(flat.shape[0], len(self.names), device=flat.device, dtype=torch.float32)
             corrections = self._scratch[key]
         steer_project_trusted(flat, slots=self._slots(flat.device), clamp=self._tensor("clamp", position, flat.device),
                               bounds=self._tensor("bounds", 0, flat.device), relative_bounds=self.relative,
@@ -743,7 +744,8 @@ def regulate(model, vectors: VectorSet, bounds: Bounds | Sequence[Bounds | None]
     ``bounds`` is ``{"desperate": (None, 0.02), "calm": (0.0, None)}`` (None: no bound on that side) for every
     sequence, or a list with one such dict (or None: unregulated) per sequence. With ``relative=True`` (default) the
     bounds are cosines of the residual stream with the concept's unit vector (the monitor's ``cosine`` reading at
-    that layer), met exactly; with ``relative=False`` they are projections ``h · unit vector``. At each chosen layer
+    that layer, with no center, as the monitor reads by default), met exactly up to fp32 rounding (which grows as a
+    bound nears ±1); with ``relative=False`` they are projections ``h · unit vector``. At each chosen layer
     and position, after any steering, each bound is applied in the order the names first appear: a token whose
     reading is out of bounds is moved along the concept's direction just onto the bound; a token within bounds is
     left bit-identical. ``positions`` as for :func:`steer`; padding is never touched. ``result()`` gives per-token
