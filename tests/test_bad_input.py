@@ -68,7 +68,6 @@ def test_unknown_device_is_one_clear_line():
 def test_chat_checks_the_backend_before_the_first_prompt(loaded, vector_file, backend, monkeypatch):
     monkeypatch.setattr("emovec.triton.interpreting", False)
     monkeypatch.setattr("emovec.ops.interpreting", False)
-    import emovec.ops
 
     monkeypatch.setattr("emovec.ops._STATUS", None)  # recomputed with the interpreter off, restored after
     result = invoke("chat", "--vectors", str(vector_file), "--backend", backend, input="hello\n")
