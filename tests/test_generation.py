@@ -92,7 +92,7 @@ def test_bad_arguments(tiny):
         emovec.generate(model, ids, recipe={"calm": 0.1}, steer_layers=[1])
     with pytest.raises(ValueError, match="positions"):
         emovec.generate(model, ids, vectors=vectors, monitor_layers=[1], positions="some")
-    with pytest.raises(ValueError, match="2 recipes for a batch of 1|recipes for a batch"):
+    with pytest.raises(ValueError, match="recipes for a batch of 1"):
         emovec.generate(model, ids[:1], vectors=vectors, recipe=[{"calm": 0.1}, None], steer_layers=[1])
     with pytest.raises(KeyError, match="unknown concept"):
         emovec.generate(model, ids, vectors=vectors, recipe={"clam": 0.1}, steer_layers=[1])
@@ -113,3 +113,55 @@ def test_compiled_with_a_named_backend(tiny):
         compiled = emovec.generate(model, ids, mask, backend=backend, compile=True,
                                    compile_kwargs={"backend": CompileCounter()}, **kwargs)
         assert compiled.sequences.tolist() == eager.sequences.tolist()
+
+
+def test_many_prompt_lengths_compile_a_bounded_number_of_graphs(tiny):
+    """Each new shape must not add two graphs forever (fullgraph turns dynamo's recompile limit into an error):
+    after the second length, sizes are dynamic and later lengths reuse the graphs."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model, vectors = tiny
+    counter = CompileCounter()
+    g = torch.Generator().manual_seed(9)
+    for length in range(3, 12):
+        ids = torch.randint(2, 290, (1, length), generator=g)
+        kwargs = dict(max_new_tokens=3, vectors=vectors, monitor_layers=[1], recipe={"calm": 0.3}, steer_layers=[1])
+        eager = emovec.generate(model, ids, **kwargs)
+        compiled = emovec.generate(model, ids, compile=True, compile_kwargs={"backend": counter}, **kwargs)
+        assert compiled.sequences.tolist() == eager.sequences.tolist()
+    assert counter.frame_count <= 4
+
+
+def test_copies_and_pickles_of_the_model_carry_nothing(tiny, tmp_path):
+    """Nothing of emovec.generate lives on the model: a deep copy generates with its own weights, and the model
+    still pickles after a compiled call."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounter
+
+    model, vectors = tiny
+    ids, mask = _batch(5)
+    kwargs = dict(max_new_tokens=3, vectors=vectors, monitor_layers=[1], compile=True,
+                  compile_kwargs={"backend": CompileCounter()})
+    emovec.generate(model, ids, mask, **kwargs)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1)
+    assert emovec.generate(twin, ids, mask, **kwargs).sequences.tolist() == \
+        emovec.generate(twin, ids, mask, max_new_tokens=3, vectors=vectors, monitor_layers=[1]).sequences.tolist()
+    torch.save(model, tmp_path / "model.pt")
+    assert not any(k.startswith("_emovec") for k in model.__dict__)
+
+
+def test_refuses_active_contexts_and_right_padding(tiny):
+    model, vectors = tiny
+    ids, mask = _batch()
+    with emovec.monitor(model, vectors, [3]), pytest.raises(RuntimeError, match="leave those blocks"):
+        emovec.generate(model, ids, mask, vectors=vectors, monitor_layers=[1])
+    with pytest.raises(ValueError, match="left padding"):
+        emovec.generate(model, ids, mask.flip(1), vectors=vectors, monitor_layers=[1])
+    with pytest.raises(ValueError, match="too large for the model"):
+        emovec.generate(model, ids, mask, vectors=vectors, recipe={"calm": 1e38}, steer_layers=[1])
+    out = emovec.generate(model, ids, mask, max_new_tokens=2, vectors=vectors, recipe=[None, None])
+    assert out.sequences.shape == (2, 8)  # all-None recipes: plain generation

@@ -114,7 +114,15 @@ def test_import_checks_the_file_as_llama_cpp_does(tmp_path):
     with pytest.raises(VectorFileError, match="float32"):
         import_control_vectors([_write_raw(tmp_path / "half.gguf", tensors={"direction.1": d}, dtype=np.float16)])
     with pytest.raises(VectorFileError, match="no direction"):
-        import_control_vectors([_write_raw(tmp_path / "empty.gguf", tensors={"other": d})])
+        import_control_vectors([_write_raw(tmp_path / "empty.gguf", tensors={})])
+    with pytest.raises(VectorFileError, match="'other' is not direction"):  # llama.cpp rejects the whole file
+        import_control_vectors([_write_raw(tmp_path / "other.gguf", tensors={"direction.1": d, "other": d})])
+    with pytest.raises(VectorFileError, match="1-D"):
+        import_control_vectors([_write_raw(tmp_path / "col.gguf", tensors={"direction.1": d[:, None]})])
+    # llama.cpp reads the layer with std::stoi (a leading integer) and adds repeated layers up
+    vs = import_control_vectors([_write_raw(tmp_path / "odd.gguf", tensors={"direction.2.weight": d,
+                                                                          "direction.02": 2 * d})])
+    assert vs.layers == [2] and torch.equal(vs.vectors[0, 0], torch.full((8,), 3.0))
     with pytest.raises(VectorFileError, match="different lengths"):
         import_control_vectors([_write_raw(tmp_path / "ragged.gguf", tensors={"direction.1": d, "direction.2": d[:4]})])
     with pytest.raises(VectorFileError, match="NaN"):
@@ -153,6 +161,13 @@ def test_cli_export_and_import(tmp_path):
     assert result.exit_code == 0, result.output
     assert "calmer: 3 layers" in result.output and VectorSet.load(tmp_path / "v.st").names == ["calmer"]
 
+    every = runner.invoke(main, ["export", "gguf", "--recipe", "calm=0.05", "--layers", "all", "--out", str(out)])
+    assert every.exit_code == 0 and "at layers 1-29" in every.output, every.output
+    assert sorted(read_control_vector(out)[0]) == list(range(1, 30))
+    single = runner.invoke(main, ["export", "gguf", "--recipe", "calm=0.05", "--layers", "7", "--out", str(out)])
+    assert single.exit_code == 0 and "at layer 7," in single.output
+    bad = runner.invoke(main, ["export", "gguf", "--recipe", "calm=1e38", "--layers", "3", "--out", str(out)])
+    assert bad.exit_code == 1 and "overflows" in bad.output
     bad = runner.invoke(main, ["export", "gguf", "--recipe", "calm=0.05", "--layers", "0-3", "--out", str(out)])
     assert bad.exit_code == 1 and "layer 0" in bad.output and "Traceback" not in bad.output
     bad = runner.invoke(main, ["export", "gguf", "--recipe", "clam=0.05", "--layers", "3", "--out", str(out)])

@@ -40,7 +40,7 @@ def export_group() -> None:
 @click.option("--recipe", "recipe_items", multiple=True, required=True, metavar="NAME=STRENGTH,...",
               help='what to steer, e.g. "calm=0.05,desperate=-0.02" (repeatable)')
 @click.option("--layers", "layer_spec", required=True, metavar="SPEC",
-              help="layers to steer: 10-20, 12, 3,5,7 or all (layer 0 is never steered by llama.cpp)")
+              help="layers to steer: 10-20, 12, 3,5,7 or all (all from layer 1: llama.cpp never steers layer 0)")
 @click.option("--absolute", is_flag=True,
               help="strengths multiply the unit vectors (default: relative, in units of each layer's mean residual "
                    "norm, as `emovec steer`)")
@@ -73,15 +73,21 @@ def export_gguf(vectors_path, model_name, device, recipe_items, layer_spec, abso
         for name in recipe:
             vectors.index(name)
         layers = resolve_layer_indices(layer_spec, num_layers)
+        if str(layer_spec).strip().lower() == "all":  # llama.cpp never steers layer 0: "all" means all it can
+            layers = [layer for layer in layers if layer != 0]
         if not absolute and vectors.mean_norms is None:
             raise ValueError("these vectors have no mean residual norms, which relative strengths are measured in; "
                              "pass --absolute or use vectors with mean norms")
         export_control_vector(vectors, recipe, layers, out_path, relative=not absolute)
     terms = ", ".join(f"{n}={s:+g}" for n, s in recipe.items())
-    click.echo(f"wrote {out_path}: {terms} ({'absolute' if absolute else 'relative'}) at layers "
-               f"{layers[0]}-{layers[-1] if len(layers) > 1 else layers[0]}"
-               f"{'' if layers == list(range(layers[0], layers[-1] + 1)) else ' (' + ','.join(map(str, layers)) + ')'}"
-               f", hidden size {vectors.hidden_size}")
+    if len(layers) == 1:
+        where = f"layer {layers[0]}"
+    elif layers == list(range(layers[0], layers[-1] + 1)):
+        where = f"layers {layers[0]}-{layers[-1]}"
+    else:
+        where = "layers " + ",".join(map(str, layers))
+    click.echo(f"wrote {out_path}: {terms} ({'absolute' if absolute else 'relative'}) at {where}, hidden size "
+               f"{vectors.hidden_size}")
     click.echo(f"use: llama-cli -m MODEL.gguf --control-vector {out_path}")
 
 

@@ -19,6 +19,7 @@ shapes reuse them. With ``compile=False`` the same loop runs eagerly and gives t
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,56 +72,67 @@ class _StaticLayer:
 
 
 class _StaticRun:
-    """Buffers, tables, wrappers and KV cache of one generation shape, kept on the model and reused (refilled in
-    place) by later calls with the same shape, so compiled graphs see the same objects and never recompile."""
+    """Buffers, tables and KV cache of the current generation shape, plus the layer wrappers: one object per model
+    (kept weakly, outside the model, so copies and pickles of the model carry none of it), whose wrappers live as
+    long as it does. A call of the same shape refills its tensors in place; another shape replaces the tensors
+    (not the object or its wrappers), so compiled graphs see the same objects and only the new sizes."""
 
-    def __init__(self, model, *, batch: int, prompt: int, total: int, steer_at: Sequence[int],
+    def __init__(self) -> None:
+        self.key = None
+        self.decode = False
+        self.backend = None
+        self.wrappers: dict[int, _StaticLayer] = {}
+
+    def allocate(self, model, key, *, batch: int, prompt: int, total: int, steer_at: Sequence[int],
                  monitor_at: Sequence[int], k: int, recipes: int, backend: str | None) -> None:
         from transformers import StaticCache
 
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
+        f32 = dict(device=device, dtype=torch.float32)
+        self.key = key
         self.backend = backend
-        self.decode = False
         d = find_decoder_layers(model).hidden_size
         self.tables = {layer: torch.zeros(recipes, d, device=device, dtype=dtype) for layer in steer_at}
         self.prefill_slots = torch.full((batch * prompt,), -1, dtype=torch.long, device=device)
         self.decode_slots = torch.full((batch,), -1, dtype=torch.long, device=device)
-        self.probes = {layer: torch.zeros(k, d, device=device, dtype=torch.float32) for layer in monitor_at}
+        self.probes = {layer: torch.zeros(k, d, **f32) for layer in monitor_at}
         self.positions = {layer: i for i, layer in enumerate(monitor_at)}
-        self.scores = torch.zeros(len(monitor_at), batch, total, k, device=device, dtype=torch.float32)
-        self.norms = torch.zeros(len(monitor_at), batch, total, device=device, dtype=torch.float32)
-        self.prefill_scores = torch.empty(batch * prompt, k, device=device, dtype=torch.float32)
-        self.prefill_norms = torch.empty(batch * prompt, device=device, dtype=torch.float32)
-        self.decode_scores = torch.empty(batch, k, device=device, dtype=torch.float32)
-        self.decode_norms = torch.empty(batch, device=device, dtype=torch.float32)
+        self.scores = torch.zeros(len(monitor_at), batch, total, k, **f32)
+        self.norms = torch.zeros(len(monitor_at), batch, total, **f32)
+        self.prefill_scores = torch.empty(batch * prompt, k, **f32)
+        self.prefill_norms = torch.empty(batch * prompt, **f32)
+        self.decode_scores = torch.empty(batch, k, **f32)
+        self.decode_norms = torch.empty(batch, **f32)
         self.prefill_columns = torch.arange(prompt, device=device)
         self.decode_column = torch.zeros(1, dtype=torch.long, device=device)
+        self.cache = None  # the previous shape's cache goes before the new one is made
         self.cache = StaticCache(config=model.config, max_cache_len=total)
         config = model.config
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache.early_initialization(batch, heads, head_dim, dtype, device)
         found = find_decoder_layers(model)
-        self.wrappers = {index: _StaticLayer(found.layers[index], self, index)
-                         for index in sorted(set(steer_at) | set(monitor_at))}
+        for index in sorted(set(steer_at) | set(monitor_at)):
+            if index not in self.wrappers:
+                self.wrappers[index] = _StaticLayer(found.layers[index], self, index)
+        self.active = sorted(set(steer_at) | set(monitor_at))
 
     def install(self, model) -> list[torch.nn.Module]:
         found = find_decoder_layers(model)
+        if any("forward" in layer.__dict__ for layer in found.layers):
+            raise RuntimeError("a decoder layer already carries a wrapper (is an emovec.monitor, steer or regulate "
+                               "block active?); emovec.generate records and steers by itself: leave those blocks first")
         installed = []
-        try:
-            for index, wrapper in self.wrappers.items():
-                layer = found.layers[index]
-                if "forward" in layer.__dict__:
-                    raise RuntimeError("a decoder layer already carries a wrapper (is an emovec.monitor/steer block "
-                                       "active?); emovec.generate installs its own")
-                layer.forward = wrapper
-                installed.append(layer)
-        except BaseException:
-            for layer in installed:
-                layer.__dict__.pop("forward", None)
-            raise
+        for index in self.active:
+            layer = found.layers[index]
+            layer.forward = self.wrappers[index]
+            installed.append(layer)
         return installed
+
+
+_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _StaticRun
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {options: compiled forward}
 
 
 @torch.no_grad()
@@ -155,29 +167,41 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     num_layers = len(find_decoder_layers(model).layers)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("emovec.generate needs left padding (the last prompt column real in every row); "
+                         "set tokenizer.padding_side = 'left'")
     mask = torch.cat([attention_mask.long(), torch.ones(batch, max_new_tokens, dtype=torch.long, device=device)], 1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    steer_at = resolve_layer_indices(steer_layers, num_layers) if recipe is not None else []
+    recipes = [] if recipe is None else ([recipe] * batch if isinstance(recipe, dict) else list(recipe))
+    if recipe is not None and len(recipes) != batch:
+        raise ValueError(f"{len(recipes)} recipes for a batch of {batch}; give one per sequence or one dict")
+    distinct: list[dict] = []
+    for r in recipes:
+        if r is not None and r not in distinct:
+            distinct.append(r)
+    steer_at: list[int] = []
+    if distinct:  # the eager runtime's checks: names, strengths, layers (default: the vectors' default layer)
+        from emovec.runtime import Steer
+
+        check = Steer(model, vectors, recipes, steer_layers, positions=positions, relative=relative)
+        steer_at = list(check.layer_indices)
     monitor_at = resolve_layer_indices(monitor_layers, num_layers) if monitor_layers is not None else []
+    for layer in monitor_at:
+        vectors.slice_of(layer)
+    if vectors is not None and vectors.hidden_size != find_decoder_layers(model).hidden_size:
+        raise ValueError(f"the vectors have hidden size {vectors.hidden_size} but the model's residual stream has "
+                         f"{find_decoder_layers(model).hidden_size}; use vectors extracted for this model")
     k = len(vectors.names) if vectors is not None and monitor_at else 0
-    recipes, distinct = [], []
-    if recipe is not None:
-        recipes = [recipe] * batch if isinstance(recipe, dict) else list(recipe)
-        if len(recipes) != batch:
-            raise ValueError(f"{len(recipes)} recipes for a batch of {batch}; give one per sequence or one dict")
-        distinct = [r for r in recipes if r is not None]
-        if not distinct:
-            raise ValueError("every recipe is None: nothing to steer (leave recipe out)")
-        for r in distinct:
-            for name in r:
-                vectors.index(name)
     key = (batch, prompt, total, tuple(steer_at), tuple(monitor_at), k, len(distinct), str(device),
            next(model.parameters()).dtype, backend)
-    states = model.__dict__.setdefault("_emovec_static_runs", {})
-    if key not in states:
-        states[key] = _StaticRun(model, batch=batch, prompt=prompt, total=total, steer_at=steer_at,
-                                 monitor_at=monitor_at, k=k, recipes=len(distinct), backend=backend)
-    run = states[key]
+    run = _RUNS.get(model)
+    if run is None:
+        run = _RUNS[model] = _StaticRun()
+    if run.key != key:
+        run.allocate(model, key, batch=batch, prompt=prompt, total=total, steer_at=steer_at, monitor_at=monitor_at,
+                     k=k, recipes=len(distinct), backend=backend)
     # refill the run's tensors in place for this call
     if distinct:
         ids = torch.tensor([-1 if r is None else distinct.index(r) for r in recipes], device=device)
@@ -222,7 +246,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         tokenizer = tokenizer if tokenizer is not None else getattr(model, "emovec_tokenizer", None)
         tokens = None
         if tokenizer is not None:
-            tokens = [tokenizer.convert_ids_to_tokens(ids[b][real[b]].tolist()) for b in range(batch)]
+            from emovec.runtime import _readable
+
+            tokens = [[_readable(t, tokenizer) for t in tokenizer.convert_ids_to_tokens(ids[b][real[b]].tolist())]
+                      for b in range(batch)]
         result = MonitorResult(list(vectors.names), list(monitor_at), scores, norms, real, ids,
                                torch.where(real, real.long().cumsum(1) - 1, -1), tokens)
     return GenerateResult(sequences, result)
@@ -231,8 +258,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 def _compiled_forward(model, compile_kwargs: dict | None):
     """``torch.compile(model.forward, fullgraph=True)``, made once per model and options and kept on the model."""
     options = {"fullgraph": True, **(compile_kwargs or {})}
-    key = tuple(sorted((k, repr(v)) for k, v in options.items()))
-    cache = model.__dict__.setdefault("_emovec_compiled", {})
-    if key not in cache:
-        cache[key] = torch.compile(model.forward, **options)
-    return cache[key]
+    key = tuple(sorted((k, v if isinstance(v, (str, int, float, bool, type(None))) else id(v))
+                       for k, v in options.items()))
+    cache = _COMPILED.setdefault(model, {})
+    if key not in cache:  # the class's forward, so the cache holds no reference to the model itself
+        cache[key] = torch.compile(type(model).forward, **options)
+    compiled = cache[key]
+    return lambda **kwargs: compiled(model, **kwargs)

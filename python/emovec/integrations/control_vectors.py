@@ -22,7 +22,7 @@ from emovec.runtime import Recipe, steering_vector
 from emovec.vectors import VectorFileError, VectorSet
 
 ARCHITECTURE = "controlvector"
-_DIRECTION = re.compile(r"direction\.(\d+)")
+_LEADING_INT = re.compile(r"\s*[+-]?\d+")  # what std::stoi reads at the start of a string
 
 
 def _gguf():
@@ -54,7 +54,12 @@ def control_vector(vectors: VectorSet, recipe: Recipe, layers: Sequence[int], *,
     if 0 in layers:
         raise ValueError("llama.cpp never steers layer 0 (it rejects a direction.0 tensor); choose layers from 1, "
                          "e.g. 1-20")
-    return {layer: steering_vector(vectors, recipe, layer, relative=relative, raw=raw) for layer in layers}
+    out = {layer: steering_vector(vectors, recipe, layer, relative=relative, raw=raw) for layer in layers}
+    for layer, vector in out.items():
+        if not torch.isfinite(vector).all():
+            raise ValueError(f"the recipe's vector at layer {layer} overflows float32; use smaller strengths (the "
+                             "research used |strength| <= 0.5, relative)")
+    return out
 
 
 def write_control_vector(path: str | os.PathLike, directions: dict[int, torch.Tensor], *, hint: str = "unknown",
@@ -123,21 +128,29 @@ def read_control_vector(path: str | os.PathLike) -> tuple[dict[int, torch.Tensor
         raise VectorFileError(f"{path} is a GGUF file of architecture {arch!r}, not a control vector "
                               f"({ARCHITECTURE!r}); a model file cannot be imported as vectors")
     directions: dict[int, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        match = _DIRECTION.fullmatch(tensor.name)
-        if not match:
-            continue
-        layer = int(match.group(1))
+    for tensor in reader.tensors:  # llama.cpp's rules: every tensor is direction.<i>, i >= 1 (std::stoi prefix)
+        prefix, dot, rest = tensor.name.partition(".")
+        match = _LEADING_INT.match(rest) if prefix == "direction" and dot else None
+        if match is None or int(match.group(0)) < 0:
+            raise VectorFileError(f"{path}: tensor {tensor.name!r} is not direction.<layer>; llama.cpp rejects such "
+                                  "a file")
+        layer = int(match.group(0))
         if layer == 0:
             raise VectorFileError(f"{path} has a direction.0 tensor, which llama.cpp rejects (layer 0 is never "
                                   "steered)")
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
             raise VectorFileError(f"{path}: {tensor.name} is {tensor.tensor_type.name}, but control vectors are "
                                   "float32 (llama.cpp reads only F32)")
+        if len(tensor.shape) != 1:
+            raise VectorFileError(f"{path}: {tensor.name} has shape {[int(n) for n in tensor.shape]}; a direction "
+                                  "is 1-D (llama.cpp rejects others)")
         values = torch.from_numpy(tensor.data.astype("float32", copy=True)).reshape(-1)
-        if len([n for n in tensor.shape if n > 1]) > 1:
-            raise VectorFileError(f"{path}: {tensor.name} has shape {list(tensor.shape)}; a direction is 1-D")
-        directions[layer] = values
+        if layer in directions:  # llama.cpp adds repeated layers up
+            if directions[layer].numel() != values.numel():
+                raise VectorFileError(f"{path}: the directions have different lengths")
+            directions[layer] = directions[layer] + values
+        else:
+            directions[layer] = values
     if not directions:
         raise VectorFileError(f"{path} has no direction.<layer> tensors")
     sizes = {int(v.numel()) for v in directions.values()}
