@@ -108,9 +108,24 @@ def _triton_compile(config: dict, arch: int):
     h_dtype, w_dtype = dt[config["h"]], dt[config["w"]]
     n, d, k = config["n"], config["d"], config["k"]
     c = config.get("clamp", 0)
+    tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    projection_only = (config.get("scores") and k > 0 and not config.get("table") and not config.get("capture")
+                       and c == 0 and n > sp.SMALL_N)
+    if projection_only:  # what the launcher dispatches for monitoring: the lean GEMM-tile kernel
+        plan = sp.plan_projection(n, d, k, h_dtype)
+        probe_type = tname[h_dtype] if not plan["flags"]["DOT_FP32"] else tname[w_dtype]
+        signature = {"h_ptr": f"*{tname[h_dtype]}", "h_row_stride": "i64", "probes_ptr": f"*{probe_type}",
+                     "center_ptr": f"*{tname[w_dtype]}", "center_dots_ptr": "*fp32", "scores_ptr": "*fp32",
+                     "norms_ptr": "*fp32", "N": "i32", "D": "i32", "K": "i32"}
+        flags = dict(plan["flags"], HAS_CENTER=False, HAS_NORMS=True)
+        for key in flags:
+            signature[key] = "constexpr"
+        kernel = triton.compile(ASTSource(fn=sp._project_kernel, signature=signature, constexprs=flags),
+                                target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": plan["num_warps"], "num_stages": 3})
+        return kernel, plan
     plan = sp.plan(n, d, k, 0, c, h_dtype, scores=config.get("scores", False), norms=config.get("scores", False),
                    capture=config.get("capture", False), edits=config.get("table", False) or c > 0)
-    tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     hp, wp = f"*{tname[h_dtype]}", f"*{tname[w_dtype]}"
     signature = {
         "h_ptr": hp, "h_row_stride": "i64", "slots_ptr": "*i64", "table_ptr": wp, "ablate_ptr": wp, "probes_ptr": wp,

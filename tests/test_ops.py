@@ -48,6 +48,9 @@ TRITON_CASES = [
     Case(20, 64, 0, 1),
     Case(5, 64, 171, 1, clamp=3),
     Case(40, 64, 5, 1, clamp=2, relative=True),
+    Case(40, 64, 171, 0, steer=False, capture=False),  # projection only: the lean GEMM-tile kernel
+    Case(70, 33, 5, 0, steer=False, capture=False, center=False, row_pad=3),
+    Case(65, 100, 80, 0, steer=False, capture=False, weights_fp32=True),
     Case(20, 33, 0, 0, clamp=3, steer=False),
 ]
 

@@ -1,19 +1,28 @@
-"""Triton kernel of the fused steer / project / capture op, and its launcher.
+"""Triton kernels of the fused steer / project / capture op, and their launcher.
 
-Contract: see :func:`emovec.ops.steer_project` (reference: :mod:`emovec.reference`). One program owns
-``BLOCK_N`` rows and walks the hidden dimension in ``BLOCK_D`` chunks:
+Contract: see :func:`emovec.ops.steer_project` (reference: :mod:`emovec.reference`).
+
+``_project_kernel`` (many rows with probes: monitoring, and the projection half of any call with more than
+``SMALL_N`` rows): GEMM tiles of 64 rows x 64 probes, d in chunks, ``tl.dot`` in h's dtype on tensor cores (wgmma on
+sm_90; tf32x3 for fp32 h) with fp32 accumulation; the center enters as ``center · probe`` after the product, so
+``h - center`` is never rounded; norms from the first probe tile. No spills on sm_80 / sm_90
+(benchmarks/kernel_report.py).
+
+``_steer_project_kernel`` (edits, capture, and small N): one program owns ``BLOCK_N`` rows and walks the hidden
+dimension in ``BLOCK_D`` chunks:
 
   pass 1 (ablation only):  coef[r, a] = (h[r] + table[slot[r]]) · u_a
   pass 1b (regulation only): dots[r, c] = (x0[r] - center) · w_c and ‖x0[r] - center‖² on the steered, ablated
            rows x0; then, direction after direction, p_c = dots[r, c] - Σ_{c' < c} δ[r, c'] (w_c'·w_c) (the
            projection after the earlier corrections, with the Gram matrix of the directions), δ[r, c] =
            p_c - clamp(p_c, lo, hi); pass 2 subtracts Σ_c δ[r, c] w_c
-  pass 2:  x = h + table[slot] - coef @ u;  h = round(x);  norms, capture and the first probe tile of
-           scores[r, k] = (h[r] - center) · probes[k] accumulate from the same chunk (tl.dot for large N)
+  pass 2:  x = h + table[slot] - coef @ u;  h = round(x);  norms, capture and, for small N, the first probe tile
+           of scores[r, k] = (h[r] - center) · probes[k]
   pass 3:  the remaining probe tiles re-read the freshly written rows (L2-resident).
 
-Large N: one launch over row tiles. N of 1 to 16: a program per row tile would leave the GPU idle, so the
-edits run first (one small launch) and the projection runs on a (row tile x probe tile) grid without tl.dot.
+With more than SMALL_N rows and probes, the edits and capture run first (no dots) and the projection kernel reads
+the rows as stored. N of 1 to 16: the edits run first (one small launch) and the projection runs on a (row tile x
+probe tile) grid without tl.dot.
 """
 
 from __future__ import annotations
@@ -200,6 +209,85 @@ def _steer_project_kernel(
             tl.store(scores_ptr + rows[:, None] * K + k_offsets[None, :], acc, mask=row_mask[:, None] & (k_offsets[None, :] < K))
 
 
+@triton.jit
+def _project_kernel(
+    h_ptr, h_row_stride, probes_ptr, center_ptr, center_dots_ptr, scores_ptr, norms_ptr, N, D, K,
+    HAS_CENTER: tl.constexpr, HAS_NORMS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Projection only (what monitoring does): scores = h · probes - center · probes, norms = ‖h - center‖.
+
+    A GEMM tile per program, (BLOCK_N rows x BLOCK_K probes), walking d in BLOCK_D chunks: ``h`` and the probes
+    enter ``tl.dot`` in h's dtype (tensor cores; the probes are kept in h's dtype by the launcher), the products
+    accumulate in fp32, and the center is subtracted after the product as ``center · probe_k`` computed once in fp32,
+    so ``h - center`` is never rounded (nor overflows in fp16). The norms come from the first probe tile's programs.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    probes_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_mask = rows < N
+    k_mask = probes_k < K
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        x = tl.load(h_ptr + rows[:, None] * h_row_stride + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0)
+        p = tl.load(probes_ptr + probes_k[:, None] * D + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
+                    other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(p.to(tl.float32)), input_precision=PRECISION)
+        else:
+            acc += tl.dot(x, tl.trans(p.to(x.dtype)))
+        if HAS_NORMS:
+            if pid_k == 0:
+                y = x.to(tl.float32)
+                if HAS_CENTER:
+                    y -= tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                squares += tl.sum(y * y, axis=1)
+    if HAS_CENTER:
+        acc -= tl.load(center_dots_ptr + probes_k, mask=k_mask, other=0.0)[None, :]
+    tl.store(scores_ptr + rows[:, None] * K + probes_k[None, :], acc, mask=row_mask[:, None] & k_mask[None, :])
+    if HAS_NORMS:
+        if pid_k == 0:
+            tl.store(norms_ptr + rows, tl.sqrt(squares), mask=row_mask)
+
+
+def plan_projection(n: int, d: int, k: int, h_dtype: torch.dtype) -> dict:
+    """Block sizes of the projection-only kernel: 64 x 64 output tiles (BLOCK_N = 64 lets sm_90 use wgmma), K tiles
+    of 64 (K = 171 pads to 192, not 256), d in chunks of 64 (32 for fp32 h), 8 warps: no spills on sm_80 / sm_90
+    (benchmarks/kernel_report.py)."""
+    block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
+    block_k = 64 if k > 32 else max(16, triton.next_power_of_2(k))
+    # fp32 h: tf32x3 keeps fp32 accuracy on tensor cores; under the interpreter every dot runs in fp32 ("ieee")
+    dot_fp32 = h_dtype == torch.float32 or interpreting
+    precision = "ieee" if interpreting else "tf32x3"
+    block_d = (32 if h_dtype == torch.float32 else 64) if d >= 64 else max(16, triton.next_power_of_2(d))
+    return {"flags": dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, DOT_FP32=dot_fp32,
+                          PRECISION=precision),
+            "num_warps": 8,
+            "grid": (triton.cdiv(n, block_n), triton.cdiv(k, block_k)),
+            "describe": f"project tl.dot N{block_n} K{block_k} D{block_d}" + (" tf32x3" if dot_fp32 and not
+                                                                            interpreting else "")}
+
+
+def project_triton(h, probes, center, scores, norms) -> None:
+    """Projection only, on validated arguments (the monitoring case: no steering, ablation, clamp or capture)."""
+    n, d = h.shape
+    k = probes.shape[0]
+    chosen = plan_projection(n, d, k, h.dtype)
+    if probes.dtype != h.dtype and not chosen["flags"]["DOT_FP32"]:
+        probes = probes.to(h.dtype)  # tensor cores take both operands in h's dtype; products accumulate in fp32
+    center_dots = (probes.float() @ center.float()).contiguous() if center is not None else None
+    _project_kernel[chosen["grid"]](
+        h, h.stride(0), probes, center if center is not None else h, center_dots if center_dots is not None else h,
+        scores, norms if norms is not None else h, n, d, k,
+        HAS_CENTER=center is not None, HAS_NORMS=norms is not None, num_warps=chosen["num_warps"], **chosen["flags"],
+    )
+
+
 def plan(n: int, d: int, k: int, a: int, c: int, h_dtype: torch.dtype, *, scores: bool, norms: bool, capture: bool,
          edits: bool) -> dict:
     """The block sizes and paths the launcher picks for a call, without launching: ``flags`` (the constexpr block
@@ -208,21 +296,10 @@ def plan(n: int, d: int, k: int, a: int, c: int, h_dtype: torch.dtype, *, scores
     :func:`steer_project_triton` and benchmarks/kernel_report.py."""
     block_a = max(1, triton.next_power_of_2(a))
     block_c = max(1, triton.next_power_of_2(c))
-    # tl.dot needs tiles of at least 16; under the interpreter it is exact only in fp32 (see DESIGN.md)
-    use_dot = n > SMALL_N and k > 0
-    # the broadcast-sum path holds BLOCK_N x BLOCK_K x BLOCK_D products in registers: keep BLOCK_D small there
-    block_d = max(16, min(64, triton.next_power_of_2(d))) if use_dot else min(32, triton.next_power_of_2(d))
-    flags = dict(DOT_IEEE=h_dtype == torch.float32 or interpreting, BLOCK_D=block_d, BLOCK_A=block_a,
-                 BLOCK_C=block_c, USE_DOT=use_dot)
-    if use_dot:
-        block_k = min(128 if h_dtype == torch.float32 else 256, max(16, triton.next_power_of_2(k)))
-        block_n = 64 if block_k <= 64 else 32
-        if a or c:  # ablation/clamp products are BLOCK_N x BLOCK_A (C) x BLOCK_D in registers: keep them under 16K
-            flags["BLOCK_D"] = max(16, min(block_d, 16384 // (block_n * max(block_a, block_c))))
-        flags.update(BLOCK_N=block_n, BLOCK_K=block_k)
-        return {"flags": flags, "grid": (triton.cdiv(n, block_n), 1), "scores": scores, "norms": norms,
-                "second_projection": False, "launch": True,
-                "describe": f"tl.dot N{block_n} K{block_k} D{flags['BLOCK_D']}"}
+    # many rows with probes go to the projection kernel (see steer_project_triton): here, no tl.dot; the broadcast-
+    # sum products are BLOCK_N x BLOCK_K x BLOCK_D in registers, so BLOCK_D stays small
+    block_d = min(32, triton.next_power_of_2(d))
+    flags = dict(DOT_IEEE=True, BLOCK_D=block_d, BLOCK_A=block_a, BLOCK_C=block_c, USE_DOT=False)
     block_n = max(1, min(SMALL_N, triton.next_power_of_2(n)))
     block_k = max(1, min(32, triton.next_power_of_2(max(k, 1))))
     if a or c:
@@ -247,6 +324,14 @@ def steer_project_triton(h, slots, table, ablate, probes, center, scores, norms,
     a = ablate.shape[0] if ablate is not None else 0
     c = clamp.shape[0] if clamp is not None else 0
     edits = table is not None or ablate is not None or clamp is not None
+    if scores is not None and k > 0 and n > SMALL_N:
+        # many rows: edits and capture first (no dots), then the lean GEMM-tile projection on the rows as stored;
+        # one kernel doing both needed more registers than there are (benchmarks/kernel_report.py)
+        if edits or sums is not None:
+            steer_project_triton(h, slots, table, ablate, None, center, None, None, segments, sums, counts, errors,
+                                 clamp, bounds, relative_bounds, corrections)
+        project_triton(h, probes, center, scores, norms)
+        return
     chosen = plan(n, d, k, a, c, h.dtype, scores=scores is not None, norms=norms is not None,
                   capture=sums is not None, edits=edits)
     gram = (clamp.float() @ clamp.float().T).contiguous() if clamp is not None else None

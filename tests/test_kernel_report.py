@@ -1,0 +1,35 @@
+"""benchmarks/kernel_report.py in CI: every kernel configuration the dispatcher can choose compiles for sm_90 and
+sm_80 (no GPU needed) without spilling, and the monitoring projection uses tensor-core instructions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_no_dispatched_kernel_spills_and_prefill_uses_tensor_cores(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for the GPU target
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_report.py"), "--fail-on-spill", "--out",
+                           str(out)], capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["cuda"] + report["triton"]
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
+    assert {r["arch"] for r in report["triton"]} == {"sm_90", "sm_80"} and len(report["cuda"]) >= 10
+    assert all(r["spill_bytes"] == 0 for r in rows)
+    for r in report["triton"]:
+        if "monitor prefill" in r["config"]:
+            assert r["tensor_cores"] == ("wgmma" if r["arch"] == "sm_90" else "mma.sync"), r
+    assert report["roofline"] and all(r["H200 bound_us"] > 0 for r in report["roofline"])
