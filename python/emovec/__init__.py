@@ -1,7 +1,7 @@
 """emovec: find, watch and steer emotion vectors (and any concept vectors) inside language models."""
 
 from emovec._ext import has_cpp_library
-from emovec.ops import BackendUnavailable, SteerProjectResult, backend_status, steer_project
+from emovec.ops import BackendUnavailable, KernelError, SteerProjectResult, backend_status, steer_project
 from emovec.runtime import MonitorResult, RegulationResult, measure_mean_norms, monitor, regulate, steer
 from emovec.vectors import VectorFileError, VectorSet
 
@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "KernelError",
     "SteerProjectResult",
     "__version__",
     "backend_status",

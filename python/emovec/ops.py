@@ -36,6 +36,11 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run here; the message says what is missing."""
 
 
+class KernelError(RuntimeError):
+    """A kernel failed while running (a launch error or a fault on the device): not a missing backend. The message
+    carries the CUDA error text."""
+
+
 def backend_status() -> dict[str, str | None]:
     """For each backend, None when it can run in this process, else why not."""
     return dict(_backend_status())
@@ -69,6 +74,9 @@ def _compute_backend_status() -> dict[str, str | None]:
         status["cuda"] = "emovec._C was built without CUDA (nvcc missing or EMOVEC_CUDA=0)"
     elif not cuda_device:
         status["cuda"] = "CUDA kernels are compiled, but torch sees no CUDA device"
+    elif _ext._C.cuda_device_count() == 0:  # torch's CUDA works, emovec's static CUDA runtime does not
+        status["cuda"] = ("torch sees a CUDA device but emovec's CUDA kernels do not (usually a driver older than the "
+                          "CUDA runtime emovec._C was built with); the Triton and torch backends still work")
     else:
         status["cuda"] = None
     return status
@@ -420,7 +428,7 @@ def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segmen
             try:
                 _ext._C.steer_project_cuda(*args, torch.cuda.current_stream(h.device).cuda_stream)
             except RuntimeError as error:
-                raise BackendUnavailable(f"the CUDA kernel could not run: {error}") from None
+                raise KernelError(f"emovec's CUDA kernel failed on {h.device}: {error}") from None
     else:
         _ext._C.steer_project_cpu(*args, torch.get_num_threads())
 
