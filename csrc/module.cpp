@@ -78,6 +78,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cuda_compiled", &emovec::cuda_compiled, "Whether CUDA kernels were compiled into this module.");
   m.def("cuda_architectures", &emovec::cuda_architectures, "CUDA architectures compiled, e.g. '80,90'.");
+  m.def("cpu_bf16_dot", &emovec::cpu_bf16_dot,
+        "Whether the CPU kernel dots bf16 rows with AVX-512 bf16 instructions (probes rounded to bf16).");
   m.def("cuda_device_count", &emovec::cuda_device_count, "CUDA devices visible (0 without a driver).");
 #ifdef _OPENMP
   m.attr("openmp") = true;

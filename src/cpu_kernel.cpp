@@ -7,11 +7,16 @@
 // deterministic (rows are always added in order).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define EMOVEC_BF16_DOT 1  // compiled for a CPU with AVX-512 bf16 (-march=native on such a machine)
 #endif
 
 #include "dtype.h"
@@ -173,6 +178,57 @@ void clamp_row(float* x, float* y, int64_t d, const float* clamp, const float* u
   }
 }
 
+#ifdef EMOVEC_BF16_DOT
+// Probes as bf16 pairs in panels of 16: panel[(t * pairs + jp) * 32 + 2q + e] = bf16(probe[t*16+q][2jp+e]), zero past
+// K and d. One 512-bit load gives the 16 probes' pairs for one pair of columns: the operand of vdpbf16ps.
+std::vector<uint16_t> pack_probes_bf16(const float* probes, int64_t probe_stride, int64_t K, int64_t d) {
+  const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth, pairs = (d + 1) / 2;
+  std::vector<uint16_t> packed(panels * pairs * 32, 0);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t t = k / kPanelWidth, q = k % kPanelWidth;
+    for (int64_t j = 0; j < d; ++j)
+      packed[(t * pairs + j / 2) * 32 + 2 * q + (j & 1)] = from_float<bfloat16_t>(probes[k * probe_stride + j]).bits;
+  }
+  return packed;
+}
+
+// scores of a tile of bf16 rows (as stored in h, no center) against bf16-pair panels: acc[r] += x-pair . panel-pair
+// with vdpbf16ps (products exact, fp32 accumulation), 6 rows x 16 probes per register block.
+void project_tile_bf16(const bfloat16_t* h, int64_t row_stride, int64_t d, int rows, const uint16_t* packed, int64_t K,
+                       float* tile_scores) {
+  const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth, pairs = (d + 1) / 2, full = d / 2;
+  for (int r0 = 0; r0 < rows; r0 += kPanelRows) {
+    const int nr = std::min(kPanelRows, rows - r0);
+    for (int64_t t = 0; t < panels; ++t) {
+      const uint16_t* panel = packed + t * pairs * 32;
+      __m512 acc[kPanelRows];
+      for (int r = 0; r < kPanelRows; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t jp = 0; jp < full; ++jp) {
+        const __m512bh b = (__m512bh)_mm512_loadu_si512(panel + jp * 32);
+        for (int r = 0; r < nr; ++r) {
+          uint32_t pair;
+          std::memcpy(&pair, h + (r0 + r) * row_stride + 2 * jp, 4);
+          acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), b);
+        }
+      }
+      if (full < pairs) {  // odd d: the last column pairs with a zero (never read past the row)
+        const __m512bh b = (__m512bh)_mm512_loadu_si512(panel + full * 32);
+        for (int r = 0; r < nr; ++r) {
+          const uint32_t pair = h[(r0 + r) * row_stride + d - 1].bits;
+          acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), b);
+        }
+      }
+      const int64_t width = std::min<int64_t>(kPanelWidth, K - t * kPanelWidth);
+      alignas(64) float lanes[kPanelWidth];
+      for (int r = 0; r < nr; ++r) {
+        _mm512_store_ps(lanes, acc[r]);
+        std::copy(lanes, lanes + width, tile_scores + (r0 + r) * K + t * kPanelWidth);
+      }
+    }
+  }
+}
+#endif
+
 void report(int32_t* errors, int32_t bit) {
   if (errors != nullptr) __atomic_fetch_or(errors, bit, __ATOMIC_RELAXED);
 }
@@ -190,8 +246,17 @@ void run(const SteerProjectArgs& a, int num_threads) {
   std::vector<float> clamp_sq(C);  // ‖u_c‖², once per call
   for (int64_t c = 0; c < C; ++c) clamp_sq[c] = dot_lanes(clamp.data + c * d, clamp.data + c * d, d);
   const bool packed_path = a.scores != nullptr && n >= kPackMinRows;
+#ifdef EMOVEC_BF16_DOT
+  // bf16 rows and no center: dot the rows as stored against bf16 probes with vdpbf16ps (half the probe bytes, twice
+  // the multiply rate); the probes' rounding to bf16 is the only change against the fp32 path
+  const bool bf16_path = packed_path && std::is_same<H, bfloat16_t>::value && a.center == nullptr;
+  const std::vector<uint16_t> packed_bf16 =
+      bf16_path ? pack_probes_bf16(probes.data, probes.stride, K, d) : std::vector<uint16_t>();
+#else
+  constexpr bool bf16_path = false;
+#endif
   const std::vector<float> packed =
-      packed_path ? pack_probes(probes.data, probes.stride, K, d, num_threads) : std::vector<float>();
+      packed_path && !bf16_path ? pack_probes(probes.data, probes.stride, K, d, num_threads) : std::vector<float>();
 
   if (edits || projects) {
     const int64_t blocks = (n + kRowTile - 1) / kRowTile;
@@ -250,6 +315,12 @@ void run(const SteerProjectArgs& a, int num_threads) {
           }
         }
         if (a.scores == nullptr) continue;
+#ifdef EMOVEC_BF16_DOT
+        if (bf16_path)
+          project_tile_bf16(reinterpret_cast<const bfloat16_t*>(h) + row0 * a.h_row_stride, a.h_row_stride, d, rows,
+                            packed_bf16.data(), K, tile_scores.data());
+        else
+#endif
         if (packed_path) project_tile_packed(x.data(), dp, d, rows, packed.data(), K, tile_scores.data());
         else project_tile_dots(x.data(), dp, rows, probes.data, probes.stride, K, tile_scores.data());
         std::copy(tile_scores.begin(), tile_scores.begin() + rows * K, a.scores + row0 * K);
@@ -287,6 +358,14 @@ void dispatch_weights(const SteerProjectArgs& a, int threads) {
 }
 
 }  // namespace
+
+bool cpu_bf16_dot() {
+#ifdef EMOVEC_BF16_DOT
+  return true;
+#else
+  return false;
+#endif
+}
 
 void steer_project_cpu(const SteerProjectArgs& a, int num_threads) {
   check_args(a);

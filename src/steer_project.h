@@ -90,6 +90,7 @@ void steer_project_cpu(const SteerProjectArgs& args, int num_threads);
 void steer_project_cuda(const SteerProjectArgs& args, std::intptr_t stream);
 
 // What this build contains, for `emovec info`.
+bool cpu_bf16_dot();  // the CPU kernel dots bf16 rows with AVX-512 bf16 instructions (bf16 probes)
 bool cuda_compiled();
 std::string cuda_architectures();
 int cuda_device_count();  // 0 when there is no driver or no device (never throws)

@@ -48,7 +48,8 @@ def info() -> None:
     click.echo(f"torch {torch.__version__}, triton {triton_version}")
     compiled = "no" if not _ext.has_cpp_library else ("yes, " + ", ".join(f"sm_{a}" for a in _ext.cuda_architectures()) if _ext.cuda_compiled() else "no")
     click.echo(f"compiled core: {'emovec._C' if _ext.has_cpp_library else 'missing'}"
-               f"{' (OpenMP)' if _ext.has_cpp_library and _ext._C.openmp else ''}")
+               f"{' (OpenMP)' if _ext.has_cpp_library and _ext._C.openmp else ''}"
+               f"{', AVX-512 bf16 dots for bf16 rows' if _ext.has_cpp_library and _ext._C.cpu_bf16_dot() else ''}")
     click.echo(f"CUDA kernels compiled: {compiled}")
     click.echo("backends:")
     for name, why in backend_status().items():
