@@ -181,9 +181,11 @@ void clamp_row(float* x, float* y, int64_t d, const float* clamp, const float* u
 #ifdef EMOVEC_BF16_DOT
 // Probes as bf16 pairs in panels of 16: panel[(t * pairs + jp) * 32 + 2q + e] = bf16(probe[t*16+q][2jp+e]), zero past
 // K and d. One 512-bit load gives the 16 probes' pairs for one pair of columns: the operand of vdpbf16ps.
-std::vector<uint16_t> pack_probes_bf16(const float* probes, int64_t probe_stride, int64_t K, int64_t d) {
+std::vector<uint16_t> pack_probes_bf16(const float* probes, int64_t probe_stride, int64_t K, int64_t d,
+                                       int num_threads) {
   const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth, pairs = (d + 1) / 2;
   std::vector<uint16_t> packed(panels * pairs * 32, 0);
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (K * d > 65536)
   for (int64_t k = 0; k < K; ++k) {
     const int64_t t = k / kPanelWidth, q = k % kPanelWidth;
     for (int64_t j = 0; j < d; ++j)
@@ -192,37 +194,56 @@ std::vector<uint16_t> pack_probes_bf16(const float* probes, int64_t probe_stride
   return packed;
 }
 
-// scores of a tile of bf16 rows (as stored in h, no center) against bf16-pair panels: acc[r] += x-pair . panel-pair
-// with vdpbf16ps (products exact, fp32 accumulation), 6 rows x 16 probes per register block.
+// NR rows x 16 probes of one panel: acc[r] += x-pair . panel-pair with vdpbf16ps (products exact, fp32 accumulation).
+// NR is a template argument so the accumulators stay in registers.
+template <int NR>
+inline void bf16_block(const bfloat16_t* h, int64_t row_stride, int64_t d, const uint16_t* panel, float* out,
+                       int64_t out_stride, int64_t width) {
+  const int64_t full = d / 2;
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  const bfloat16_t* row[NR];
+  for (int r = 0; r < NR; ++r) row[r] = h + r * row_stride;
+  for (int64_t jp = 0; jp < full; ++jp) {
+    const __m512bh b = (__m512bh)_mm512_loadu_si512(panel + jp * 32);
+    for (int r = 0; r < NR; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, row[r] + 2 * jp, 4);
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), b);
+    }
+  }
+  if (full * 2 < d) {  // odd d: the last column pairs with a zero (never read past the row)
+    const __m512bh b = (__m512bh)_mm512_loadu_si512(panel + full * 32);
+    for (int r = 0; r < NR; ++r) {
+      const uint32_t pair = row[r][d - 1].bits;
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), b);
+    }
+  }
+  alignas(64) float lanes[kPanelWidth];
+  for (int r = 0; r < NR; ++r) {
+    _mm512_store_ps(lanes, acc[r]);
+    std::copy(lanes, lanes + width, out + r * out_stride);
+  }
+}
+
+// scores of a tile of bf16 rows (as stored in h, no center) against the bf16-pair panels, 6 rows x 16 probes at a time.
 void project_tile_bf16(const bfloat16_t* h, int64_t row_stride, int64_t d, int rows, const uint16_t* packed, int64_t K,
                        float* tile_scores) {
-  const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth, pairs = (d + 1) / 2, full = d / 2;
+  const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth, pairs = (d + 1) / 2;
   for (int r0 = 0; r0 < rows; r0 += kPanelRows) {
     const int nr = std::min(kPanelRows, rows - r0);
+    const bfloat16_t* rows_h = h + r0 * row_stride;
     for (int64_t t = 0; t < panels; ++t) {
       const uint16_t* panel = packed + t * pairs * 32;
-      __m512 acc[kPanelRows];
-      for (int r = 0; r < kPanelRows; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t jp = 0; jp < full; ++jp) {
-        const __m512bh b = (__m512bh)_mm512_loadu_si512(panel + jp * 32);
-        for (int r = 0; r < nr; ++r) {
-          uint32_t pair;
-          std::memcpy(&pair, h + (r0 + r) * row_stride + 2 * jp, 4);
-          acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), b);
-        }
-      }
-      if (full < pairs) {  // odd d: the last column pairs with a zero (never read past the row)
-        const __m512bh b = (__m512bh)_mm512_loadu_si512(panel + full * 32);
-        for (int r = 0; r < nr; ++r) {
-          const uint32_t pair = h[(r0 + r) * row_stride + d - 1].bits;
-          acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), b);
-        }
-      }
       const int64_t width = std::min<int64_t>(kPanelWidth, K - t * kPanelWidth);
-      alignas(64) float lanes[kPanelWidth];
-      for (int r = 0; r < nr; ++r) {
-        _mm512_store_ps(lanes, acc[r]);
-        std::copy(lanes, lanes + width, tile_scores + (r0 + r) * K + t * kPanelWidth);
+      float* out = tile_scores + r0 * K + t * kPanelWidth;
+      switch (nr) {
+        case 6: bf16_block<6>(rows_h, row_stride, d, panel, out, K, width); break;
+        case 5: bf16_block<5>(rows_h, row_stride, d, panel, out, K, width); break;
+        case 4: bf16_block<4>(rows_h, row_stride, d, panel, out, K, width); break;
+        case 3: bf16_block<3>(rows_h, row_stride, d, panel, out, K, width); break;
+        case 2: bf16_block<2>(rows_h, row_stride, d, panel, out, K, width); break;
+        default: bf16_block<1>(rows_h, row_stride, d, panel, out, K, width); break;
       }
     }
   }
@@ -251,7 +272,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
   // the multiply rate); the probes' rounding to bf16 is the only change against the fp32 path
   const bool bf16_path = packed_path && std::is_same<H, bfloat16_t>::value && a.center == nullptr;
   const std::vector<uint16_t> packed_bf16 =
-      bf16_path ? pack_probes_bf16(probes.data, probes.stride, K, d) : std::vector<uint16_t>();
+      bf16_path ? pack_probes_bf16(probes.data, probes.stride, K, d, num_threads) : std::vector<uint16_t>();
 #else
   constexpr bool bf16_path = false;
 #endif
