@@ -137,8 +137,9 @@ def _batches(pieces: list[_Piece], budget: int) -> Iterator[list[int]]:
 @torch.no_grad()
 def _batch_readings(model, tokenizer, vectors: VectorSet, pieces: list[_Piece], layers: list[int], measure: str,
                     budget: int) -> Iterator[tuple[list[int], list[torch.Tensor], int]]:
-    """Per batch (longest pieces first): the piece indices, each piece's (T, L, K) fp32 readings (cosine or
-    projection) and the batch's real tokens. The forward pass stops after the deepest chosen layer."""
+    """Per batch (longest pieces first): the piece indices, the batch's (B, T, L, K) fp32 readings (cosine or
+    projection; row b holds piece batch[b] in its first len(ids) columns, right-padded) and the batch's real tokens.
+    The forward pass stops after the deepest chosen layer."""
     device = next(model.parameters()).device
     found = find_decoder_layers(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -156,9 +157,10 @@ def _batch_readings(model, tokenizer, vectors: VectorSet, pieces: list[_Piece], 
                 found.base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             except _StopForward:
                 pass
-        result = recorder.result(decode=False)
-        values = result.cosine if measure == "cosine" else result.scores
-        yield batch, [values[row, : len(pieces[i].ids)] for row, i in enumerate(batch)], int(mask.sum())
+        # the monitor's own buffers, read once (no MonitorResult: padding is cut per piece below)
+        scores = recorder.scores[:, :width]
+        values = scores / recorder.norms[:, :width, :, None].clamp(min=1e-12) if measure == "cosine" else scores
+        yield batch, values, int(mask.sum())
 
 
 def _write_chunk(path: Path, examples: list[Example], tokenizer, model, vectors: VectorSet, s: SweepSettings,
@@ -196,6 +198,12 @@ def _write_chunk(path: Path, examples: list[Example], tokenizer, model, vectors:
         flat = pa.array(matrix.astype(np_dtype).reshape(-1), type=value_type)
         return pa.FixedSizeListArray.from_arrays(flat, K)
 
+    torch_dtype = torch.float16 if np_dtype == np.float16 else torch.float32
+
+    def layer_column(matrix: np.ndarray):  # contiguous (rows, K) in the stored dtype -> fixed-size list, no copy
+        flat = pa.Array.from_buffers(value_type, matrix.size, [None, pa.py_buffer(matrix)])
+        return pa.FixedSizeListArray.from_arrays(flat, K)
+
     # pooled modes: small per-example accumulators; the assistant pool: the positions to read
     sums = np.zeros((len(examples), L, K), dtype=np.float64)
     maxima = np.full((len(examples), L, K), -np.inf, dtype=np.float32)
@@ -218,7 +226,7 @@ def _write_chunk(path: Path, examples: list[Example], tokenizer, model, vectors:
             if s.pool == "token":
                 columns: dict[str, list] = {name: [] for name in schema.names}
                 stacks = []
-                for i, v in zip(batch, values):
+                for row, i in enumerate(batch):
                     piece, tokens = pieces[i], info[pieces[i].example]
                     n = len(piece.ids)
                     columns["example"] += [examples[piece.example].index] * n
@@ -228,15 +236,18 @@ def _write_chunk(path: Path, examples: list[Example], tokenizer, model, vectors:
                     columns["char_end"] += [o[1] for o in piece.offsets]
                     columns["message"] += piece.messages
                     columns["role"] += [tokens.roles[m] if m >= 0 else None for m in piece.messages]
-                    stacks.append(v.numpy())
-                stacked = np.concatenate(stacks)  # (rows, L, K)
+                    stacks.append(values[row, :n])
+                # (L, rows, K) in the stored dtype, converted and laid out by torch (multithreaded), then handed to
+                # Arrow without another copy
+                stacked = torch.cat(stacks).to(torch_dtype).permute(1, 0, 2).contiguous().numpy()
                 arrays = [pa.array(columns[name], type=schema.field(name).type) for name in schema.names[:7]]
-                arrays += [values_column(stacked[:, li]) for li in range(L)]
+                arrays += [layer_column(stacked[li]) for li in range(L)]
                 writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
-                stats["rows"] += stacked.shape[0]
+                stats["rows"] += stacked.shape[1]
             else:
-                for i, v in zip(batch, values):
-                    piece, x = pieces[i], v.numpy()
+                for row, i in enumerate(batch):
+                    piece = pieces[i]
+                    x = values[row, : len(piece.ids)].numpy()
                     e = piece.example
                     sums[e] += x.sum(0)
                     maxima[e] = np.maximum(maxima[e], x.max(0))
