@@ -163,17 +163,11 @@ def _finish(out: Path, name: str, result: dict, figures: list[Path]) -> None:
 def dose(model_name, vectors_path, out_dir, quiet, templates_path, only, emotions, layer_spec) -> None:
     """Dose-response: readings where the reply begins as a quantity in the message grows (e.g. mg of tylenol)."""
     from emovec.report.experiments import draw_dose
-    from emovec.science.dose import load_templates, run_dose, summary_rows
+    from emovec.science.dose import load_templates, run_dose, select_templates, summary_rows
 
     out = _prepare_out(out_dir)
     with _user_errors():
-        templates = load_templates(templates_path)
-        if only:
-            wanted = [n.strip() for n in only.split(",") if n.strip()]
-            unknown = [n for n in wanted if n not in {t["name"] for t in templates}]
-            if unknown:
-                raise ValueError(f"unknown template(s) {unknown}; known: {[t['name'] for t in templates]}")
-            templates = [t for t in templates if t["name"] in wanted]
+        templates = select_templates(load_templates(templates_path), only)
     loaded, vectors, layers = _science_setup(model_name, vectors_path, layer_spec)
     names = [e.strip() for e in emotions.split(",") if e.strip()]
     with _user_errors(), _bar(sum(len(t["values"]) for t in templates), quiet, "dose") as bar:
@@ -307,7 +301,7 @@ def regulation(model_name, vectors_path, out_dir, quiet, layer_spec, later, stre
     """Show that regulation works: dose-response with afraid capped, +desperate steering pulled back by a cap at a
     later layer, a random direction as the control, and the caps' effect on text within bounds (zero)."""
     from emovec.report.experiments import draw_regulation
-    from emovec.science.dose import load_templates
+    from emovec.science.dose import load_templates, select_templates
     from emovec.science.regulation import run_regulation, summary_lines
 
     out = _prepare_out(out_dir)
@@ -317,13 +311,7 @@ def regulation(model_name, vectors_path, out_dir, quiet, layer_spec, later, stre
     with _user_errors():
         vectors.index("afraid")
         vectors.index("desperate")
-        templates = load_templates()
-        if only:
-            wanted = [t.strip() for t in only.split(",") if t.strip()]
-            unknown = [t for t in wanted if t not in {row["name"] for row in templates}]
-            if unknown:
-                raise ValueError(f"unknown dose template(s) {unknown}; known: {[row['name'] for row in templates]}")
-            templates = [row for row in templates if row["name"] in wanted]
+        templates = select_templates(load_templates(), only, what="dose template")
         if not quiet:
             click.echo("emovec regulation: dose curves, steering with and without caps ...", err=True)
         result = run_regulation(loaded.model, loaded.tokenizer, vectors, layer=layers[0], later=later,

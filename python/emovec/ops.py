@@ -110,7 +110,8 @@ def _pick_backend(h: torch.Tensor, backend: str | None) -> str:
 # ---------------------------------------------------------------- validation
 
 
-def _check_tensor(name: str, t, *, ndim: int, device: torch.device, dtypes, shape=None) -> None:
+def _check_tensor(name: str, t, *, ndim: int, device: torch.device, dtypes, shape=None,
+                  contiguous: bool = False) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != ndim:
@@ -124,6 +125,8 @@ def _check_tensor(name: str, t, *, ndim: int, device: torch.device, dtypes, shap
         raise TypeError(f"{name} must have dtype {names}, got {str(t.dtype).replace('torch.', '')}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but h is on {device}; move it with .to(h.device)")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
 
 
 def _fmt(shape) -> str:
@@ -282,9 +285,7 @@ def steer_project(
     if corrections is not None:
         if clamp is None:
             raise ValueError("corrections was given without clamp directions; pass clamp and bounds")
-        _check_tensor("corrections", corrections, ndim=2, device=device, dtypes=(torch.float32,), shape=(n, num_clamp))
-        if not corrections.is_contiguous():
-            raise ValueError("corrections must be contiguous")
+        _check_tensor("corrections", corrections, ndim=2, device=device, dtypes=(torch.float32,), shape=(n, num_clamp), contiguous=True)
     if slots is not None:
         _check_tensor("slots", slots, ndim=1, device=device, dtypes=INDEX_DTYPES, shape=(n,))
         if table is None and ablate is None and clamp is None:
@@ -304,17 +305,13 @@ def steer_project(
     if scores is not None:
         if probes is None:
             raise ValueError("scores was given without probes; pass probes (K, d)")
-        _check_tensor("scores", scores, ndim=2, device=device, dtypes=(torch.float32,), shape=(n, k))
-        if not scores.is_contiguous():
-            raise ValueError("scores must be contiguous")
+        _check_tensor("scores", scores, ndim=2, device=device, dtypes=(torch.float32,), shape=(n, k), contiguous=True)
     elif probes is not None and k > 0:
         scores = torch.empty(n, k, device=device, dtype=torch.float32)
     if compute_norms is None:
         compute_norms = probes is not None or norms is not None
     if norms is not None:
-        _check_tensor("norms", norms, ndim=1, device=device, dtypes=(torch.float32,), shape=(n,))
-        if not norms.is_contiguous():
-            raise ValueError("norms must be contiguous")
+        _check_tensor("norms", norms, ndim=1, device=device, dtypes=(torch.float32,), shape=(n,), contiguous=True)
     elif compute_norms:
         norms = torch.empty(n, device=device, dtype=torch.float32)
 

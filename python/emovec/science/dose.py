@@ -39,6 +39,19 @@ def load_templates(path: str | Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def select_templates(templates: Sequence[dict[str, Any]], only: str | None,
+                     what: str = "template") -> list[dict[str, Any]]:
+    """The templates named in ``only`` (comma-separated; None or empty: all), refusing unknown names."""
+    if not only:
+        return list(templates)
+    wanted = [n.strip() for n in only.split(",") if n.strip()]
+    known = [t["name"] for t in templates]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; known: {known}")
+    return [t for t in templates if t["name"] in wanted]
+
+
 def _format(value: float) -> str:
     if float(value).is_integer():
         return f"{int(value):,}" if abs(value) >= 1000 else str(int(value))

@@ -12,7 +12,8 @@ Plus: how much the caps change the logits of unsteered text, which stays within 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,16 +28,24 @@ from emovec.vectors import VectorSet
 GENERATION_PROMPTS = ("Today I feel", "When I saw the deadline, I", "The test results came back and I")
 
 
+def _entered(contexts: Sequence[Callable[[], Any]]) -> contextlib.ExitStack:
+    """An ExitStack with a fresh context from each factory entered, in order."""
+    stack = contextlib.ExitStack()
+    try:
+        for make in contexts:
+            stack.enter_context(make())
+    except BaseException:
+        stack.close()  # the contexts already entered are left before the error goes on
+        raise
+    return stack
+
+
 @torch.no_grad()
 def _last_logprobs(model, tokenizer, texts: Sequence[str], contexts=()) -> torch.Tensor:
     device = next(model.parameters()).device
     batch, _ = encode(tokenizer, list(texts), special=True)
     batch = {k: v.to(device) for k, v in batch.items()}
-    import contextlib
-
-    with contextlib.ExitStack() as stack:
-        for make in contexts:
-            stack.enter_context(make())
+    with _entered(contexts):
         logits = model(**batch, use_cache=False).logits
     last = batch["attention_mask"].sum(1) - 1
     return torch.log_softmax(logits[torch.arange(len(texts)), last].double(), dim=-1).cpu()
@@ -61,8 +70,6 @@ def _family_logp(logp: torch.Tensor, ids: list[int]) -> float:
 
 @torch.no_grad()
 def _generate(model, tokenizer, prompts: Sequence[str], contexts, max_new_tokens: int) -> list[str]:
-    import contextlib
-
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -70,9 +77,7 @@ def _generate(model, tokenizer, prompts: Sequence[str], contexts, max_new_tokens
         batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
     finally:
         tokenizer.padding_side = side
-    with contextlib.ExitStack() as stack:
-        for make in contexts:
-            stack.enter_context(make())
+    with _entered(contexts):
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     return [t.strip() for t in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]

@@ -37,18 +37,11 @@ SMALL_N = 16
 
 
 @triton.jit
-def _probe_tile_dot(x, probes_ptr, k_offsets, cols, K, D, col_mask, h_dtype: tl.constexpr, USE_DOT: tl.constexpr,
-                    DOT_IEEE: tl.constexpr):
-    """x (BLOCK_N, BLOCK_D) fp32 times the probe tile (BLOCK_K, BLOCK_D) transposed, accumulated in fp32."""
+def _probe_tile_dot(x, probes_ptr, k_offsets, cols, K, D, col_mask):
+    """x (BLOCK_N, BLOCK_D) fp32 times the probe tile (BLOCK_K, BLOCK_D) transposed, as a broadcast sum in fp32 (the
+    few rows this kernel projects; many rows go to _project_kernel's tl.dot)."""
     p = tl.load(probes_ptr + k_offsets[:, None] * D + cols[None, :], mask=(k_offsets[:, None] < K) & col_mask[None, :], other=0.0)
-    if USE_DOT:  # constexpr branches: one single return keeps every Triton version happy
-        if DOT_IEEE:
-            out = tl.dot(x, tl.trans(p.to(tl.float32)), input_precision="ieee")
-        else:
-            out = tl.dot(x.to(h_dtype), tl.trans(p.to(h_dtype)))
-    else:
-        out = tl.sum(x[:, None, :] * p.to(tl.float32)[None, :, :], axis=2)
-    return out
+    return tl.sum(x[:, None, :] * p.to(tl.float32)[None, :, :], axis=2)
 
 
 @triton.jit
@@ -70,8 +63,6 @@ def _steer_project_kernel(
     BLOCK_C: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_ABLATE: tl.constexpr, HAS_CENTER: tl.constexpr,
     HAS_SCORES: tl.constexpr, HAS_NORMS: tl.constexpr, HAS_CAPTURE: tl.constexpr,
-    USE_DOT: tl.constexpr,  # constexpr so the tl.dot / broadcast-sum branches are compiled out
-    DOT_IEEE: tl.constexpr,  # fp32 h: exact fp32 dot (no TF32); fp16/bf16 h: dot in h's dtype, fp32 accumulate
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -185,7 +176,7 @@ def _steer_project_kernel(
             if HAS_NORMS:
                 squares += tl.sum(x * x, axis=1)
             if HAS_SCORES:
-                acc += _probe_tile_dot(x, probes_ptr, k_offsets, cols, K, D, col_mask, h_ptr.dtype.element_ty, USE_DOT, DOT_IEEE)
+                acc += _probe_tile_dot(x, probes_ptr, k_offsets, cols, K, D, col_mask)
     if HAS_NORMS:
         tl.store(norms_ptr + rows, tl.sqrt(squares), mask=row_mask)
     if HAS_CAPTURE:
@@ -205,7 +196,7 @@ def _steer_project_kernel(
                 x = tl.load(h_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
                 if HAS_CENTER:
                     x -= tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-                acc += _probe_tile_dot(x, probes_ptr, k_offsets, cols, K, D, col_mask, h_ptr.dtype.element_ty, USE_DOT, DOT_IEEE)
+                acc += _probe_tile_dot(x, probes_ptr, k_offsets, cols, K, D, col_mask)
             tl.store(scores_ptr + rows[:, None] * K + k_offsets[None, :], acc, mask=row_mask[:, None] & (k_offsets[None, :] < K))
 
 
@@ -291,7 +282,7 @@ def project_triton(h, probes, center, scores, norms) -> None:
 def plan(n: int, d: int, k: int, a: int, c: int, h_dtype: torch.dtype, *, scores: bool, norms: bool, capture: bool,
          edits: bool) -> dict:
     """The block sizes and paths the launcher picks for a call, without launching: ``flags`` (the constexpr block
-    sizes and USE_DOT / DOT_IEEE), ``grid`` of the first launch, whether that launch computes ``scores`` / ``norms``,
+    sizes), ``grid`` of the first launch, whether that launch computes ``scores`` / ``norms``,
     and ``second_projection`` (a projection-only launch after the edits, on the small-N path). Shared by
     :func:`steer_project_triton` and benchmarks/kernel_report.py."""
     block_a = max(1, triton.next_power_of_2(a))
@@ -299,7 +290,7 @@ def plan(n: int, d: int, k: int, a: int, c: int, h_dtype: torch.dtype, *, scores
     # many rows with probes go to the projection kernel (see steer_project_triton): here, no tl.dot; the broadcast-
     # sum products are BLOCK_N x BLOCK_K x BLOCK_D in registers, so BLOCK_D stays small
     block_d = min(32, triton.next_power_of_2(d))
-    flags = dict(DOT_IEEE=True, BLOCK_D=block_d, BLOCK_A=block_a, BLOCK_C=block_c, USE_DOT=False)
+    flags = dict(BLOCK_D=block_d, BLOCK_A=block_a, BLOCK_C=block_c)
     block_n = max(1, min(SMALL_N, triton.next_power_of_2(n)))
     block_k = max(1, min(32, triton.next_power_of_2(max(k, 1))))
     if a or c:
