@@ -119,9 +119,7 @@ def converted(tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EMOVEC_CACHE", str(cache))
         mp.setattr(models, "_load_gguf", spy)
-        start = time.perf_counter()
         captured["loaded"] = load_model(device="cpu")
-        captured["seconds"] = time.perf_counter() - start
         captured["folder"] = models._default_cache_folder(models.default_gguf_path())
     captured["cache"] = cache
     assert "gguf_model" in captured, "the first load did not convert the GGUF file"
@@ -205,15 +203,12 @@ def test_cached_load_matches_gguf_logits(use_converted_cache, monkeypatch):
         raise AssertionError("the cached load read the GGUF file")
 
     monkeypatch.setattr(models, "_load_gguf", no_gguf)
-    start = time.perf_counter()
     model, tokenizer, _ = load_model(device="cpu")
-    seconds = time.perf_counter() - start
     gguf_model, gguf_tokenizer = use_converted_cache["gguf_model"], use_converted_cache["gguf_tokenizer"]
     assert tokenizer(PROMPT)["input_ids"] == gguf_tokenizer(PROMPT)["input_ids"]
     expected = _logits(gguf_model, gguf_tokenizer)
     assert torch.equal(_logits(model, tokenizer), expected)
     assert torch.equal(_logits(*use_converted_cache["loaded"][:2]), expected)
-    assert seconds < use_converted_cache["seconds"], f"cached load {seconds:.1f}s not faster than the conversion"
 
 
 @pytest.mark.slow
