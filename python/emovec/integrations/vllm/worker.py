@@ -1,0 +1,478 @@
+"""The worker side of the vLLM plugin: runs in the process that holds the model.
+
+At load time every decoder layer's ``forward`` gets a wrapper that calls one opaque ``torch.library`` op,
+``emovec::vllm_layer``, on the layer's output. Dynamo traces the wrapper into vLLM's compiled graph as a single
+node, so it works in eager and compiled mode alike, and its body decides at run time what to do.
+
+Per step, before the model runs (``_model_forward``), the host reads the batch layout the runner has already
+built (requests in batch order, ``query_start_loc``, computed-token counts) and writes, into preallocated
+buffers, one slot per token row per layer (-1: untouched). Each distinct steering setting is one row of a
+per-layer table (refcounted by the requests that use it, written once, reused). Inside the forward pass the op
+only reads those buffers: no host synchronisation. After the step the monitored rows' scores are copied out.
+
+Llama-family layers in vLLM return ``(hidden_states, residual)`` whose sum is the residual stream emovec reads.
+A layer with edits computes ``x = hidden + residual``, runs the fused op on ``x`` (steer, regulate, project),
+and for the edited rows only stores ``x`` as the residual and zero as the hidden part, so the next layer's fused
+add sees exactly ``x``; rows of requests without emovec settings are not written at all (bit-identical to plain
+vLLM). Layers that only monitor read ``x`` and write nothing back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emovec.integrations.vllm.spec import RequestSpec, SpecError, has_emovec, parse
+from emovec.ops import steer_project_trusted
+from emovec.runtime import steering_vector
+from emovec.vectors import VectorSet, config_hash
+
+log = logging.getLogger("emovec.vllm")
+
+MAX_KEPT = int(os.environ.get("EMOVEC_VLLM_MAX_KEPT", "4096"))  # finished requests' readings kept until fetched
+
+_CURRENT: _Plugin | None = None  # the plugin of this process's model runner (one runner per worker process)
+
+
+@torch.library.custom_op("emovec::vllm_layer", mutates_args=("hidden", "residual"))
+def vllm_layer(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    """Apply this step's emovec work for decoder layer ``layer`` to its output (hidden + residual)."""
+    plugin = _CURRENT
+    if plugin is not None and plugin.active:
+        plugin.apply(hidden, residual, layer)
+
+
+@vllm_layer.register_fake
+def _(hidden, residual, layer) -> None:
+    return None
+
+
+@torch.library.custom_op("emovec::vllm_layer_single", mutates_args=("hidden",))
+def vllm_layer_single(hidden: torch.Tensor, layer: int) -> None:
+    """The same for layers whose output is the residual stream itself (no separate residual)."""
+    plugin = _CURRENT
+    if plugin is not None and plugin.active:
+        plugin.apply(hidden, None, layer)
+
+
+@vllm_layer_single.register_fake
+def _(hidden, layer) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------------------- vectors
+
+
+def find_vectors(hf_config: Any) -> VectorSet:
+    """The vectors to serve with: ``EMOVEC_VECTORS`` (a file from ``emovec extract``), else the vectors shipped
+    with emovec for this model (matched by its config)."""
+    from emovec import corpus
+
+    class _Model:  # VectorSet.load checks a file against anything with a ``config``
+        config = hf_config
+
+    path = os.environ.get("EMOVEC_VECTORS")
+    if path:
+        return VectorSet.load(path, model=_Model)
+    want = config_hash(hf_config)
+    from emovec.vectors import read_safetensors
+
+    for candidate in sorted(Path(corpus.data_path("vectors")).glob("*.safetensors")):
+        header, _ = read_safetensors(candidate)
+        if want in header.get("metadata", ""):
+            return VectorSet.load(candidate, model=_Model)
+    raise SpecError("emovec has no shipped vectors for the served model: set EMOVEC_VECTORS to a vector file "
+                    "made with `emovec extract` for it, in the environment that starts vLLM")
+
+
+# ----------------------------------------------------------------------------------------- readings
+
+
+@dataclass
+class _Readings:
+    """What one request's monitoring recorded, in chunks (a recomputed position overrides the earlier one)."""
+
+    names: list[str]
+    layers: list[int]
+    prompt_len: int
+    chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    error: str | None = None
+    finished: bool = False
+
+    def export(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"error": self.error}
+        if self.chunks:
+            pos = np.concatenate([c[0] for c in self.chunks])
+            scores = np.concatenate([c[1] for c in self.chunks])
+            norms = np.concatenate([c[2] for c in self.chunks])
+            # the last write of a position wins (preemption recomputes it), then order by position
+            order = np.argsort(pos, kind="stable")
+            pos, scores, norms = pos[order], scores[order], norms[order]
+            last = np.r_[pos[1:] != pos[:-1], True]
+            pos, scores, norms = pos[last], scores[last], norms[last]
+        else:
+            pos = np.zeros(0, dtype=np.int64)
+            scores = np.zeros((0, len(self.layers), len(self.names)), dtype=np.float32)
+            norms = np.zeros((0, len(self.layers)), dtype=np.float32)
+        return {"names": self.names, "layers": self.layers, "prompt_len": self.prompt_len,
+                "positions": pos.tolist(), "scores": scores.tolist(), "norms": norms.tolist(),
+                "finished": self.finished}
+
+
+# ----------------------------------------------------------------------------------------- the plugin
+
+
+class _Plugin:
+    """Per model runner: the layer wrappers' shared state, rebuilt on the host each step."""
+
+    def __init__(self, runner, model: torch.nn.Module, layers: list[torch.nn.Module]) -> None:
+        self.runner = runner
+        self.model = model
+        self.num_layers = len(layers)
+        self.device = runner.device
+        self.dtype = runner.model_config.dtype
+        self.max_tokens = int(runner.max_num_tokens)
+        self._vectors: VectorSet | None = None
+        self._vectors_error: str | None = None
+        self.specs: dict[str, RequestSpec | None] = {}
+        self.readings: OrderedDict[str, _Readings] = OrderedDict()
+        self.recipe_rows: dict[str, int] = {}  # edit key -> table row
+        self.recipe_refs: dict[str, set[str]] = {}
+        self.free_rows: list[int] = []
+        self.clamp_names: list[str] = []
+        self.active = False
+        self.layer_edit = [False] * self.num_layers
+        self.layer_monitor = [False] * self.num_layers
+        self._slots_host = np.full((self.num_layers, self.max_tokens), -1, dtype=np.int64)
+        self._slots = None
+        self._tables: list[torch.Tensor] | None = None
+        self._clamp: list[torch.Tensor] = []
+        self._bounds: list[torch.Tensor] = []
+        self._probes: dict[int, torch.Tensor] = {}
+        self._scores: dict[int, torch.Tensor] = {}
+        self._norms: dict[int, torch.Tensor] = {}
+        self._monitored: list[tuple[str, RequestSpec, int, int, int]] = []
+
+    # -- vectors and requests ---------------------------------------------------------------------
+
+    def vectors(self) -> VectorSet:
+        if self._vectors is None:
+            if self._vectors_error is not None:
+                raise SpecError(self._vectors_error)
+            try:
+                vs = find_vectors(self.runner.model_config.hf_config)
+            except Exception as error:  # noqa: BLE001 - any failure is reported per request, never kills the engine
+                self._vectors_error = str(error)
+                raise SpecError(self._vectors_error) from None
+            self._vectors = vs
+        return self._vectors
+
+    def _spec(self, req_id: str) -> RequestSpec | None:
+        if req_id in self.specs:
+            return self.specs[req_id]
+        state = self.runner.requests.get(req_id)
+        params = getattr(state, "sampling_params", None)
+        extra = getattr(params, "extra_args", None)
+        spec = None
+        if has_emovec(extra):
+            key = str(extra.get("emovec_id", _external(req_id)))
+            try:
+                spec = parse(extra, self.vectors(), self.num_layers)
+                spec.key = key
+            except SpecError as error:
+                log.warning("emovec: request %s: %s (the request runs without emovec)", req_id, error)
+                self._keep(key, _Readings([], [], 0, error=str(error)))
+                spec = None
+            if spec is not None and spec.monitor:
+                prompt_len = len(getattr(state, "prompt_token_ids", None) or [])
+                self._keep(spec.key, _Readings(list(spec.monitor), list(spec.monitor_layers), prompt_len))
+            if spec is not None and spec.edits:
+                self._acquire(req_id, spec)
+        self.specs[req_id] = spec
+        return spec
+
+    def _keep(self, key: str, readings: _Readings) -> None:
+        self.readings[key] = readings
+        self.readings.move_to_end(key)
+        while len(self.readings) > MAX_KEPT:
+            self.readings.popitem(last=False)
+
+    def _forget_finished(self) -> None:
+        gone = [r for r in self.specs if r not in self.runner.requests]
+        for req_id in gone:
+            spec = self.specs.pop(req_id)
+            if spec is None:
+                continue
+            if spec.edits:
+                self._release(req_id, spec)
+            if spec.monitor and spec.key in self.readings:
+                self.readings[spec.key].finished = True
+
+    # -- steering / regulation table ----------------------------------------------------------------
+
+    def _acquire(self, req_id: str, spec: RequestSpec) -> None:
+        key = spec.edit_key()
+        if key not in self.recipe_rows:
+            new_clamp = [n for n in spec.bounds if n not in self.clamp_names]
+            if new_clamp:
+                self.clamp_names.extend(new_clamp)
+                self._build_clamp()
+            row = self.free_rows.pop() if self.free_rows else len(self.recipe_rows)
+            self._ensure_rows(row + 1)
+            self._write_row(row, spec)
+            self.recipe_rows[key] = row
+            self.recipe_refs[key] = set()
+        self.recipe_refs[key].add(req_id)
+
+    def _release(self, req_id: str, spec: RequestSpec) -> None:
+        key = spec.edit_key()
+        refs = self.recipe_refs.get(key)
+        if refs is None:
+            return
+        refs.discard(req_id)
+        if not refs:
+            self.free_rows.append(self.recipe_rows.pop(key))
+            del self.recipe_refs[key]
+
+    def _ensure_rows(self, rows: int) -> None:
+        d = self.vectors().hidden_size
+        have = 0 if self._tables is None else self._tables[0].shape[0]
+        if rows <= have:
+            return
+        size = max(rows, 2 * have, 4)
+        tables = [torch.zeros(size, d, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        bounds = [torch.empty(size, len(self.clamp_names), 2, dtype=torch.float32, device=self.device)
+                  for _ in range(self.num_layers)]
+        for b in bounds:
+            b[..., 0], b[..., 1] = -float("inf"), float("inf")
+        if self._tables is not None:
+            for new, old in zip(tables, self._tables):
+                new[:have] = old
+            for new, old in zip(bounds, self._bounds):
+                new[:have] = old
+        self._tables, self._bounds = tables, bounds
+
+    def _build_clamp(self) -> None:
+        """Directions for every concept any request has bounded so far (bounds are ±inf for the others)."""
+        vs = self.vectors()
+        unit = vs.unit
+        names = self.clamp_names
+        old = self._bounds
+        self._clamp = []
+        for layer in range(self.num_layers):
+            if vs.covers(layer):
+                self._clamp.append(unit[vs.slice_of(layer)][[vs.index(n) for n in names]].to(self.device).contiguous())
+            else:
+                self._clamp.append(torch.zeros(len(names), vs.hidden_size, device=self.device))
+        if self._tables is None:
+            return
+        rows = self._tables[0].shape[0]
+        self._bounds = []
+        for layer in range(self.num_layers):
+            b = torch.empty(rows, len(names), 2, dtype=torch.float32, device=self.device)
+            b[..., 0], b[..., 1] = -float("inf"), float("inf")
+            if old:
+                b[:, : old[layer].shape[1]] = old[layer]
+            self._bounds.append(b)
+
+    def _write_row(self, row: int, spec: RequestSpec) -> None:
+        vs = self.vectors()
+        for layer in range(self.num_layers):
+            if spec.steer and layer in spec.steer_layers:
+                vec = steering_vector(vs, spec.steer, layer, relative=spec.relative)
+                self._tables[layer][row] = vec.to(device=self.device, dtype=self.dtype)
+            else:
+                self._tables[layer][row] = 0
+            self._bounds[layer][row, :, 0] = -float("inf")
+            self._bounds[layer][row, :, 1] = float("inf")
+            if spec.bounds and layer in spec.regulate_layers:
+                for name, (lo, hi) in spec.bounds.items():
+                    c = self.clamp_names.index(name)
+                    if lo is not None:
+                        self._bounds[layer][row, c, 0] = lo
+                    if hi is not None:
+                        self._bounds[layer][row, c, 1] = hi
+
+    # -- per step -------------------------------------------------------------------------------------
+
+    def begin_step(self) -> None:
+        runner = self.runner
+        batch = runner.input_batch
+        req_ids = list(batch.req_ids)
+        self._forget_finished()
+        specs = [self._spec(r) for r in req_ids]
+        self.active = any(s is not None for s in specs)
+        if not self.active:
+            return
+        num_reqs = len(req_ids)
+        qsl = runner.query_start_loc.np[: num_reqs + 1].astype(np.int64)
+        computed = batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
+        n = int(qsl[num_reqs])
+        slots = self._slots_host
+        slots[:, : max(n, 1)] = -1
+        self.layer_edit = [False] * self.num_layers
+        self.layer_monitor = [False] * self.num_layers
+        self._monitored = []
+        for i, spec in enumerate(specs):
+            if spec is None:
+                continue
+            start, end = int(qsl[i]), int(qsl[i + 1])
+            if spec.edits:
+                row = self.recipe_rows[spec.edit_key()]
+                edit_layers = set(spec.steer_layers if spec.steer else []) | set(
+                    spec.regulate_layers if spec.bounds else [])
+                for layer in edit_layers:
+                    slots[layer, start:end] = row
+                    self.layer_edit[layer] = True
+            if spec.monitor:
+                for layer in spec.monitor_layers:
+                    self.layer_monitor[layer] = True
+                self._monitored.append((req_ids[i], spec, start, end, int(computed[i])))
+        if self._slots is None:
+            self._slots = torch.full((self.num_layers, self.max_tokens), -1, dtype=torch.int64, device=self.device)
+        if self.device.type == "cpu":
+            self._slots = torch.from_numpy(slots)
+        else:
+            self._slots[:, :n].copy_(torch.from_numpy(slots[:, :n]), non_blocking=True)
+        for layer in range(self.num_layers):
+            if self.layer_monitor[layer] and layer not in self._probes:
+                vs = self.vectors()
+                self._probes[layer] = vs.unit[vs.slice_of(layer)].to(self.device).contiguous()
+                self._scores[layer] = torch.zeros(self.max_tokens, len(vs.names), device=self.device)
+                self._norms[layer] = torch.zeros(self.max_tokens, device=self.device)
+
+    def apply(self, hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
+        edit, watch = self.layer_edit[layer], self.layer_monitor[layer]
+        if not (edit or watch):
+            return
+        rows = hidden.shape[0]
+        x = hidden if residual is None else hidden + residual
+        kwargs: dict[str, Any] = {}
+        if edit:
+            slots = self._slots[layer, :rows]
+            kwargs.update(slots=slots, table=self._tables[layer])
+            if self.clamp_names:
+                kwargs.update(clamp=self._clamp[layer], bounds=self._bounds[layer], relative_bounds=True)
+        if watch:
+            kwargs.update(probes=self._probes[layer], scores=self._scores[layer][:rows], norms=self._norms[layer][:rows])
+        steer_project_trusted(x, **kwargs)
+        if edit and residual is not None:
+            mask = (slots >= 0)[:, None]
+            residual.copy_(torch.where(mask, x, residual))
+            hidden.masked_fill_(mask, 0)
+
+    def end_step(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        vs = self.vectors()
+        for req_id, spec, start, end, computed in self._monitored:
+            readings = self.readings.get(spec.key)
+            if readings is None:
+                continue
+            positions = np.arange(computed, computed + end - start)
+            keep = positions >= (0 if spec.prompt else readings.prompt_len - 1)
+            if not keep.any():
+                continue
+            first = start + int(np.argmax(keep))
+            names = [vs.index(n) for n in spec.monitor]
+            scores = torch.stack([self._scores[layer][first:end][:, names] for layer in spec.monitor_layers], 1)
+            norms = torch.stack([self._norms[layer][first:end] for layer in spec.monitor_layers], 1)
+            readings.chunks.append((positions[keep], scores.cpu().numpy().copy(), norms.cpu().numpy().copy()))
+
+    def fetch(self, keys: list[str] | None, pop: bool) -> dict[str, Any]:
+        chosen = list(self.readings) if keys is None else [k for k in keys if k in self.readings]
+        out = {k: self.readings[k].export() for k in chosen}
+        if pop:
+            for k in chosen:
+                if self.readings[k].finished or self.readings[k].error is not None:
+                    del self.readings[k]
+        return out
+
+
+def _external(req_id: str) -> str:
+    """The id the caller gave (vLLM appends '-' and 8 random characters to make its internal id unique)."""
+    head, sep, tail = req_id.rpartition("-")
+    return head if sep and len(tail) == 8 else req_id
+
+
+# ----------------------------------------------------------------------------------------- installation
+
+
+def _layer_wrapper(layer: torch.nn.Module, index: int):
+    inner = layer.forward
+
+    def forward(*args, **kwargs):
+        output = inner(*args, **kwargs)
+        if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], torch.Tensor):
+            torch.ops.emovec.vllm_layer(output[0], output[1], index)
+        elif isinstance(output, torch.Tensor):
+            torch.ops.emovec.vllm_layer_single(output, index)
+        elif isinstance(output, tuple) and isinstance(output[0], torch.Tensor):
+            torch.ops.emovec.vllm_layer_single(output[0], index)
+        return output
+
+    return forward
+
+
+def install(runner) -> None:
+    """Called after the runner loaded its model: wrap the decoder layers and the runner's forward."""
+    global _CURRENT
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    try:
+        from emovec.layers import find_decoder_layers
+
+        layers = list(find_decoder_layers(model).layers)
+    except Exception as error:  # noqa: BLE001 - an unsupported model serves as plain vLLM, with a warning
+        log.warning("emovec: the vLLM plugin cannot find this model's decoder layers (%s); emovec is off", error)
+        return
+    for index, layer in enumerate(layers):
+        if type(layer).__name__ == "PPMissingLayer":
+            continue
+        layer.forward = _layer_wrapper(layer, index)
+    plugin = _Plugin(runner, model, layers)
+    inner_forward = runner._model_forward
+
+    def _model_forward(*args, **kwargs):
+        plugin.begin_step()
+        if plugin.active:
+            _no_cuda_graph_this_step()
+        try:
+            return inner_forward(*args, **kwargs)
+        finally:
+            plugin.end_step()
+
+    runner._model_forward = _model_forward
+    runner.emovec = plugin
+    _CURRENT = plugin
+
+
+def _no_cuda_graph_this_step() -> None:
+    """A captured CUDA graph holds the kernels of the step it was captured in (no emovec work): a step with emovec
+    requests runs the compiled pieces without graph replay."""
+    try:
+        from vllm.config import CUDAGraphMode
+        from vllm.forward_context import get_forward_context
+
+        context = get_forward_context()
+        if context.cudagraph_runtime_mode != CUDAGraphMode.NONE:
+            context.cudagraph_runtime_mode = CUDAGraphMode.NONE
+    except Exception:  # noqa: BLE001 - no forward context (CPU runner without graphs): nothing to switch off
+        pass
+
+
+def fetch_readings(worker, keys: list[str] | None = None, pop: bool = True) -> dict[str, Any]:
+    """Worker RPC (``collective_rpc("emovec_readings", ...)``): the readings of these request keys (all when None)."""
+    runner = getattr(worker, "model_runner", None)
+    plugin = getattr(runner, "emovec", None)
+    if plugin is None:
+        return {}
+    return plugin.fetch(keys, pop)
