@@ -188,3 +188,81 @@ def test_extra_args_refuses_malformed_settings_before_sending():
         ev.extra_args(steer="calm")
     with pytest.raises(ev.SpecError, match="between -1 and 1"):
         ev.extra_args(cap="desperate<=2")
+
+
+def test_preemption_recomputes_the_same_tokens_and_readings(hf):
+    """A KV cache of 10 blocks of 32 tokens for 4 requests that need 5 each: vLLM preempts requests and recomputes
+    their tokens later; steering and readings come out as the transformers runtime's, recomputed positions once."""
+    llm = LLM(ev.model_path(), dtype="float32", max_model_len=256, block_size=32, num_gpu_blocks_override=10,
+              max_num_seqs=4, enforce_eager=True, seed=0)
+    try:
+        ids = [_ids(hf, f"Story number {i}: once upon a time there was a little robot who") for i in range(4)]
+        params = _params(n=120, steer="calm=0.05", layers="10-20", monitor="afraid", monitor_layers="15")
+        outs = llm.generate([_prompt(i) for i in ids], [params] * 4, use_tqdm=False)
+        readings = ev.readings(llm, outs)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    assert sum(r.recomputed for r in readings.values()) > 0, "no request was preempted: the test needs a tighter cache"
+    for prompt, out in zip(ids, outs):
+        tokens, _, mon = _hf_generate(hf, prompt, {"calm": 0.05}, "10-20", monitor_layers=[15], n=120)
+        assert list(out.outputs[0].token_ids) == tokens
+        r = readings[out.request_id]
+        assert r.positions.tolist() == list(range(len(prompt) - 1, len(prompt) + 119))
+        want = mon.scores[0, r.positions][:, :, [hf[1].index("afraid")]]
+        torch.testing.assert_close(torch.from_numpy(r.scores), want, atol=1e-4 * float(want.abs().max()), rtol=1e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_steers_and_reads_through_the_openai_client(hf, tmp_path):
+    """`vllm serve` with the plugin, compiled (no --enforce-eager): one steered, monitored completion through the
+    OpenAI client, its readings from GET /emovec/readings/{id}; both equal the transformers runtime."""
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    openai = pytest.importorskip("openai")
+    port = _free_port()
+    env = dict(os.environ, VLLM_PLUGINS="emovec,emovec-readings", VLLM_CPU_KVCACHE_SPACE="1")
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ev.model_path(),
+                               "--served-model-name", "smollm2", "--dtype", "float32", "--max-model-len", "512",
+                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise AssertionError("vllm serve did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
+                time.sleep(2)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+        ids = _ids(hf, PROMPTS[0])
+        xargs = {"emovec_steer": _recipe_text(RECIPE_A), "emovec_layers": LAYERS_A, "emovec_monitor": "afraid,calm",
+                 "emovec_monitor_layers": "15"}
+        response = client.completions.create(model="smollm2", prompt=ids, max_tokens=TOKENS, temperature=0,
+                                             extra_body={"vllm_xargs": xargs, "return_token_ids": True})
+        with urllib.request.urlopen(f"{base}/emovec/readings/{response.id}") as reply:
+            body = json.loads(reply.read())
+        with pytest.raises(urllib.error.HTTPError, match="404"):  # fetched once, then gone
+            urllib.request.urlopen(f"{base}/emovec/readings/{response.id}")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    tokens, _, mon = _hf_generate(hf, ids, RECIPE_A, LAYERS_A, monitor_layers=[15])
+    assert response.choices[0].text == hf[0].tokenizer.decode(tokens)
+    (data,) = body["readings"].values()
+    assert data["positions"] == list(range(len(ids) - 1, len(ids) - 1 + TOKENS))
+    want = mon.scores[0, data["positions"]][:, :, [hf[1].index("afraid"), hf[1].index("calm")]]
+    torch.testing.assert_close(torch.tensor(data["scores"]), want, atol=1e-3 * float(want.abs().max()), rtol=1e-3)

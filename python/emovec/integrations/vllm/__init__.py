@@ -88,6 +88,7 @@ class Readings:
     norms: np.ndarray
     prompt_len: int
     finished: bool
+    recomputed: int = 0
     token_ids: list[int] | None = None
 
     @property
@@ -107,7 +108,7 @@ def _readings_from(data: dict[str, Any]) -> Readings:
     scores = np.asarray(data["scores"], dtype=np.float32).reshape(-1, len(layers), len(names))
     norms = np.asarray(data["norms"], dtype=np.float32).reshape(-1, len(layers))
     return Readings(names, layers, np.asarray(data["positions"], dtype=np.int64), scores, norms,
-                    int(data["prompt_len"]), bool(data["finished"]))
+                    int(data["prompt_len"]), bool(data["finished"]), int(data.get("recomputed", 0)))
 
 
 def fetch(engine, keys: list[str] | None = None, pop: bool = True) -> dict[str, dict[str, Any]]:

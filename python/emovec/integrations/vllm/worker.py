@@ -105,6 +105,8 @@ class _Readings:
     chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     error: str | None = None
     finished: bool = False
+    recomputed: int = 0  # positions read again (the request was preempted and its tokens recomputed)
+    last: int = -1
 
     def export(self) -> dict[str, Any]:
         if self.error is not None:
@@ -124,7 +126,7 @@ class _Readings:
             norms = np.zeros((0, len(self.layers)), dtype=np.float32)
         return {"names": self.names, "layers": self.layers, "prompt_len": self.prompt_len,
                 "positions": pos.tolist(), "scores": scores.tolist(), "norms": norms.tolist(),
-                "finished": self.finished}
+                "finished": self.finished, "recomputed": self.recomputed}
 
 
 # ----------------------------------------------------------------------------------------- the plugin
@@ -386,15 +388,26 @@ class _Plugin:
             names = [vs.index(n) for n in spec.monitor]
             scores = torch.stack([self._scores[layer][first:end][:, names] for layer in spec.monitor_layers], 1)
             norms = torch.stack([self._norms[layer][first:end] for layer in spec.monitor_layers], 1)
-            readings.chunks.append((positions[keep], scores.cpu().numpy().copy(), norms.cpu().numpy().copy()))
+            kept = positions[keep]
+            readings.recomputed += int((kept <= readings.last).sum())
+            readings.last = max(readings.last, int(kept[-1]))
+            readings.chunks.append((kept, scores.cpu().numpy().copy(), norms.cpu().numpy().copy()))
 
     def fetch(self, keys: list[str] | None, pop: bool) -> dict[str, Any]:
-        chosen = list(self.readings) if keys is None else [k for k in keys if k in self.readings]
+        """Readings by key; a key also finds the keys it prefixes with '-' (the OpenAI completions endpoint numbers
+        a response's prompts: cmpl-ID-0, cmpl-ID-1, ...). ``pop`` drops what it returns: fetch once the request is
+        done (a later step of a request still running would find its readings gone and record nothing more)."""
+        self._forget_finished()
+        chosen: list[str] = []
+        for key in self.readings if keys is None else keys:
+            if key in self.readings:
+                chosen.append(key)
+            else:
+                chosen.extend(k for k in self.readings if k.startswith(f"{key}-"))
         out = {k: self.readings[k].export() for k in chosen}
         if pop:
             for k in chosen:
-                if self.readings[k].finished or self.readings[k].error is not None:
-                    del self.readings[k]
+                self.readings.pop(k, None)
         return out
 
 
