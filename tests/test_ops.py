@@ -34,6 +34,16 @@ CASES = [
     Case(257, 64, 5, 0, clamp=2, relative=True),
     Case(3, 7, 5, 0, clamp=1, steer=False),  # regulation alone
     Case(1000, 576, 171, 3, clamp=4, relative=True, weights_fp32=True),
+    # decode, the CUDA kernels' range (N <= CUDA_MAX_ROWS = 64), K = 171, d = 4096 / 576: one probe per block and
+    # four (N = 64), 16-byte and scalar loads, the edit kernel before the projection, pre-reduced capture
+    Case(1, 4096, 171, 0, weights_fp32=True),  # the runtime's monitor: fp32 probes and center
+    Case(1, 4096, 171, 1, clamp=1),
+    Case(2, 4096, 171, 0, row_pad=4),  # fp16 / bf16 rows 8 bytes off 16-byte alignment: scalar loads
+    Case(2, 576, 171, 1),
+    Case(16, 4096, 171, 0, clamp=2, relative=True),
+    Case(16, 576, 171, 3, weights_fp32=True, num_segments=1),  # runs of rows in one segment
+    Case(64, 4096, 171, 1, clamp=1),
+    Case(64, 576, 171, 0, row_pad=3, weights_fp32=True),
 ]
 # The interpreter executes Triton programs in numpy: keep its shapes small but cover both kernel paths.
 TRITON_CASES = [
