@@ -178,6 +178,30 @@ def test_backends_agree_on_capture_with_repeated_segments(device):
     assert results
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", list(backend_params()))
+def test_capture_of_runs_of_rows_in_one_segment(backend, dtype, device):
+    """Extraction's pattern: each segment spans many consecutive rows (runs longer than a kernel's row tile, runs
+    cut by a tile boundary, uncaptured rows between runs, a tile with no captured row). The kernels sum a tile's rows
+    of one segment before adding them: counts stay exact, sums match the float64 sum of the rows as stored."""
+    if backend == "cuda":
+        device = torch.device("cuda")
+    g = torch.Generator().manual_seed(21)
+    lengths = [37, 5, 40, 3, 20, 1, 9, 60]  # segments 0, -1, 1, -1, 2, 0 (again), -1, 3
+    labels = [0, -1, 1, -1, 2, 0, -1, 3]
+    segments = torch.cat([torch.full((n,), s) for n, s in zip(lengths, labels)])
+    h = torch.randn(segments.shape[0], 40, generator=g).to(dtype)
+    table = torch.randn(2, 40, generator=g).to(dtype)
+    slots = torch.arange(segments.shape[0]) % 3 - 1  # steered rows too: capture sees them as stored
+    out = h.clone().to(device)
+    r = emovec.steer_project(out, slots=slots.to(device), table=table.to(device), segments=segments.to(device),
+                             num_segments=4, backend=backend)
+    stored = out.double().cpu()
+    want = torch.stack([stored[segments == s].sum(0) for s in range(4)])
+    assert r.counts.cpu().tolist() == [38.0, 40.0, 20.0, 60.0]
+    torch.testing.assert_close(r.sums.double().cpu(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_default_backend_on_cpu_is_the_compiled_kernel():
     if not emovec.has_cpp_library:
         pytest.skip("emovec._C not built")
