@@ -53,9 +53,11 @@ template <typename H, typename W>
 void launch_projection(device::Args k, const SteerProjectArgs& a, int sms, cudaStream_t stream) {
   const int64_t groups = (a.n + device::kRows - 1) / device::kRows;
   const int64_t wide_tiles = (a.num_probes + kWideTile - 1) / kWideTile;
-  // KT = 4 probes per block re-reads h 4x less often (from L2), but only when the grid still gives every SM a block;
-  // otherwise one probe per block (N = 1, K = 171: 171 blocks instead of 43)
-  const bool wide = a.scores != nullptr && groups * wide_tiles >= sms;
+  // Every probe tile re-reads its rows from L2: N x d x K / KT bytes. One probe per block (KT = 1) fills the device at
+  // N = 1 (K = 171: 171 blocks, not 43), but at N = 16 it re-reads h 171 times (22 MB of L2 traffic for 1.4 MB of
+  // probes); four per block cut that 4x once the wide grid still covers half the SMs (2 row groups at K = 171).
+  // A model, not a measurement: benchmarks/gpu_check.sh times N = 1..16 on a device.
+  const bool wide = a.scores != nullptr && 2 * groups * wide_tiles >= sms;
   k.k_tiles = a.scores == nullptr ? 1 : (wide ? wide_tiles : a.num_probes);
   const int64_t blocks = groups * k.k_tiles;
   if (blocks > INT_MAX)

@@ -277,3 +277,25 @@ def test_cpu_bf16_rows_error_against_float64():
         error = (got.scores.double() - want).abs().max().item() / want.abs().max().item()
         assert error < (5e-3 if _ext._C.cpu_bf16_dot() else 1e-5), (n, d, k, error)
         torch.testing.assert_close(got.norms.double(), h.double().norm(dim=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("probe_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_decode_error_against_float64(probe_dtype):
+    """The CUDA decode kernels on bf16 rows, with probes and center in h's dtype (bf16, half the probe bytes) or fp32
+    (the runtime's monitor). Products and sums are fp32 and the center is subtracted in fp32, so against the float64
+    reference on the same (already rounded) inputs the stated error is at most 1e-5 of the largest |score|; rounding
+    the probes to bf16 is the caller's choice, not the kernel's error."""
+    if backend_status()["cuda"] is not None:
+        pytest.skip(backend_status()["cuda"])
+    g = torch.Generator().manual_seed(13)
+    for n, d in ((1, 4096), (2, 576), (16, 4096), (64, 4096)):
+        h = torch.randn(n, d, generator=g).bfloat16().cuda()
+        probes = torch.nn.functional.normalize(torch.randn(171, d, generator=g), dim=1).to(probe_dtype).cuda()
+        center = (0.1 * torch.randn(d, generator=g)).to(probe_dtype).cuda()
+        centered = h.double() - center.double()
+        want = centered @ probes.double().T
+        got = emovec.steer_project(h.clone(), probes=probes, center=center, backend="cuda")
+        error = (got.scores.double() - want).abs().max().item() / want.abs().max().item()
+        assert error < 1e-5, (n, d, error)
+        torch.testing.assert_close(got.norms.double(), centered.norm(dim=1), rtol=1e-5, atol=1e-5)
