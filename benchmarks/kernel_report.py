@@ -1,12 +1,14 @@
 """Kernel report without a GPU: compile every kernel configuration the dispatcher can choose for sm_90 and sm_80 and
 print registers, spills, shared memory and the tensor-core instructions used, plus a roofline model per benchmark
-shape (the bytes and FLOPs the op must do, and the time they bound on an H100 / H200).
+shape (the bytes and FLOPs the op must do, and the time they bound on an H100 / H200) and, for decode, the CUDA
+kernels' grid and bound (launches + probes read once).
 
     python benchmarks/kernel_report.py                    # everything (nvcc + Triton's compiler; a few minutes)
-    python benchmarks/kernel_report.py --only cuda        # or --only triton, --only roofline
+    python benchmarks/kernel_report.py --only cuda        # or --only triton, --only roofline, --only decode
     python benchmarks/kernel_report.py --fail-on-spill    # exit 1 when a dispatched configuration spills
 
-CUDA: ``nvcc -Xptxas -v`` on src/cuda_launch.cu (every dtype instantiation of the kernel). Triton: the kernel compiled
+CUDA: ``nvcc -Xptxas -v`` on src/cuda_launch.cu (every instantiation of the two kernels: the edit kernel per <h, weight>
+dtype pair, the projection kernel per pair and probe tile KT = 1 / 4). Triton: the kernel compiled
 with ``triton.compile`` for a CUDA target (no device needed), its PTX assembled again with Triton's bundled ``ptxas
 -v`` for the register and spill counts, and searched for ``wgmma`` / ``mma.sync``. The Triton configurations are the
 launcher's own choices (``emovec.triton.steer_project._config``) for the runtime's real arguments. Writes
@@ -29,22 +31,51 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Assumed device figures (datasheets, dense): memory bandwidth and peak throughput.
 DEVICES = {
-    "H100 SXM": {"bandwidth_tbs": 3.35, "bf16_tflops": 989.0, "fp32_tflops": 67.0},
-    "H200": {"bandwidth_tbs": 4.8, "bf16_tflops": 989.0, "fp32_tflops": 67.0},
+    "H100 SXM": {"bandwidth_tbs": 3.35, "bf16_tflops": 989.0, "fp32_tflops": 67.0, "sms": 132},
+    "H200": {"bandwidth_tbs": 4.8, "bf16_tflops": 989.0, "fp32_tflops": 67.0, "sms": 132},
 }
 LAUNCH_US = 3.0  # an empty kernel launch, as measured on such machines (order of magnitude)
+L2_TBS = 5.5  # L2 read bandwidth of an H100 / H200 die (microbenchmarks report ~5.5-7 TB/s): an assumption
+# the CUDA projection kernel's tiling (kernels/steer_project.cuh: kRows; src/cuda_launch.cu: kWideTile)
+CUDA_ROWS_PER_BLOCK = 8
+CUDA_WIDE_TILE = 4
 
 # ----------------------------------------------------------------------------------------------------------- CUDA
 
-_DTYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
+_CUDA_TYPES = (("13__nv_bfloat16", "bf16"), ("6__half", "fp16"), ("f", "fp32"))
+_CUDA_ROLES = {
+    "edit_rows_kernel": "steer / ablate / clamp rows, one block per row at decode (2nd launch only when editing)",
+    "project_rows_kernel": "scores + norms + capture, (probe tile x 8-row group) grid",
+}
 
 
-def _kernel_dtypes(mangled: str) -> str:
-    """The template arguments <H, W> of a mangled steer_project_kernel name, as 'bf16/fp32'."""
-    args = mangled.split("steer_project_kernel", 1)[-1]
-    found = re.findall(r"(13__nv_bfloat16|6__half|f)(?=[^a-z_]|$)", args.split("EEv")[0] + "E")
-    names = [_DTYPES.get(x, x) for x in found[:2]]
-    return "/".join(names) if names else mangled
+def _kernel_config(mangled: str) -> tuple[str, str]:
+    """(kernel, '<h>/<weights>') of a mangled edit_rows_kernel / project_rows_kernel name, e.g. ('project KT=4',
+    'bf16/fp32')."""
+    m = re.search(r"(edit_rows_kernel|project_rows_kernel)I(.*)EEvN", mangled)
+    if m is None:
+        return mangled, ""
+    kernel, rest = m.groups()
+    types, tile = [], None
+    while rest:
+        for token, name in _CUDA_TYPES:
+            if rest.startswith(token):
+                types.append(name)
+                rest = rest[len(token):]
+                break
+        else:
+            sub = re.match(r"S\d*_", rest)  # a repeated type: the weights in h's dtype
+            literal = re.match(r"Li(\d+)E", rest)
+            if sub:
+                types.append(types[0])
+                rest = rest[sub.end():]
+            elif literal:
+                tile = int(literal.group(1))
+                rest = rest[literal.end():]
+            else:
+                return mangled, ""
+    label = "edit" if kernel == "edit_rows_kernel" else f"project KT={tile}"
+    return label, "/".join(types)
 
 
 def cuda_report(arch: str) -> list[dict]:
@@ -52,8 +83,8 @@ def cuda_report(arch: str) -> list[dict]:
     if nvcc is None:
         return [{"arch": arch, "kernel": "cuda", "error": "nvcc not found"}]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-std=c++17", f"-arch={arch}", "-Xptxas", "-v", "-c", str(ROOT / "src" / "cuda_launch.cu"),
-               "-o", str(Path(tmp) / "k.o")]
+        cmd = [nvcc, "-std=c++17", f"-arch={arch}", "-O3", "--use_fast_math", "-Xptxas", "-v", "-c",
+               str(ROOT / "src" / "cuda_launch.cu"), "-o", str(Path(tmp) / "k.o")]
         done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         return [{"arch": arch, "kernel": "cuda", "error": done.stderr.strip()[-500:]}]
@@ -61,7 +92,8 @@ def cuda_report(arch: str) -> list[dict]:
     for line in done.stderr.splitlines():
         m = re.search(r"Compiling entry function '([^']+)'", line)
         if m:
-            current = {"arch": arch, "kernel": "cuda", "config": _kernel_dtypes(m.group(1)), "dispatched": True}
+            kernel, dtypes = _kernel_config(m.group(1))
+            current = {"arch": arch, "kernel": f"cuda {kernel}", "config": dtypes, "dispatched": True}
             rows.append(current)
             continue
         if current is None:
@@ -75,6 +107,7 @@ def cuda_report(arch: str) -> list[dict]:
             m2 = re.search(r"(\d+) bytes smem", line)
             current["static_smem"] = int(m2.group(1)) if m2 else 0
     for row in rows:
+        row["dynamic_smem"] = "rows x d x 4 B (d = 4096: 16 KB)" if row["kernel"] == "cuda edit" else 0
         row["tensor_cores"] = "none (CUDA-core fp32 dots)"
     return rows
 
@@ -231,6 +264,33 @@ def roofline() -> list[dict]:
     return rows
 
 
+def decode_roofline() -> list[dict]:
+    """The CUDA kernels at decode (N <= 64, d = 4096, K = 171, bf16 h): the projection grid the launcher picks, the
+    bytes from DRAM (h once, the probes once per call, scores and norms) and from L2 (each probe tile re-reads its row
+    group's rows; each row group re-reads the probes), and the bound: launches x 3 us + the larger of DRAM bytes /
+    bandwidth and L2 bytes / L2_TBS (monitoring: 1 launch; steering as well: 2, and h written back)."""
+    rows = []
+    d, k = 4096, 171
+    for n in (1, 2, 4, 8, 16, 64):
+        for probe_bytes in (2, 4):
+            groups = -(-n // CUDA_ROWS_PER_BLOCK)
+            sms = DEVICES["H200"]["sms"]
+            tile = CUDA_WIDE_TILE if 2 * groups * -(-k // CUDA_WIDE_TILE) >= sms else 1  # src/cuda_launch.cu's rule
+            k_tiles = -(-k // tile)
+            h_bytes = n * d * 2
+            dram = h_bytes + k * d * probe_bytes + n * (k + 1) * 4
+            l2 = k_tiles * h_bytes + groups * k * d * probe_bytes
+            row = {"N": n, "probes": "bf16" if probe_bytes == 2 else "fp32", "KT": tile, "blocks": groups * k_tiles,
+                   "DRAM_MB": round(dram / 1e6, 3), "L2_MB": round(l2 / 1e6, 2)}
+            for name, dev in DEVICES.items():
+                memory_us = max(dram / (dev["bandwidth_tbs"] * 1e12), l2 / (L2_TBS * 1e12)) * 1e6
+                row[f"{name} monitor_us"] = round(LAUNCH_US + memory_us, 2)
+                row[f"{name} steer+monitor_us"] = round(2 * LAUNCH_US + memory_us + h_bytes / (dev["bandwidth_tbs"]
+                                                                                             * 1e12) * 1e6, 2)
+            rows.append(row)
+    return rows
+
+
 def _print(rows: list[dict], title: str) -> None:
     if not rows:
         return
@@ -244,12 +304,12 @@ def _print(rows: list[dict], title: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["cuda", "triton", "roofline"], default=None)
+    parser.add_argument("--only", choices=["cuda", "triton", "roofline", "decode"], default=None)
     parser.add_argument("--fail-on-spill", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernel_report.json"))
     args = parser.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
-    report: dict = {"assumed_devices": DEVICES, "launch_us": LAUNCH_US}
+    report: dict = {"assumed_devices": DEVICES, "launch_us": LAUNCH_US, "l2_tbs": L2_TBS}
     if args.only in (None, "cuda"):
         report["cuda"] = cuda_report("sm_90") + cuda_report("sm_80")
         _print(report["cuda"], "CUDA kernel (nvcc -Xptxas -v)")
@@ -259,6 +319,9 @@ def main() -> int:
     if args.only in (None, "roofline"):
         report["roofline"] = roofline()
         _print(report["roofline"], f"Roofline of the monitoring op (bf16 h; launch {LAUNCH_US} us added at decode)")
+    if args.only in (None, "decode"):
+        report["decode"] = decode_roofline()
+        _print(report["decode"], f"CUDA kernels at decode, d = 4096, K = 171, bf16 h ({LAUNCH_US} us per launch)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"\nwrote {args.out}")

@@ -74,7 +74,7 @@ PYBIND11_MODULE(_C, m) {
                            num_clamp, bounds, relative_bounds, corrections);
         emovec::steer_project_cuda(a, stream);
       },
-      "Fused op on device memory, one launch on `stream` (cudaStream_t as an integer).");
+      "Fused op on device memory, one or two launches on `stream` (cudaStream_t as an integer).");
 
   m.def("cuda_compiled", &emovec::cuda_compiled, "Whether CUDA kernels were compiled into this module.");
   m.def("cuda_architectures", &emovec::cuda_architectures, "CUDA architectures compiled, e.g. '80,90'.");

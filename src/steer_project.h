@@ -85,7 +85,8 @@ struct SteerProjectArgs {
 // CPU kernel (OpenMP). Throws std::invalid_argument on inconsistent arguments.
 void steer_project_cpu(const SteerProjectArgs& args, int num_threads);
 
-// CUDA launcher: one launch on `stream` (a cudaStream_t passed as an integer). Throws std::runtime_error
+// CUDA launcher: on `stream` (a cudaStream_t passed as an integer), the edit kernel when the call edits, then the
+// projection kernel when it scores, takes norms or captures (two launches at most). Throws std::runtime_error
 // with the CUDA error text when the launch fails, or when the module was built without CUDA.
 void steer_project_cuda(const SteerProjectArgs& args, std::intptr_t stream);
 

@@ -34,6 +34,16 @@ CASES = [
     Case(257, 64, 5, 0, clamp=2, relative=True),
     Case(3, 7, 5, 0, clamp=1, steer=False),  # regulation alone
     Case(1000, 576, 171, 3, clamp=4, relative=True, weights_fp32=True),
+    # decode, the CUDA kernels' range (N <= CUDA_MAX_ROWS = 64), K = 171, d = 4096 / 576: one probe per block and
+    # four (N = 64), 16-byte and scalar loads, the edit kernel before the projection, pre-reduced capture
+    Case(1, 4096, 171, 0, weights_fp32=True),  # the runtime's monitor: fp32 probes and center
+    Case(1, 4096, 171, 1, clamp=1),
+    Case(2, 4096, 171, 0, row_pad=4),  # fp16 / bf16 rows 8 bytes off 16-byte alignment: scalar loads
+    Case(2, 576, 171, 1),
+    Case(16, 4096, 171, 0, clamp=2, relative=True),
+    Case(16, 576, 171, 3, weights_fp32=True, num_segments=1),  # runs of rows in one segment
+    Case(64, 4096, 171, 1, clamp=1),
+    Case(64, 576, 171, 0, row_pad=3, weights_fp32=True),
 ]
 # The interpreter executes Triton programs in numpy: keep its shapes small but cover both kernel paths.
 TRITON_CASES = [
@@ -168,6 +178,30 @@ def test_backends_agree_on_capture_with_repeated_segments(device):
     assert results
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", list(backend_params()))
+def test_capture_of_runs_of_rows_in_one_segment(backend, dtype, device):
+    """Extraction's pattern: each segment spans many consecutive rows (runs longer than a kernel's row tile, runs
+    cut by a tile boundary, uncaptured rows between runs, a tile with no captured row). The kernels sum a tile's rows
+    of one segment before adding them: counts stay exact, sums match the float64 sum of the rows as stored."""
+    if backend == "cuda":
+        device = torch.device("cuda")
+    g = torch.Generator().manual_seed(21)
+    lengths = [37, 5, 40, 3, 20, 1, 9, 60]  # segments 0, -1, 1, -1, 2, 0 (again), -1, 3
+    labels = [0, -1, 1, -1, 2, 0, -1, 3]
+    segments = torch.cat([torch.full((n,), s) for n, s in zip(lengths, labels)])
+    h = torch.randn(segments.shape[0], 40, generator=g).to(dtype)
+    table = torch.randn(2, 40, generator=g).to(dtype)
+    slots = torch.arange(segments.shape[0]) % 3 - 1  # steered rows too: capture sees them as stored
+    out = h.clone().to(device)
+    r = emovec.steer_project(out, slots=slots.to(device), table=table.to(device), segments=segments.to(device),
+                             num_segments=4, backend=backend)
+    stored = out.double().cpu()
+    want = torch.stack([stored[segments == s].sum(0) for s in range(4)])
+    assert r.counts.cpu().tolist() == [38.0, 40.0, 20.0, 60.0]
+    torch.testing.assert_close(r.sums.double().cpu(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_default_backend_on_cpu_is_the_compiled_kernel():
     if not emovec.has_cpp_library:
         pytest.skip("emovec._C not built")
@@ -243,3 +277,25 @@ def test_cpu_bf16_rows_error_against_float64():
         error = (got.scores.double() - want).abs().max().item() / want.abs().max().item()
         assert error < (5e-3 if _ext._C.cpu_bf16_dot() else 1e-5), (n, d, k, error)
         torch.testing.assert_close(got.norms.double(), h.double().norm(dim=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("probe_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_decode_error_against_float64(probe_dtype):
+    """The CUDA decode kernels on bf16 rows, with probes and center in h's dtype (bf16, half the probe bytes) or fp32
+    (the runtime's monitor). Products and sums are fp32 and the center is subtracted in fp32, so against the float64
+    reference on the same (already rounded) inputs the stated error is at most 1e-5 of the largest |score|; rounding
+    the probes to bf16 is the caller's choice, not the kernel's error."""
+    if backend_status()["cuda"] is not None:
+        pytest.skip(backend_status()["cuda"])
+    g = torch.Generator().manual_seed(13)
+    for n, d in ((1, 4096), (2, 576), (16, 4096), (64, 4096)):
+        h = torch.randn(n, d, generator=g).bfloat16().cuda()
+        probes = torch.nn.functional.normalize(torch.randn(171, d, generator=g), dim=1).to(probe_dtype).cuda()
+        center = (0.1 * torch.randn(d, generator=g)).to(probe_dtype).cuda()
+        centered = h.double() - center.double()
+        want = centered @ probes.double().T
+        got = emovec.steer_project(h.clone(), probes=probes, center=center, backend="cuda")
+        error = (got.scores.double() - want).abs().max().item() / want.abs().max().item()
+        assert error < 1e-5, (n, d, error)
+        torch.testing.assert_close(got.norms.double(), centered.norm(dim=1), rtol=1e-5, atol=1e-5)

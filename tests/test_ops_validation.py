@@ -164,3 +164,41 @@ def test_cuda_status_asks_the_extension_whether_it_sees_a_device(monkeypatch):
     monkeypatch.setattr(ops._ext, "_C", FakeC)
     status = ops._compute_backend_status()
     assert status["cuda"] is not None and "driver" in status["cuda"]
+
+
+class _FakeCudaRows:
+    """Stands in for a CUDA tensor of n rows: all the dispatcher looks at (no GPU needed)."""
+
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+    def __init__(self, n: int):
+        self.shape = (n, 4096)
+
+
+@pytest.mark.parametrize("cuda_ok, triton_ok, n, want", [
+    (True, True, 1, "cuda"),
+    (True, True, 64, "cuda"),  # CUDA_MAX_ROWS
+    (True, True, 65, "triton"),
+    (True, False, 64, "cuda"),
+    (True, False, 65, "torch"),  # no Triton: cuBLAS through torch, never the CUDA-core kernel
+    (True, False, 32768, "torch"),
+    (False, True, 1, "triton"),
+    (False, False, 1, "torch"),
+])
+def test_dispatch_never_sends_many_rows_to_the_cuda_kernel(monkeypatch, cuda_ok, triton_ok, n, want):
+    import emovec.ops as ops
+
+    assert ops.CUDA_MAX_ROWS == 64
+    status = {"torch": None, "cpu": None, "cuda": None if cuda_ok else "not built",
+              "triton": None if triton_ok else "not installed"}
+    monkeypatch.setattr(ops, "_STATUS", status)
+    assert ops._pick_backend(_FakeCudaRows(n), None) == want
+
+
+def test_explicit_cuda_backend_is_honoured_for_many_rows(monkeypatch):
+    """The rule binds the dispatcher only: a caller who asks for backend="cuda" gets it, whatever N."""
+    import emovec.ops as ops
+
+    monkeypatch.setattr(ops, "_STATUS", {"torch": None, "cpu": None, "cuda": None, "triton": "not installed"})
+    assert ops._pick_backend(_FakeCudaRows(32768), "cuda") == "cuda"

@@ -17,7 +17,9 @@ from emovec.triton import interpreting, triton_available, triton_import_error
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
-# below this many rows the CUDA kernel's single launch beats Triton; above, Triton's tl.dot tiles win
+# up to this many rows the CUDA kernels (CUDA-core fp32 dots, probes read once per call) beat Triton's launches;
+# above, tensor cores win: Triton's tl.dot tiles, or torch's cuBLAS GEMM when Triton is missing (only an explicit
+# backend="cuda" sends more rows to the CUDA kernels)
 CUDA_MAX_ROWS = 64
 # ablation directions per call: the kernels keep one coefficient per direction and row in registers/shared memory
 MAX_ABLATE = 64
@@ -101,7 +103,8 @@ def _pick_backend(h: torch.Tensor, backend: str | None) -> str:
             return "cuda"
         if status["triton"] is None:
             return "triton"
-        return "cuda" if status["cuda"] is None else "torch"
+        # the CUDA kernel has no tensor-core path: many rows without Triton go to torch (cuBLAS GEMM), never to it
+        return "torch"
     if h.device.type == "cpu" and _ext.has_cpp_library:
         return "cpu"
     return "torch"

@@ -16,8 +16,9 @@ dimension in ``BLOCK_D`` chunks:
            rows x0; then, direction after direction, p_c = dots[r, c] - Σ_{c' < c} δ[r, c'] (w_c'·w_c) (the
            projection after the earlier corrections, with the Gram matrix of the directions), δ[r, c] =
            p_c - clamp(p_c, lo, hi); pass 2 subtracts Σ_c δ[r, c] w_c
-  pass 2:  x = h + table[slot] - coef @ u;  h = round(x);  norms, capture and, for small N, the first probe tile
-           of scores[r, k] = (h[r] - center) · probes[k]
+  pass 2:  x = h + table[slot] - coef @ u;  h = round(x);  norms, capture (the tile's rows summed before one
+           relaxed atomic per column when they all share one segment, as in extraction) and, for small N, the first
+           probe tile of scores[r, k] = (h[r] - center) · probes[k]
   pass 3:  the remaining probe tiles re-read the freshly written rows (L2-resident).
 
 With more than SMALL_N rows and probes, the edits and capture run first (no dots) and the projection kernel reads
@@ -148,6 +149,11 @@ def _steer_project_kernel(
         segment = tl.where(captured, segment, 0)
         if HAS_ERRORS:
             tl.atomic_or(errors_ptr + tl.zeros([BLOCK_N], dtype=tl.int32), tl.full([BLOCK_N], 2, tl.int32), mask=bad_segment)
+        # extraction: one segment spans many consecutive rows. When every captured row of this tile is in the same
+        # segment, the tile's rows are summed first and added with one atomic per column (BLOCK_N times fewer);
+        # otherwise one per row and column. Relaxed: only the final sums matter, not the order of the additions.
+        first_segment = tl.min(tl.where(captured, segment, S), axis=0)
+        one_segment = first_segment == tl.max(tl.where(captured, segment, -1), axis=0)  # False when none is captured
     k_offsets = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     squares = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -170,7 +176,12 @@ def _steer_project_kernel(
                 tl.store(h_rows + cols[None, :], stored, mask=active[:, None] & col_mask[None, :])
                 x = tl.where(active[:, None], stored.to(tl.float32), x)
             if HAS_CAPTURE:
-                tl.atomic_add(sums_ptr + segment[:, None] * D + cols[None, :], x, mask=captured[:, None] & col_mask[None, :])
+                if one_segment:
+                    tl.atomic_add(sums_ptr + first_segment * D + cols, tl.sum(tl.where(captured[:, None], x, 0.0), axis=0),
+                                  mask=col_mask, sem="relaxed")
+                else:
+                    tl.atomic_add(sums_ptr + segment[:, None] * D + cols[None, :], x,
+                                  mask=captured[:, None] & col_mask[None, :], sem="relaxed")
             if HAS_CENTER:
                 x -= tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             if HAS_NORMS:
@@ -180,7 +191,10 @@ def _steer_project_kernel(
     if HAS_NORMS:
         tl.store(norms_ptr + rows, tl.sqrt(squares), mask=row_mask)
     if HAS_CAPTURE:
-        tl.atomic_add(counts_ptr + segment, tl.full([BLOCK_N], 1.0, tl.float32), mask=captured)
+        if one_segment:
+            tl.atomic_add(counts_ptr + first_segment, tl.sum(captured.to(tl.float32), axis=0), sem="relaxed")
+        else:
+            tl.atomic_add(counts_ptr + segment, tl.full([BLOCK_N], 1.0, tl.float32), mask=captured, sem="relaxed")
     if HAS_SCORES:
         tl.store(scores_ptr + rows[:, None] * K + k_offsets[None, :], acc, mask=row_mask[:, None] & (k_offsets[None, :] < K))
 
