@@ -49,6 +49,7 @@ class RequestSpec:
     regulate_layers: list[int] = field(default_factory=list)
     monitor: list[str] = field(default_factory=list)
     monitor_layers: list[int] = field(default_factory=list)
+    monitor_index: list[int] = field(default_factory=list)  # positions of ``monitor`` in the vectors
     prompt: bool = False
     key: str | None = None
 
@@ -174,8 +175,9 @@ def parse(extra_args: dict[str, Any], vectors: VectorSet, num_layers: int) -> Re
         raise SpecError("relative strengths need the vectors' mean residual norms, which these vectors lack; "
                         "set emovec_absolute=1 or serve vectors with mean norms")
     try:
-        for name in [*spec.steer, *spec.bounds, *spec.monitor]:
+        for name in [*spec.steer, *spec.bounds]:
             vectors.index(name)
+        spec.monitor_index = [vectors.index(name) for name in spec.monitor]
         for layer in set(spec.steer_layers if spec.steer else []) | set(spec.monitor_layers if spec.monitor else []) \
                 | set(spec.regulate_layers if spec.bounds else []):
             vectors.slice_of(layer)

@@ -19,6 +19,7 @@ vLLM). Layers that only monitor read ``x`` and write nothing back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -162,6 +163,11 @@ class _Plugin:
         self._scores: dict[int, torch.Tensor] = {}
         self._norms: dict[int, torch.Tensor] = {}
         self._monitored: list[tuple[str, RequestSpec, int, int, int]] = []
+        self._row_cache: dict[str, dict[int, torch.Tensor]] = {}
+        self._unit_cache: torch.Tensor | None = None
+        self.layer_full = [False] * self.num_layers  # every row of the step is edited at this layer
+        self._rows = 0
+        self._x: torch.Tensor | None = None
 
     # -- vectors and requests ---------------------------------------------------------------------
 
@@ -265,13 +271,12 @@ class _Plugin:
     def _build_clamp(self) -> None:
         """Directions for every concept any request has bounded so far (bounds are ±inf for the others)."""
         vs = self.vectors()
-        unit = vs.unit
         names = self.clamp_names
         old = self._bounds
         self._clamp = []
         for layer in range(self.num_layers):
             if vs.covers(layer):
-                self._clamp.append(unit[vs.slice_of(layer)][[vs.index(n) for n in names]].to(self.device).contiguous())
+                self._clamp.append(self._unit()[vs.slice_of(layer)][[vs.index(n) for n in names]].to(self.device).contiguous())
             else:
                 self._clamp.append(torch.zeros(len(names), vs.hidden_size, device=self.device))
         if self._tables is None:
@@ -285,12 +290,30 @@ class _Plugin:
                 b[:, : old[layer].shape[1]] = old[layer]
             self._bounds.append(b)
 
+    def _steering_rows(self, spec: RequestSpec) -> dict[int, torch.Tensor]:
+        """Each steered layer's vector for this setting (remembered: a setting that comes back costs nothing)."""
+        key = spec.edit_key()
+        rows = self._row_cache.get(key)
+        if rows is None:
+            vs = self.vectors()
+            view = dataclasses.replace(vs, vectors=self._unit())  # unit vectors computed once, not per layer
+            rows = {layer: steering_vector(view, spec.steer, layer, relative=spec.relative, raw=True)
+                    .to(device=self.device, dtype=self.dtype) for layer in spec.steer_layers} if spec.steer else {}
+            self._row_cache[key] = rows
+            while len(self._row_cache) > 256:
+                self._row_cache.pop(next(iter(self._row_cache)))
+        return rows
+
+    def _unit(self) -> torch.Tensor:
+        if self._unit_cache is None:
+            self._unit_cache = self.vectors().unit
+        return self._unit_cache
+
     def _write_row(self, row: int, spec: RequestSpec) -> None:
-        vs = self.vectors()
+        steering = self._steering_rows(spec)
         for layer in range(self.num_layers):
-            if spec.steer and layer in spec.steer_layers:
-                vec = steering_vector(vs, spec.steer, layer, relative=spec.relative)
-                self._tables[layer][row] = vec.to(device=self.device, dtype=self.dtype)
+            if layer in steering:
+                self._tables[layer][row] = steering[layer]
             else:
                 self._tables[layer][row] = 0
             self._bounds[layer][row, :, 0] = -float("inf")
@@ -338,6 +361,8 @@ class _Plugin:
                 for layer in spec.monitor_layers:
                     self.layer_monitor[layer] = True
                 self._monitored.append((req_ids[i], spec, start, end, int(computed[i])))
+        self._rows = n
+        self.layer_full = [bool(e) and bool((slots[layer, :n] >= 0).all()) for layer, e in enumerate(self.layer_edit)]
         if self._slots is None:
             self._slots = torch.full((self.num_layers, self.max_tokens), -1, dtype=torch.int64, device=self.device)
         if self.device.type == "cpu":
@@ -347,7 +372,7 @@ class _Plugin:
         for layer in range(self.num_layers):
             if self.layer_monitor[layer] and layer not in self._probes:
                 vs = self.vectors()
-                self._probes[layer] = vs.unit[vs.slice_of(layer)].to(self.device).contiguous()
+                self._probes[layer] = self._unit()[vs.slice_of(layer)].to(self.device).contiguous()
                 self._scores[layer] = torch.zeros(self.max_tokens, len(vs.names), device=self.device)
                 self._norms[layer] = torch.zeros(self.max_tokens, device=self.device)
 
@@ -356,7 +381,17 @@ class _Plugin:
         if not (edit or watch):
             return
         rows = hidden.shape[0]
-        x = hidden if residual is None else hidden + residual
+        full = self.layer_full[layer] and rows == self._rows
+        if residual is None:
+            x = hidden
+        elif full:  # every row is edited: the sum becomes the residual in place, no scratch, no masks
+            residual.add_(hidden)
+            hidden.zero_()
+            x = residual
+        else:
+            if self._x is None or self._x.shape[0] < rows or self._x.dtype != hidden.dtype:
+                self._x = torch.empty(self.max_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+            x = torch.add(hidden, residual, out=self._x[:rows])
         kwargs: dict[str, Any] = {}
         if edit:
             slots = self._slots[layer, :rows]
@@ -366,7 +401,7 @@ class _Plugin:
         if watch:
             kwargs.update(probes=self._probes[layer], scores=self._scores[layer][:rows], norms=self._norms[layer][:rows])
         steer_project_trusted(x, **kwargs)
-        if edit and residual is not None:
+        if edit and residual is not None and not full:  # only the edited rows change; the others are not written
             mask = (slots >= 0)[:, None]
             residual.copy_(torch.where(mask, x, residual))
             hidden.masked_fill_(mask, 0)
@@ -375,7 +410,14 @@ class _Plugin:
         if not self.active:
             return
         self.active = False
-        vs = self.vectors()
+        if not self._monitored:
+            return
+        # one copy of this step's rows of every monitored layer, then per-request slices on the host
+        n = max(end for _, _, _, end, _ in self._monitored)
+        layers = [layer for layer in range(self.num_layers) if self.layer_monitor[layer]]
+        where = {layer: i for i, layer in enumerate(layers)}
+        all_scores = torch.stack([self._scores[layer][:n] for layer in layers], 1).cpu().numpy()  # (n, L, K)
+        all_norms = torch.stack([self._norms[layer][:n] for layer in layers], 1).cpu().numpy()  # (n, L)
         for req_id, spec, start, end, computed in self._monitored:
             readings = self.readings.get(spec.key)
             if readings is None:
@@ -385,13 +427,14 @@ class _Plugin:
             if not keep.any():
                 continue
             first = start + int(np.argmax(keep))
-            names = [vs.index(n) for n in spec.monitor]
-            scores = torch.stack([self._scores[layer][first:end][:, names] for layer in spec.monitor_layers], 1)
-            norms = torch.stack([self._norms[layer][first:end] for layer in spec.monitor_layers], 1)
+            names = np.asarray(spec.monitor_index)
+            cols = [where[layer] for layer in spec.monitor_layers]
+            scores = all_scores[first:end][:, cols][:, :, names]
+            norms = all_norms[first:end][:, cols]
             kept = positions[keep]
             readings.recomputed += int((kept <= readings.last).sum())
             readings.last = max(readings.last, int(kept[-1]))
-            readings.chunks.append((kept, scores.cpu().numpy().copy(), norms.cpu().numpy().copy()))
+            readings.chunks.append((kept, np.ascontiguousarray(scores), np.ascontiguousarray(norms)))
 
     def fetch(self, keys: list[str] | None, pop: bool) -> dict[str, Any]:
         """Readings by key; a key also finds the keys it prefixes with '-' (the OpenAI completions endpoint numbers
