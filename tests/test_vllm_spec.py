@@ -1,0 +1,97 @@
+"""The vLLM plugin's request settings: parsing and checks, without vLLM (runs in the main environment)."""
+
+import pytest
+import torch
+
+from emovec.integrations import vllm as ev
+from emovec.integrations.vllm import spec as sp
+from emovec.vectors import VectorSet
+
+NAMES = ["afraid", "calm", "desperate", "happy"]
+
+
+@pytest.fixture()
+def vectors():
+    torch.manual_seed(0)
+    vs = VectorSet.from_tensor(torch.randn(4, len(NAMES), 8), names=NAMES, layers=[2, 3, 4, 5])
+    vs.mean_norms = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    vs.default_layer = 3
+    return vs
+
+
+def test_extra_args_round_trip_through_parse(vectors):
+    extra = ev.extra_args(steer={"calm": 0.05, "desperate": -0.02}, layers="3-4", cap="desperate<=0.02",
+                          floor="calm>=0", monitor=["afraid", "happy"], monitor_layers="2,5", prompt=True, key="k1")
+    spec = sp.parse(extra, vectors, num_layers=6)
+    assert spec.steer == {"calm": 0.05, "desperate": -0.02}
+    assert spec.steer_layers == [3, 4]
+    assert spec.bounds == {"calm": (0.0, None), "desperate": (None, 0.02)}
+    assert spec.regulate_layers == [3, 4]  # default: the steered layers
+    assert spec.monitor == ["afraid", "happy"] and spec.monitor_index == [0, 3]
+    assert spec.monitor_layers == [2, 5]
+    assert spec.prompt and spec.key == "k1" and spec.relative and spec.edits
+
+
+def test_server_style_values_parse_like_offline_ones(vectors):
+    """vllm_xargs carries only strings and numbers: the same settings as strings parse to the same spec."""
+    offline = sp.parse(ev.extra_args(steer="calm=0.1", monitor="all"), vectors, 6)
+    server = sp.parse({"emovec_steer": "calm = 0.1", "emovec_monitor": "all", "emovec_absolute": "false",
+                       "emovec_prompt": 0}, vectors, 6)
+    assert offline == server
+    assert server.monitor == NAMES and server.steer_layers == [3] and server.monitor_layers == [3]
+
+
+def test_edit_key_separates_what_changes_the_stream(vectors):
+    a = sp.parse({"emovec_steer": "calm=0.1", "emovec_monitor": "afraid"}, vectors, 6)
+    b = sp.parse({"emovec_steer": "calm=0.1"}, vectors, 6)
+    c = sp.parse({"emovec_steer": "calm=0.1", "emovec_layers": "4"}, vectors, 6)
+    d = sp.parse({"emovec_steer": "calm=0.1", "emovec_absolute": 1}, vectors, 6)
+    assert a.edit_key() == b.edit_key()  # monitoring does not change the stream
+    assert len({b.edit_key(), c.edit_key(), d.edit_key()}) == 3
+    assert not sp.parse({"emovec_monitor": "calm"}, vectors, 6).edits
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"emovec_steer": "calm"}, "NAME=STRENGTH"),
+    ({"emovec_steer": "calm=abc"}, "must be a number"),
+    ({"emovec_steer": "calm=inf"}, "finite"),
+    ({"emovec_steer": "calm=0.1,calm=0.2"}, "given twice"),
+    ({"emovec_steer": "clam=0.1"}, "Did you mean 'calm'"),
+    ({"emovec_monitor": "afriad"}, "Did you mean 'afraid'"),
+    ({"emovec_steer": "calm=0.1", "emovec_layers": "1"}, "not at layer 1"),
+    ({"emovec_monitor": "calm", "emovec_monitor_layers": "9"}, "layer"),
+    ({"emovec_cap": "calm<=1.5"}, "between -1 and 1"),
+    ({"emovec_cap": "calm>=0.1"}, "NAME<=COSINE"),
+    ({"emovec_cap": "calm<=0.1", "emovec_floor": "calm>=0.2"}, "above the cap"),
+    ({"emovec_prompt": "maybe"}, "true or false"),
+    ({"emovec_stear": "calm=0.1"}, "unknown emovec setting"),
+    ({"emovec_steer": 3}, "must be a string"),
+])
+def test_bad_settings_say_what_is_wrong(vectors, extra, message):
+    with pytest.raises(sp.SpecError, match=message):
+        sp.parse(extra, vectors, 6)
+
+
+def test_relative_strength_needs_mean_norms(vectors):
+    vectors.mean_norms = None
+    with pytest.raises(sp.SpecError, match="emovec_absolute=1"):
+        sp.parse({"emovec_steer": "calm=0.1"}, vectors, 6)
+    assert sp.parse({"emovec_steer": "calm=0.1", "emovec_absolute": 1}, vectors, 6).relative is False
+
+
+def test_salt_only_for_requests_that_edit_or_read_their_prompt():
+    assert ev._salt(None, "r1") is None
+    assert ev._salt({"emovec_monitor": "calm"}, "r1") is None  # reads generated tokens only: cache is fine
+    steer = ev._salt({"emovec_steer": "calm=0.1"}, "r1")
+    assert steer == ev._salt({"emovec_steer": "calm=0.1", "emovec_monitor": "afraid"}, "r2")  # shared by setting
+    assert steer != ev._salt({"emovec_steer": "calm=0.2"}, "r1")
+    prompt = ev._salt({"emovec_monitor": "calm", "emovec_prompt": 1}, "r1")
+    assert prompt and prompt != ev._salt({"emovec_monitor": "calm", "emovec_prompt": 1}, "r2")  # its own
+
+
+def test_external_request_id():
+    from emovec.integrations.vllm.worker import _external
+
+    assert _external("chatcmpl-abc-1f2e3d4c") == "chatcmpl-abc"
+    assert _external("7-0a1b2c3d") == "7"
+    assert _external("my-key") == "my-key"
