@@ -54,7 +54,7 @@ def _ids(hf, text: str) -> list[int]:
     return hf[0].tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _hf_generate(hf, ids, recipe=None, layers=None, monitor_layers=None, n=TOKENS):
+def _hf_generate(hf, ids, recipe=None, layers=None, monitor_layers=None, n=TOKENS, bounds=None, regulate_layers=None):
     """Greedy tokens, each chosen token's log-probability, and (optionally) the monitor result, from emovec's
     transformers runtime."""
     from contextlib import ExitStack
@@ -64,6 +64,8 @@ def _hf_generate(hf, ids, recipe=None, layers=None, monitor_layers=None, n=TOKEN
     with ExitStack() as stack:
         if recipe:
             stack.enter_context(emovec.steer(model, vectors, recipe, layers=layers))
+        if bounds:
+            stack.enter_context(emovec.regulate(model, vectors, dict(sorted(bounds.items())), layers=regulate_layers))
         mon = stack.enter_context(emovec.monitor(model, vectors, layers=monitor_layers)) if monitor_layers else None
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id)
@@ -142,6 +144,29 @@ def test_monitoring_equals_the_transformers_monitor(engine, hf):
     torch.testing.assert_close(torch.from_numpy(readings.scores), want, atol=1e-4 * float(scale), rtol=1e-4)
     torch.testing.assert_close(torch.from_numpy(readings.norms), mon.norms[0, readings.positions],
                                atol=1e-4 * float(mon.norms.max()), rtol=1e-4)
+
+
+def test_regulation_equals_the_transformers_runtime(engine, hf):
+    """Two regulated requests in one batch, with different bound sets (three concepts in all): each equals
+    emovec.steer + emovec.regulate, and the capped reading stays at its cap."""
+    ids = [_ids(hf, PROMPTS[0]), _ids(hf, PROMPTS[3])]
+    settings = [dict(steer="desperate=0.2", layers="15", cap="desperate<=0.02", regulate_layers="19",
+                     monitor="desperate", monitor_layers="19"),
+                dict(cap="afraid<=0.0", floor="calm>=0.05", regulate_layers="12-14")]
+    outs = engine.generate([_prompt(i) for i in ids], [_params(**k) for k in settings], use_tqdm=False)
+    references = [_hf_generate(hf, ids[0], {"desperate": 0.2}, [15], bounds={"desperate": (None, 0.02)},
+                               regulate_layers=[19]),
+                  _hf_generate(hf, ids[1], bounds={"afraid": (None, 0.0), "calm": (0.05, None)},
+                               regulate_layers=[12, 13, 14])]
+    for out, (tokens, logprobs, _) in zip(outs, references):
+        assert list(out.outputs[0].token_ids) == tokens
+        torch.testing.assert_close(torch.tensor(_chosen_logprobs(out), dtype=torch.float64),
+                                   torch.tensor(logprobs, dtype=torch.float64), atol=2e-3, rtol=0)
+    readings = ev.readings(engine, outs)[outs[0].request_id]
+    assert readings.cosine.max() <= 0.02 + 1e-5
+    _, _, free = _hf_generate(hf, ids[0], {"desperate": 0.2}, [15], monitor_layers=[19])
+    k = hf[1].index("desperate")
+    assert free.cosine[0, readings.positions, 0, k].max() > 0.05, "the cap never bound: the test needs a stronger push"
 
 
 def test_chunked_prefill_with_prompt_readings(engine, hf):

@@ -149,6 +149,7 @@ class _Plugin:
         self.readings: OrderedDict[str, _Readings] = OrderedDict()
         self.recipe_rows: dict[str, int] = {}  # edit key -> table row
         self.recipe_refs: dict[str, set[str]] = {}
+        self.recipe_specs: dict[str, RequestSpec] = {}
         self.free_rows: list[int] = []
         self.clamp_names: list[str] = []
         self.active = False
@@ -229,15 +230,20 @@ class _Plugin:
     def _acquire(self, req_id: str, spec: RequestSpec) -> None:
         key = spec.edit_key()
         if key not in self.recipe_rows:
-            new_clamp = [n for n in spec.bounds if n not in self.clamp_names]
-            if new_clamp:
-                self.clamp_names.extend(new_clamp)
-                self._build_clamp()
             row = self.free_rows.pop() if self.free_rows else len(self.recipe_rows)
             self._ensure_rows(row + 1)
-            self._write_row(row, spec)
             self.recipe_rows[key] = row
             self.recipe_refs[key] = set()
+            self.recipe_specs[key] = spec
+            if any(n not in self.clamp_names for n in spec.bounds):
+                # clamp directions apply one after another, in alphabetical order of the concepts (as a request's
+                # own bounds are ordered); a new concept changes every row's bounds layout, so all are rewritten
+                self.clamp_names = sorted(set(self.clamp_names) | set(spec.bounds))
+                self._build_clamp()
+                for other, r in self.recipe_rows.items():
+                    self._write_row(r, self.recipe_specs[other])
+            else:
+                self._write_row(row, spec)
         self.recipe_refs[key].add(req_id)
 
     def _release(self, req_id: str, spec: RequestSpec) -> None:
@@ -249,6 +255,7 @@ class _Plugin:
         if not refs:
             self.free_rows.append(self.recipe_rows.pop(key))
             del self.recipe_refs[key]
+            del self.recipe_specs[key]
 
     def _ensure_rows(self, rows: int) -> None:
         d = self.vectors().hidden_size
@@ -272,7 +279,6 @@ class _Plugin:
         """Directions for every concept any request has bounded so far (bounds are ±inf for the others)."""
         vs = self.vectors()
         names = self.clamp_names
-        old = self._bounds
         self._clamp = []
         for layer in range(self.num_layers):
             if vs.covers(layer):
@@ -283,11 +289,9 @@ class _Plugin:
             return
         rows = self._tables[0].shape[0]
         self._bounds = []
-        for layer in range(self.num_layers):
+        for _ in range(self.num_layers):  # rewritten row by row by the caller
             b = torch.empty(rows, len(names), 2, dtype=torch.float32, device=self.device)
             b[..., 0], b[..., 1] = -float("inf"), float("inf")
-            if old:
-                b[:, : old[layer].shape[1]] = old[layer]
             self._bounds.append(b)
 
     def _steering_rows(self, spec: RequestSpec) -> dict[int, torch.Tensor]:
