@@ -104,24 +104,30 @@ def test_steering_equals_the_transformers_runtime(engine, hf):
 
 
 def test_mixed_batch_each_request_equals_its_solo_run(engine, hf):
-    """Four requests in one batch: two recipes, one monitor-only request and one plain request; each equals its run
-    alone, and the plain one equals plain vLLM bit for bit."""
-    ids = [_ids(hf, p) for p in PROMPTS]
-    params = [_params(steer=_recipe_text(RECIPE_A), layers=LAYERS_A), _params(steer=_recipe_text(RECIPE_B),
-              layers=LAYERS_B), _params(monitor="afraid,calm", monitor_layers="15"), _params()]
+    """Five requests in one continuous batch: two recipes, a monitor-only request, a plain request, and a steered
+    request with a long prompt whose chunked prefill runs while the others decode; they stop at different lengths,
+    so requests join and leave mid-stream. Each equals its run alone, and the plain one equals plain vLLM bit for
+    bit."""
+    ids = [_ids(hf, p) for p in PROMPTS] + [_ids(hf, " ".join(PROMPTS * 4))]
+    lengths = [TOKENS, 6, TOKENS, 8, 5]
+    settings = [dict(steer=_recipe_text(RECIPE_A), layers=LAYERS_A), dict(steer=_recipe_text(RECIPE_B),
+                layers=LAYERS_B), dict(monitor="afraid,calm", monitor_layers="15"), {},
+                dict(steer=_recipe_text(RECIPE_B), layers=LAYERS_A)]
+    params = [_params(n=n, **k) for n, k in zip(lengths, settings)]
     batch = engine.generate([_prompt(i) for i in ids], params, use_tqdm=False)
     solo = [engine.generate([_prompt(i)], [p], use_tqdm=False)[0] for i, p in zip(ids, params)]
-    for together, alone in zip(batch, solo):
+    for together, alone, n in zip(batch, solo, lengths):
+        assert len(together.outputs[0].token_ids) == n
         assert list(together.outputs[0].token_ids) == list(alone.outputs[0].token_ids)
         torch.testing.assert_close(torch.tensor(_chosen_logprobs(together)), torch.tensor(_chosen_logprobs(alone)),
                                    atol=1e-4, rtol=0)
     # the plain request, next to steered ones, is plain vLLM exactly: the same batch with every request plain
     # gives it the same log-probabilities bit for bit (a batch's shapes change vLLM's sums in the last bits, so
     # the comparison keeps the batch and changes only the other requests' settings)
-    all_plain = engine.generate([_prompt(i) for i in ids], [_params() for _ in ids], use_tqdm=False)
+    all_plain = engine.generate([_prompt(i) for i in ids], [_params(n=n) for n in lengths], use_tqdm=False)
     assert _chosen_logprobs(batch[3]) == _chosen_logprobs(all_plain[3])
     assert _chosen_logprobs(batch[0]) != _chosen_logprobs(all_plain[0])
-    want_b, _, _ = _hf_generate(hf, ids[1], RECIPE_B, LAYERS_B)
+    want_b, _, _ = _hf_generate(hf, ids[1], RECIPE_B, LAYERS_B, n=6)
     assert list(batch[1].outputs[0].token_ids) == want_b
     ev.readings(engine, batch + solo)  # fetch (and drop) the monitor-only request's readings
 
