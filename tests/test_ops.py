@@ -137,6 +137,8 @@ def test_triton_small_shapes(case, dtype, device):
 def test_steering_without_slots_ablates_every_row(backend, device):
     if backend == "cuda":
         device = torch.device("cuda")
+    if backend == "cpu":  # the explicit cpu backend takes CPU tensors only
+        device = torch.device("cpu")
     g = torch.Generator().manual_seed(3)
     h = torch.randn(9, 16, generator=g).to(device)
     u = torch.nn.functional.normalize(torch.randn(1, 16, generator=g), dim=1).to(device)
@@ -150,6 +152,8 @@ def test_steering_without_slots_ablates_every_row(backend, device):
 def test_slot_minus_one_rows_are_bit_identical(backend, device):
     if backend == "cuda":
         device = torch.device("cuda")
+    if backend == "cpu":  # the explicit cpu backend takes CPU tensors only
+        device = torch.device("cpu")
     g = torch.Generator().manual_seed(4)
     h = torch.randn(6, 24, generator=g).to(torch.bfloat16).to(device)
     table = torch.randn(2, 24, generator=g).to(torch.bfloat16).to(device)
@@ -187,6 +191,8 @@ def test_capture_of_runs_of_rows_in_one_segment(backend, dtype, device):
     of one segment before adding them: counts stay exact, sums match the float64 sum of the rows as stored."""
     if backend == "cuda":
         device = torch.device("cuda")
+    if backend == "cpu":
+        device = torch.device("cpu")
     g = torch.Generator().manual_seed(21)
     lengths = [37, 5, 40, 3, 20, 1, 9, 60]  # segments 0, -1, 1, -1, 2, 0 (again), -1, 3
     labels = [0, -1, 1, -1, 2, 0, -1, 3]
@@ -286,6 +292,8 @@ def test_out_of_range_indices_are_memory_safe_and_reported(backend, n, device):
     written out of bounds (guard rows around the buffers stay NaN-free and zero), and the errors flag says which."""
     if backend == "cuda":
         device = torch.device("cuda")
+    if backend == "cpu":
+        device = torch.device("cpu")
     g = torch.Generator().manual_seed(11)
     d = 24
     h = torch.randn(n, d, generator=g)
