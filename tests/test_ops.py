@@ -194,9 +194,12 @@ def test_capture_of_runs_of_rows_in_one_segment(backend, dtype, device):
     if backend == "cpu":
         device = torch.device("cpu")
     g = torch.Generator().manual_seed(21)
-    lengths = [37, 5, 40, 3, 20, 1, 9, 60]  # segments 0, -1, 1, -1, 2, 0 (again), -1, 3
+    lengths = [37, 5, 40, 3, 20, 1, 40, 60]  # segments 0, -1, 1, -1, 2, 0 (again), -1, 3
     labels = [0, -1, 1, -1, 2, 0, -1, 3]
     segments = torch.cat([torch.full((n,), s) for n, s in zip(lengths, labels)])
+    # the 40 rows of -1 (rows 106-145) hold whole aligned tiles of 8 (the CUDA kernel's row group) and 16 (Triton's)
+    for tile in (8, 16):
+        assert any((segments[i:i + tile] == -1).all() for i in range(0, segments.shape[0] - tile + 1, tile)), tile
     h = torch.randn(segments.shape[0], 40, generator=g).to(dtype)
     table = torch.randn(2, 40, generator=g).to(dtype)
     slots = torch.arange(segments.shape[0]) % 3 - 1  # steered rows too: capture sees them as stored
@@ -205,7 +208,9 @@ def test_capture_of_runs_of_rows_in_one_segment(backend, dtype, device):
                              num_segments=4, backend=backend)
     stored = out.double().cpu()
     want = torch.stack([stored[segments == s].sum(0) for s in range(4)])
-    assert r.counts.cpu().tolist() == [38.0, 40.0, 20.0, 60.0]
+    want_counts = [float(sum(n for n, s in zip(lengths, labels) if s == segment)) for segment in range(4)]
+    assert want_counts == [38.0, 40.0, 20.0, 60.0]
+    assert r.counts.cpu().tolist() == want_counts
     torch.testing.assert_close(r.sums.double().cpu(), want, rtol=1e-5, atol=1e-4)
 
 
