@@ -45,6 +45,9 @@ CASES = [
     Case(16, 576, 171, 3, weights_fp32=True, num_segments=1),  # runs of rows in one segment
     Case(64, 4096, 171, 1, clamp=1),
     Case(64, 576, 171, 0, row_pad=3, weights_fp32=True),
+    # fp32 with d = 4 (mod 8): 16-byte loads, then a 4-column scalar tail in the last chunk (fp16 / bf16: scalar rows)
+    Case(2, 580, 171, 1),
+    Case(16, 12, 5, 1, clamp=1, weights_fp32=True),  # fp32 clamp: bf16 rounding of 12 columns is off unit length
 ]
 # The interpreter executes Triton programs in numpy: keep its shapes small but cover both kernel paths.
 TRITON_CASES = [
