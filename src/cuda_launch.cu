@@ -45,6 +45,9 @@ void launch_edits(device::Args k, const SteerProjectArgs& a, int sms, int max_sh
                                         static_cast<int>(shared)),
                    "cudaFuncSetAttribute");
   const int64_t blocks = (a.n + k.rows_per_block - 1) / k.rows_per_block;
+  if (blocks > INT_MAX)
+    throw std::runtime_error("emovec CUDA: " + std::to_string(a.n) + " rows need " + std::to_string(blocks) +
+                             " edit blocks, more than a grid holds; use the triton or torch backend");
   device::edit_rows_kernel<H, W><<<static_cast<unsigned>(blocks), kEditThreads, shared, stream>>>(k);
   throw_on_error(cudaGetLastError(), "edit kernel launch");
 }

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import emovec
 from emovec.ops import backend_status
@@ -44,6 +45,9 @@ CASES = [
     Case(16, 576, 171, 3, weights_fp32=True, num_segments=1),  # runs of rows in one segment
     Case(64, 4096, 171, 1, clamp=1),
     Case(64, 576, 171, 0, row_pad=3, weights_fp32=True),
+    # fp32 with d = 4 (mod 8): 16-byte loads, then a 4-column scalar tail in the last chunk (fp16 / bf16: scalar rows)
+    Case(2, 580, 171, 1),
+    Case(16, 12, 5, 1, clamp=1, weights_fp32=True),  # fp32 clamp: bf16 rounding of 12 columns is off unit length
 ]
 # The interpreter executes Triton programs in numpy: keep its shapes small but cover both kernel paths.
 TRITON_CASES = [
@@ -136,6 +140,8 @@ def test_triton_small_shapes(case, dtype, device):
 def test_steering_without_slots_ablates_every_row(backend, device):
     if backend == "cuda":
         device = torch.device("cuda")
+    if backend == "cpu":  # the explicit cpu backend takes CPU tensors only
+        device = torch.device("cpu")
     g = torch.Generator().manual_seed(3)
     h = torch.randn(9, 16, generator=g).to(device)
     u = torch.nn.functional.normalize(torch.randn(1, 16, generator=g), dim=1).to(device)
@@ -149,6 +155,8 @@ def test_steering_without_slots_ablates_every_row(backend, device):
 def test_slot_minus_one_rows_are_bit_identical(backend, device):
     if backend == "cuda":
         device = torch.device("cuda")
+    if backend == "cpu":  # the explicit cpu backend takes CPU tensors only
+        device = torch.device("cpu")
     g = torch.Generator().manual_seed(4)
     h = torch.randn(6, 24, generator=g).to(torch.bfloat16).to(device)
     table = torch.randn(2, 24, generator=g).to(torch.bfloat16).to(device)
@@ -186,10 +194,15 @@ def test_capture_of_runs_of_rows_in_one_segment(backend, dtype, device):
     of one segment before adding them: counts stay exact, sums match the float64 sum of the rows as stored."""
     if backend == "cuda":
         device = torch.device("cuda")
+    if backend == "cpu":
+        device = torch.device("cpu")
     g = torch.Generator().manual_seed(21)
-    lengths = [37, 5, 40, 3, 20, 1, 9, 60]  # segments 0, -1, 1, -1, 2, 0 (again), -1, 3
+    lengths = [37, 5, 40, 3, 20, 1, 40, 60]  # segments 0, -1, 1, -1, 2, 0 (again), -1, 3
     labels = [0, -1, 1, -1, 2, 0, -1, 3]
     segments = torch.cat([torch.full((n,), s) for n, s in zip(lengths, labels)])
+    # the 40 rows of -1 (rows 106-145) hold whole aligned tiles of 8 (the CUDA kernel's row group) and 16 (Triton's)
+    for tile in (8, 16):
+        assert any((segments[i:i + tile] == -1).all() for i in range(0, segments.shape[0] - tile + 1, tile)), tile
     h = torch.randn(segments.shape[0], 40, generator=g).to(dtype)
     table = torch.randn(2, 40, generator=g).to(dtype)
     slots = torch.arange(segments.shape[0]) % 3 - 1  # steered rows too: capture sees them as stored
@@ -198,8 +211,77 @@ def test_capture_of_runs_of_rows_in_one_segment(backend, dtype, device):
                              num_segments=4, backend=backend)
     stored = out.double().cpu()
     want = torch.stack([stored[segments == s].sum(0) for s in range(4)])
-    assert r.counts.cpu().tolist() == [38.0, 40.0, 20.0, 60.0]
+    want_counts = [float(sum(n for n, s in zip(lengths, labels) if s == segment)) for segment in range(4)]
+    assert want_counts == [38.0, 40.0, 20.0, 60.0]
+    assert r.counts.cpu().tolist() == want_counts
     torch.testing.assert_close(r.sums.double().cpu(), want, rtol=1e-5, atol=1e-4)
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that need the host to see a tensor's values: on a GPU each is a synchronisation, and under
+    CUDA-graph capture an error. Boolean-mask indexing counts (its output size depends on the mask)."""
+
+    NAMES = {"aten::nonzero", "aten::nonzero_static", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero",
+             "aten::masked_select", "aten::unique", "aten::_unique2", "aten::bincount", "aten::repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        masked = name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_") and any(
+            isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in args[1])
+        if name in self.NAMES or masked:
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_torch_backend_reads_nothing_back_and_skips_uncaptured_rows(device):
+    """The torch backend (the reference) with every part (steering, ablation, clamp, probes, capture), -1 and
+    out-of-range segments, and inf / NaN in rows that are not captured: no op needs the host (no boolean-mask
+    indexing, nonzero or item: it runs under CUDA-graph capture when the dispatch rule sends many rows to it), the
+    rows not captured add nothing (not even NaN from inf * 0), and the errors flag still says a segment was out of
+    range. Sums and counts against a float64 loop over the rows as stored."""
+    g = torch.Generator().manual_seed(31)
+    n, d, num_segments = 40, 12, 3
+    h = torch.randn(n, d, generator=g)
+    segments = torch.tensor([[0, -1, 2, 5, 1, -3, 2, -1][i % 8] for i in range(n)])
+    captured = (segments >= 0) & (segments < num_segments)
+    bad_rows = [i for i in range(n) if not captured[i]]
+    h[bad_rows[0], 3] = math.inf
+    h[bad_rows[1], 0] = -math.inf
+    h[bad_rows[2]] = math.inf
+    h[bad_rows[3], 5] = math.nan
+    slots = torch.tensor([[1, -1, 0, -1][i % 4] for i in range(n)])
+    slots[bad_rows] = -1  # the poisoned rows stay as they are
+    table = torch.randn(2, d, generator=g)
+    ablate = torch.nn.functional.normalize(torch.randn(1, d, generator=g), dim=1)
+    clamp = torch.nn.functional.normalize(torch.randn(1, d, generator=g), dim=1)
+    bounds = torch.tensor([[[-0.5, 0.5]], [[-math.inf, 0.1]]])
+    probes = torch.randn(5, d, generator=g)
+    sums0 = torch.randn(num_segments, d, generator=g)
+    counts0 = torch.tensor([1.0, 0.0, 2.0])
+    out, sums, counts = h.clone().to(device), sums0.clone().to(device), counts0.clone().to(device)
+    errors = torch.zeros(1, dtype=torch.int32, device=device)
+    on = {"device": device}
+    with _HostReads() as reads:
+        emovec.steer_project(out, slots=slots.to(**on), table=table.to(**on), ablate=ablate.to(**on),
+                             clamp=clamp.to(**on), bounds=bounds.to(**on), probes=probes.to(**on),
+                             segments=segments.to(**on), sums=sums, counts=counts, errors=errors, backend="torch",
+                             validate=False)
+    assert reads.found == []
+    stored = out.double().cpu()
+    want_sums, want_counts = sums0.double().clone(), counts0.double().clone()
+    for i in range(n):
+        s = int(segments[i])
+        if 0 <= s < num_segments:
+            want_sums[s] += stored[i]
+            want_counts[s] += 1
+    assert torch.isfinite(want_sums).all()
+    torch.testing.assert_close(sums.double().cpu(), want_sums, rtol=1e-6, atol=1e-5)
+    assert counts.cpu().tolist() == want_counts.tolist()
+    assert int(errors) == emovec.ops.SEGMENT_OUT_OF_RANGE
 
 
 def test_default_backend_on_cpu_is_the_compiled_kernel():
@@ -218,6 +300,8 @@ def test_out_of_range_indices_are_memory_safe_and_reported(backend, n, device):
     written out of bounds (guard rows around the buffers stay NaN-free and zero), and the errors flag says which."""
     if backend == "cuda":
         device = torch.device("cuda")
+    if backend == "cpu":
+        device = torch.device("cpu")
     g = torch.Generator().manual_seed(11)
     d = 24
     h = torch.randn(n, d, generator=g)

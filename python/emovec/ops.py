@@ -18,8 +18,9 @@ BACKENDS = ("torch", "cpu", "triton", "cuda")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 # up to this many rows the CUDA kernels (CUDA-core fp32 dots, probes read once per call) beat Triton's launches;
-# above, tensor cores win: Triton's tl.dot tiles, or torch's cuBLAS GEMM when Triton is missing (only an explicit
-# backend="cuda" sends more rows to the CUDA kernels)
+# above, Triton's tl.dot tiles (tensor cores) win. Without Triton, more rows go to the torch backend (the reference,
+# which promotes to fp32: an fp32 cuBLAS GEMM, on CUDA cores while TF32 is off, torch's default, so no tensor cores
+# either, but a tiled GEMM); only an explicit backend="cuda" sends them to the CUDA kernels
 CUDA_MAX_ROWS = 64
 # ablation directions per call: the kernels keep one coefficient per direction and row in registers/shared memory
 MAX_ABLATE = 64
@@ -103,7 +104,8 @@ def _pick_backend(h: torch.Tensor, backend: str | None) -> str:
             return "cuda"
         if status["triton"] is None:
             return "triton"
-        # the CUDA kernel has no tensor-core path: many rows without Triton go to torch (cuBLAS GEMM), never to it
+        # many rows without Triton: the torch backend (an fp32 cuBLAS GEMM, no tensor cores unless TF32 is enabled),
+        # never the CUDA kernels, which have no tiled GEMM path for them
         return "torch"
     if h.device.type == "cpu" and _ext.has_cpp_library:
         return "cpu"

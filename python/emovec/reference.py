@@ -76,8 +76,13 @@ def steer_project_reference(
         bad = (segments < -1) | (segments >= sums.shape[0])
         _report(errors, bad, SEGMENT_OUT_OF_RANGE)
         keep = (segments >= 0) & ~bad
-        sums.index_add_(0, segments[keep], x[keep].to(sums.dtype))
-        counts.index_add_(0, segments[keep], torch.ones_like(segments[keep], dtype=counts.dtype))
+        # every row is added, the rows not captured as -0.0 into segment 0: no boolean-mask indexing, whose output
+        # size needs the host (a synchronisation, and a failure under CUDA-graph capture). -0.0 is the exact additive
+        # identity (s + -0.0 == s bit for bit, -0.0 included), and torch.where, unlike a multiplication by 0, keeps
+        # an inf or NaN in a row not captured out of the sums
+        idx = torch.where(keep, segments, 0)
+        sums.index_add_(0, idx, torch.where(keep[:, None], x.to(sums.dtype), -0.0))
+        counts.index_add_(0, idx, torch.where(keep, 1.0, -0.0).to(counts.dtype))
 
 
 def cosine_bound(bound: torch.Tensor, orthogonal_sq: torch.Tensor) -> torch.Tensor:
