@@ -70,7 +70,7 @@ def _hf_generate(hf, ids, recipe=None, layers=None, monitor_layers=None, n=TOKEN
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=loaded.tokenizer.eos_token_id)
     tokens = out.sequences[0, len(ids):].tolist()
-    logprobs = [torch.log_softmax(l[0].double(), -1)[t].item() for l, t in zip(out.logits, tokens)]
+    logprobs = [torch.log_softmax(step[0].double(), -1)[t].item() for step, t in zip(out.logits, tokens)]
     return tokens, logprobs, (mon.result(decode=False) if mon is not None else None)
 
 
@@ -206,12 +206,14 @@ def test_prefix_cache_never_serves_unsteered_blocks_to_a_steered_request(engine,
     assert out.num_cached_tokens == 0
 
 
-def test_bad_settings_come_back_with_the_readings(engine, hf):
+def test_bad_settings_are_refused_before_the_request_runs(engine, hf):
     ids = _ids(hf, PROMPTS[1])
-    out = engine.generate([_prompt(ids)], _params(monitor="afriad"), use_tqdm=False)[0]
-    with pytest.raises(ev.SpecError, match="afriad.*Did you mean 'afraid'"):
-        ev.readings(engine, [out])
-    assert len(out.outputs[0].token_ids) == TOKENS  # the request itself ran, as plain vLLM
+    with pytest.raises(ValueError, match="afriad.*Did you mean 'afraid'"):
+        engine.generate([_prompt(ids)], _params(monitor="afriad"), use_tqdm=False)
+    with pytest.raises(ValueError, match="not at layer 40|layer"):
+        engine.generate([_prompt(ids)], _params(steer="calm=0.1", layers="40"), use_tqdm=False)
+    out = engine.generate([_prompt(ids)], _params(), use_tqdm=False)[0]  # the engine goes on serving
+    assert len(out.outputs[0].token_ids) == TOKENS
 
 
 def test_extra_args_refuses_malformed_settings_before_sending():
@@ -276,7 +278,8 @@ def test_server_steers_and_reads_through_the_openai_client(hf, tmp_path):
                 break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError("vllm serve did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
+                    raise AssertionError("vllm serve did not start:\n" + (tmp_path / "server.log").read_text()[-3000:]) \
+                        from None
                 time.sleep(2)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
         ids = _ids(hf, PROMPTS[0])
@@ -284,6 +287,14 @@ def test_server_steers_and_reads_through_the_openai_client(hf, tmp_path):
                  "emovec_monitor_layers": "15"}
         response = client.completions.create(model="smollm2", prompt=ids, max_tokens=TOKENS, temperature=0,
                                              extra_body={"vllm_xargs": xargs, "return_token_ids": True})
+        with pytest.raises(openai.BadRequestError, match="Did you mean 'calm'"):
+            client.completions.create(model="smollm2", prompt=ids, max_tokens=2,
+                                      extra_body={"vllm_xargs": {"emovec_steer": "clam=0.1"}})
+        chat = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "My dog died."}],
+                                              max_tokens=4, temperature=0,
+                                              extra_body={"vllm_xargs": {"emovec_monitor": "sad"}})
+        with urllib.request.urlopen(f"{base}/emovec/readings/{chat.id}") as reply:
+            chat_readings = json.loads(reply.read())
         with urllib.request.urlopen(f"{base}/emovec/readings/{response.id}") as reply:
             body = json.loads(reply.read())
         with pytest.raises(urllib.error.HTTPError, match="404"):  # fetched once, then gone
@@ -293,6 +304,8 @@ def test_server_steers_and_reads_through_the_openai_client(hf, tmp_path):
         server.wait(timeout=60)
     tokens, _, mon = _hf_generate(hf, ids, RECIPE_A, LAYERS_A, monitor_layers=[15])
     assert response.choices[0].text == hf[0].tokenizer.decode(tokens)
+    (chat_data,) = chat_readings["readings"].values()
+    assert chat_data["names"] == ["sad"] and len(chat_data["positions"]) == 4
     (data,) = body["readings"].values()
     assert data["positions"] == list(range(len(ids) - 1, len(ids) - 1 + TOKENS))
     want = mon.scores[0, data["positions"]][:, :, [hf[1].index("afraid"), hf[1].index("calm")]]

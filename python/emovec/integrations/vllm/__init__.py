@@ -161,6 +161,7 @@ def register() -> None:
     _registered = True
     _patch_workers()
     _patch_requests()
+    _patch_validation()
 
 
 def _wrap_load_model(cls) -> None:
@@ -224,6 +225,52 @@ def _patch_requests() -> None:
 
     from_engine_core_request._emovec = True
     Request.from_engine_core_request = classmethod(from_engine_core_request)
+
+
+def _patch_validation() -> None:
+    """In the process that takes requests (the API server, or the offline LLM's): check each request's emovec
+    settings against the served vectors before it is queued, so a bad one is refused with its reason (HTTP 400)
+    instead of running without them."""
+    try:
+        from vllm.v1.engine.input_processor import InputProcessor
+    except ImportError:  # another vLLM layout: the worker still checks and reports with the readings
+        log.warning("emovec: vLLM's InputProcessor was not found; emovec settings are checked in the worker only")
+        return
+    original = InputProcessor.__dict__.get("_validate_params")
+    if original is None or getattr(original, "_emovec", False):
+        return
+
+    def _validate_params(self, params, *args, **kwargs):
+        result = original(self, params, *args, **kwargs)
+        extra = getattr(params, "extra_args", None)
+        if has_emovec(extra):
+            from emovec.integrations.vllm.spec import parse
+            from emovec.integrations.vllm.worker import find_vectors
+
+            hf_config = self.model_config.hf_config
+            vectors = self.__dict__.get("_emovec_vectors")
+            if vectors is None:
+                vectors = self._emovec_vectors = find_vectors(hf_config)
+            layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.get_text_config().num_hidden_layers
+            try:
+                parse(extra, vectors, int(layers))
+            except SpecError as error:
+                raise _refused(str(error)) from None
+        return result
+
+    _validate_params._emovec = True
+    InputProcessor._validate_params = _validate_params
+
+
+def _refused(message: str) -> Exception:
+    """vLLM answers its validation errors with HTTP 400 (other exceptions are 500s); this one is also a SpecError
+    (a ValueError) for offline callers."""
+    from vllm.exceptions import VLLMValidationError
+
+    class EmovecSettingsError(VLLMValidationError, SpecError):
+        pass
+
+    return EmovecSettingsError(f"emovec: {message}")
 
 
 def _salt(extra: Any, request_id: str) -> str | None:

@@ -422,7 +422,7 @@ class _Plugin:
         where = {layer: i for i, layer in enumerate(layers)}
         all_scores = torch.stack([self._scores[layer][:n] for layer in layers], 1).cpu().numpy()  # (n, L, K)
         all_norms = torch.stack([self._norms[layer][:n] for layer in layers], 1).cpu().numpy()  # (n, L)
-        for req_id, spec, start, end, computed in self._monitored:
+        for _, spec, start, end, computed in self._monitored:
             readings = self.readings.get(spec.key)
             if readings is None:
                 continue
