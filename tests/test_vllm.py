@@ -310,3 +310,36 @@ def test_server_steers_and_reads_through_the_openai_client(hf, tmp_path):
     assert data["positions"] == list(range(len(ids) - 1, len(ids) - 1 + TOKENS))
     want = mon.scores[0, data["positions"]][:, :, [hf[1].index("afraid"), hf[1].index("calm")]]
     torch.testing.assert_close(torch.tensor(data["scores"]), want, atol=1e-3 * float(want.abs().max()), rtol=1e-3)
+
+
+def test_graph_safe_way_gives_the_same_results(engine, hf, monkeypatch):
+    """The way the plugin runs under CUDA graphs (fixed buffers, the op at every layer in every step), forced on
+    the CPU: the same tokens and readings as the normal way, and a plain request still bit-identical to the same
+    batch with every request plain."""
+    monkeypatch.setenv("EMOVEC_VLLM_GRAPH_SAFE", "1")  # read in the worker process this engine starts
+    safe = LLM(ev.model_path(), dtype="float32", max_model_len=512, max_num_batched_tokens=64, max_num_seqs=8,
+               block_size=32, enforce_eager=True, seed=0)
+    monkeypatch.delenv("EMOVEC_VLLM_GRAPH_SAFE")
+    try:
+        assert [w["graph_safe"] for w in safe.collective_rpc("emovec_status")] == [True]
+        assert [w["graph_safe"] for w in engine.collective_rpc("emovec_status")] == [False]
+        ids = [_ids(hf, p) for p in PROMPTS]
+        settings = [dict(steer=_recipe_text(RECIPE_A), layers=LAYERS_A, monitor="afraid,calm", monitor_layers="15"),
+                    dict(steer="desperate=0.2", layers="15", cap="desperate<=0.02", regulate_layers="19"),
+                    dict(steer=_recipe_text(RECIPE_B), layers=LAYERS_B), {}]
+        params = [_params(**k) for k in settings]
+        got = safe.generate([_prompt(i) for i in ids], params, use_tqdm=False)
+        got_readings = ev.readings(safe, got)[got[0].request_id]
+        plain = safe.generate([_prompt(i) for i in ids], [_params() for _ in ids], use_tqdm=False)
+    finally:
+        safe.llm_engine.engine_core.shutdown()
+    want = engine.generate([_prompt(i) for i in ids], params, use_tqdm=False)
+    want_readings = ev.readings(engine, want)[want[0].request_id]
+    for g, w in zip(got, want):
+        assert list(g.outputs[0].token_ids) == list(w.outputs[0].token_ids)
+        torch.testing.assert_close(torch.tensor(_chosen_logprobs(g)), torch.tensor(_chosen_logprobs(w)),
+                                   atol=1e-4, rtol=0)
+    assert _chosen_logprobs(got[3]) == _chosen_logprobs(plain[3])
+    torch.testing.assert_close(torch.from_numpy(got_readings.scores), torch.from_numpy(want_readings.scores),
+                               atol=1e-3, rtol=1e-4)
+

@@ -187,9 +187,10 @@ def _patch_workers() -> None:
     the ``emovec_readings`` RPC."""
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from emovec.integrations.vllm.worker import fetch_readings
+    from emovec.integrations.vllm.worker import fetch_readings, status
 
     WorkerBase.emovec_readings = fetch_readings
+    WorkerBase.emovec_status = status
     stack = list(WorkerBase.__subclasses__())
     while stack:
         cls = stack.pop()

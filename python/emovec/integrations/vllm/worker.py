@@ -10,6 +10,11 @@ buffers, one slot per token row per layer (-1: untouched). Each distinct steerin
 per-layer table (refcounted by the requests that use it, written once, reused). Inside the forward pass the op
 only reads those buffers: no host synchronisation. After the step the monitored rows' scores are copied out.
 
+Without CUDA graphs the op's body skips the layers no request in the step needs, and does nothing at all in a
+step without emovec requests. Under CUDA graphs (the graph-safe way) every buffer has a fixed size and address
+and every layer always runs the op (all slots -1 when nothing is asked: rows untouched), because a replayed graph
+repeats exactly the kernels it captured; the host only rewrites the buffers' contents between replays.
+
 Llama-family layers in vLLM return ``(hidden_states, residual)`` whose sum is the residual stream emovec reads.
 A layer with edits computes ``x = hidden + residual``, runs the fused op on ``x`` (steer, regulate, project),
 and for the edited rows only stores ``x`` as the residual and zero as the hidden part, so the next layer's fused
@@ -38,6 +43,9 @@ from emovec.vectors import VectorSet, config_hash
 log = logging.getLogger("emovec.vllm")
 
 MAX_KEPT = int(os.environ.get("EMOVEC_VLLM_MAX_KEPT", "4096"))  # finished requests' readings kept until fetched
+# under CUDA graphs the buffers have fixed sizes: distinct settings running at once, and bounded concepts
+MAX_SETTINGS = int(os.environ.get("EMOVEC_VLLM_MAX_SETTINGS", "32"))
+MAX_CLAMP = int(os.environ.get("EMOVEC_VLLM_MAX_CLAMP", "8"))
 
 _CURRENT: _Plugin | None = None  # the plugin of this process's model runner (one runner per worker process)
 
@@ -136,7 +144,7 @@ class _Readings:
 class _Plugin:
     """Per model runner: the layer wrappers' shared state, rebuilt on the host each step."""
 
-    def __init__(self, runner, model: torch.nn.Module, layers: list[torch.nn.Module]) -> None:
+    def __init__(self, runner, model: torch.nn.Module, layers: list[torch.nn.Module], graph_safe: bool = False) -> None:
         self.runner = runner
         self.model = model
         self.num_layers = len(layers)
@@ -168,7 +176,44 @@ class _Plugin:
         self._unit_cache: torch.Tensor | None = None
         self.layer_full = [False] * self.num_layers  # every row of the step is edited at this layer
         self._rows = 0
+        self._copied = 0  # columns of the device slot buffer written last step
         self._x: torch.Tensor | None = None
+        self.graph_safe = graph_safe
+        self.disabled = False
+        if graph_safe:
+            try:
+                self._allocate_for_graphs()
+            except SpecError as error:  # no vectors for this model: serve as plain vLLM (requests are refused)
+                log.warning("emovec: %s; the plugin is off", error)
+                self.disabled, self.active = True, False
+
+    def _allocate_for_graphs(self) -> None:
+        """Under CUDA graphs the captured kernels replay with the buffers they were captured with, whatever the
+        step holds: so every buffer is allocated once at its largest size, every layer always runs the op (slots
+        all -1 when no request asks for anything: rows untouched, bit for bit), and per-step state is written into
+        the buffers before the replay."""
+        vs = self.vectors()
+        d, k = vs.hidden_size, len(vs.names)
+        self._tables = [torch.zeros(MAX_SETTINGS, d, dtype=self.dtype, device=self.device)
+                        for _ in range(self.num_layers)]
+        self._clamp = [torch.zeros(MAX_CLAMP, d, device=self.device) for _ in range(self.num_layers)]
+        self._bounds = []
+        for _ in range(self.num_layers):
+            b = torch.empty(MAX_SETTINGS, MAX_CLAMP, 2, device=self.device)
+            b[..., 0], b[..., 1] = -float("inf"), float("inf")
+            self._bounds.append(b)
+        self._slots = torch.full((self.num_layers, self.max_tokens), -1, dtype=torch.int64, device=self.device)
+        self._x = torch.empty(self.max_tokens, d, dtype=self.dtype, device=self.device)
+        for layer in range(self.num_layers):
+            if vs.covers(layer):
+                self._probes[layer] = self._unit()[vs.slice_of(layer)].to(self.device).contiguous()
+            else:
+                self._probes[layer] = torch.zeros(k, d, device=self.device)
+            self._scores[layer] = torch.zeros(self.max_tokens, k, device=self.device)
+            self._norms[layer] = torch.zeros(self.max_tokens, device=self.device)
+        self.layer_edit = [True] * self.num_layers
+        self.layer_monitor = [True] * self.num_layers
+        self.active = True
 
     # -- vectors and requests ---------------------------------------------------------------------
 
@@ -196,6 +241,8 @@ class _Plugin:
             try:
                 spec = parse(extra, self.vectors(), self.num_layers)
                 spec.key = key
+                if spec.edits:
+                    self._acquire(req_id, spec)
             except SpecError as error:
                 log.warning("emovec: request %s: %s (the request runs without emovec)", req_id, error)
                 self._keep(key, _Readings([], [], 0, error=str(error)))
@@ -203,8 +250,6 @@ class _Plugin:
             if spec is not None and spec.monitor:
                 prompt_len = len(getattr(state, "prompt_token_ids", None) or [])
                 self._keep(spec.key, _Readings(list(spec.monitor), list(spec.monitor_layers), prompt_len))
-            if spec is not None and spec.edits:
-                self._acquire(req_id, spec)
         self.specs[req_id] = spec
         return spec
 
@@ -230,6 +275,14 @@ class _Plugin:
     def _acquire(self, req_id: str, spec: RequestSpec) -> None:
         key = spec.edit_key()
         if key not in self.recipe_rows:
+            if self.graph_safe:
+                if not self.free_rows and len(self.recipe_rows) >= MAX_SETTINGS:
+                    raise SpecError(f"more than {MAX_SETTINGS} different emovec settings are running at once (the "
+                                    "CUDA-graph buffers' size): retry later, or start vLLM with a larger "
+                                    "EMOVEC_VLLM_MAX_SETTINGS")
+                if len(set(self.clamp_names) | set(spec.bounds)) > MAX_CLAMP:
+                    raise SpecError(f"more than {MAX_CLAMP} different concepts are bounded at once: start vLLM with "
+                                    "a larger EMOVEC_VLLM_MAX_CLAMP")
             row = self.free_rows.pop() if self.free_rows else len(self.recipe_rows)
             self._ensure_rows(row + 1)
             self.recipe_rows[key] = row
@@ -260,7 +313,7 @@ class _Plugin:
     def _ensure_rows(self, rows: int) -> None:
         d = self.vectors().hidden_size
         have = 0 if self._tables is None else self._tables[0].shape[0]
-        if rows <= have:
+        if rows <= have:  # always so under CUDA graphs (MAX_SETTINGS rows, checked before)
             return
         size = max(rows, 2 * have, 4)
         tables = [torch.zeros(size, d, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
@@ -279,6 +332,13 @@ class _Plugin:
         """Directions for every concept any request has bounded so far (bounds are ±inf for the others)."""
         vs = self.vectors()
         names = self.clamp_names
+        if self.graph_safe:  # fixed buffers: directions written in place, unused ones zero (never bind)
+            for layer in range(self.num_layers):
+                self._clamp[layer].zero_()
+                if vs.covers(layer) and names:
+                    self._clamp[layer][: len(names)] = self._unit()[vs.slice_of(layer)][[vs.index(n) for n in names]]
+                self._bounds[layer][..., 0], self._bounds[layer][..., 1] = -float("inf"), float("inf")
+            return
         self._clamp = []
         for layer in range(self.num_layers):
             if vs.covers(layer):
@@ -333,12 +393,14 @@ class _Plugin:
     # -- per step -------------------------------------------------------------------------------------
 
     def begin_step(self) -> None:
+        if self.disabled:
+            return
         runner = self.runner
         batch = runner.input_batch
         req_ids = list(batch.req_ids)
         self._forget_finished()
         specs = [self._spec(r) for r in req_ids]
-        self.active = any(s is not None for s in specs)
+        self.active = self.graph_safe or any(s is not None for s in specs)
         if not self.active:
             return
         num_reqs = len(req_ids)
@@ -347,8 +409,9 @@ class _Plugin:
         n = int(qsl[num_reqs])
         slots = self._slots_host
         slots[:, : max(n, 1)] = -1
-        self.layer_edit = [False] * self.num_layers
-        self.layer_monitor = [False] * self.num_layers
+        if not self.graph_safe:
+            self.layer_edit = [False] * self.num_layers
+            self.layer_monitor = [False] * self.num_layers
         self._monitored = []
         for i, spec in enumerate(specs):
             if spec is None:
@@ -366,13 +429,19 @@ class _Plugin:
                     self.layer_monitor[layer] = True
                 self._monitored.append((req_ids[i], spec, start, end, int(computed[i])))
         self._rows = n
-        self.layer_full = [bool(e) and bool((slots[layer, :n] >= 0).all()) for layer, e in enumerate(self.layer_edit)]
+        # the in-place path for fully edited layers is a Python decision per step: never under CUDA graphs
+        self.layer_full = [not self.graph_safe and bool(e) and bool((slots[layer, :n] >= 0).all())
+                           for layer, e in enumerate(self.layer_edit)]
         if self._slots is None:
             self._slots = torch.full((self.num_layers, self.max_tokens), -1, dtype=torch.int64, device=self.device)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and not self.graph_safe:
             self._slots = torch.from_numpy(slots)
         else:
-            self._slots[:, :n].copy_(torch.from_numpy(slots[:, :n]), non_blocking=True)
+            # also the columns written last step, so a padded row never keeps an old slot (synchronous: the host
+            # buffer is reused next step)
+            width = min(max(n, self._copied), self.max_tokens)
+            self._slots[:, :width].copy_(torch.from_numpy(slots[:, :width]))
+            self._copied = n
         for layer in range(self.num_layers):
             if self.layer_monitor[layer] and layer not in self._probes:
                 vs = self.vectors()
@@ -400,7 +469,7 @@ class _Plugin:
         if edit:
             slots = self._slots[layer, :rows]
             kwargs.update(slots=slots, table=self._tables[layer])
-            if self.clamp_names:
+            if self.clamp_names or self.graph_safe:
                 kwargs.update(clamp=self._clamp[layer], bounds=self._bounds[layer], relative_bounds=True)
         if watch:
             kwargs.update(probes=self._probes[layer], scores=self._scores[layer][:rows], norms=self._norms[layer][:rows])
@@ -413,7 +482,7 @@ class _Plugin:
     def end_step(self) -> None:
         if not self.active:
             return
-        self.active = False
+        self.active = self.graph_safe
         if not self._monitored:
             return
         # one copy of this step's rows of every monitored layer, then per-request slices on the host
@@ -498,13 +567,11 @@ def install(runner) -> None:
         if type(layer).__name__ == "PPMissingLayer":
             continue
         layer.forward = _layer_wrapper(layer, index)
-    plugin = _Plugin(runner, model, layers)
+    plugin = _Plugin(runner, model, layers, graph_safe=_uses_cuda_graphs(runner))
     inner_forward = runner._model_forward
 
     def _model_forward(*args, **kwargs):
         plugin.begin_step()
-        if plugin.active:
-            _no_cuda_graph_this_step()
         try:
             return inner_forward(*args, **kwargs)
         finally:
@@ -515,18 +582,19 @@ def install(runner) -> None:
     _CURRENT = plugin
 
 
-def _no_cuda_graph_this_step() -> None:
-    """A captured CUDA graph holds the kernels of the step it was captured in (no emovec work): a step with emovec
-    requests runs the compiled pieces without graph replay."""
+def _uses_cuda_graphs(runner) -> bool:
+    """Whether the runner replays CUDA graphs (then the plugin runs its graph-safe way); EMOVEC_VLLM_GRAPH_SAFE=1
+    forces that way anywhere (the tests run it on the CPU, where its results must not change)."""
+    if os.environ.get("EMOVEC_VLLM_GRAPH_SAFE") == "1":
+        return True
+    if runner.device.type != "cuda":
+        return False
     try:
         from vllm.config import CUDAGraphMode
-        from vllm.forward_context import get_forward_context
 
-        context = get_forward_context()
-        if context.cudagraph_runtime_mode != CUDAGraphMode.NONE:
-            context.cudagraph_runtime_mode = CUDAGraphMode.NONE
-    except Exception:  # noqa: BLE001 - no forward context (CPU runner without graphs): nothing to switch off
-        pass
+        return runner.vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE
+    except (ImportError, AttributeError):
+        return True  # cannot tell: the graph-safe way is correct either way
 
 
 def fetch_readings(worker, keys: list[str] | None = None, pop: bool = True) -> dict[str, Any]:
@@ -536,3 +604,14 @@ def fetch_readings(worker, keys: list[str] | None = None, pop: bool = True) -> d
     if plugin is None:
         return {}
     return plugin.fetch(keys, pop)
+
+
+def status(worker) -> dict[str, Any]:
+    """Worker RPC (``collective_rpc("emovec_status")``): whether the plugin is on in this worker, and how."""
+    plugin = getattr(getattr(worker, "model_runner", None), "emovec", None)
+    if plugin is None:
+        return {"installed": False}
+    return {"installed": True, "disabled": plugin.disabled, "graph_safe": plugin.graph_safe,
+            "layers": plugin.num_layers, "settings_running": len(plugin.recipe_rows),
+            "bounded_concepts": list(plugin.clamp_names), "readings_waiting": len(plugin.readings)}
+
