@@ -11,7 +11,9 @@ CUDA: ``nvcc -Xptxas -v`` on src/cuda_launch.cu (every instantiation of the two 
 dtype pair, the projection kernel per pair and probe tile KT = 1 / 4). Triton: the kernel compiled
 with ``triton.compile`` for a CUDA target (no device needed), its PTX assembled again with Triton's bundled ``ptxas
 -v`` for the register and spill counts, and searched for ``wgmma`` / ``mma.sync``. The Triton configurations are the
-launcher's own choices (``emovec.triton.steer_project._config``) for the runtime's real arguments. Writes
+launcher's own choices (``emovec.triton.steer_project.plan``) for the runtime's real arguments; for the
+projection-only kernel (monitoring prefill), which is autotuned on a GPU, every candidate it can pick
+(``projection_configs``), each compiled with a center and norms (the most registers). Writes
 ``benchmarks/results/kernel_report.json``.
 """
 
@@ -120,6 +122,7 @@ def triton_configs() -> list[dict]:
     return [
         {"name": "monitor prefill bf16 h, fp32 probes", "h": "bf16", "w": "fp32", "k": 171, "scores": True, **base},
         {"name": "monitor prefill bf16 h, bf16 probes", "h": "bf16", "w": "bf16", "k": 171, "scores": True, **base},
+        {"name": "monitor prefill fp16 h, fp32 probes", "h": "fp16", "w": "fp32", "k": 171, "scores": True, **base},
         {"name": "monitor prefill fp32", "h": "fp32", "w": "fp32", "k": 171, "scores": True, **base},
         {"name": "steer prefill bf16 (table, no probes)", "h": "bf16", "w": "bf16", "k": 0, "table": True, **base},
         {"name": "extraction capture bf16 (segments)", "h": "bf16", "w": "bf16", "k": 0, "capture": True, **base},
@@ -129,7 +132,9 @@ def triton_configs() -> list[dict]:
     ]
 
 
-def _triton_compile(config: dict, arch: int):
+def _triton_compile(config: dict, arch: int) -> list:
+    """(compiled kernel, launch plan) for each configuration the launcher can pick for ``config``'s call: one, or
+    every autotuning candidate of the projection-only kernel."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -144,19 +149,22 @@ def _triton_compile(config: dict, arch: int):
     tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     projection_only = (config.get("scores") and k > 0 and not config.get("table") and not config.get("capture")
                        and c == 0 and n > sp.SMALL_N)
-    if projection_only:  # what the launcher dispatches for monitoring: the lean GEMM-tile kernel
-        plan = sp.plan_projection(n, d, k, h_dtype)
-        probe_type = tname[h_dtype] if not plan["flags"]["DOT_FP32"] else tname[w_dtype]
-        signature = {"h_ptr": f"*{tname[h_dtype]}", "h_row_stride": "i64", "probes_ptr": f"*{probe_type}",
-                     "center_ptr": f"*{tname[w_dtype]}", "center_dots_ptr": "*fp32", "scores_ptr": "*fp32",
-                     "norms_ptr": "*fp32", "N": "i32", "D": "i32", "K": "i32"}
-        flags = dict(plan["flags"], HAS_CENTER=False, HAS_NORMS=True)
-        for key in flags:
-            signature[key] = "constexpr"
-        kernel = triton.compile(ASTSource(fn=sp._project_kernel, signature=signature, constexprs=flags),
-                                target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": plan["num_warps"], "num_stages": 3})
-        return kernel, plan
+    if projection_only:  # what the launcher dispatches for monitoring: the lean GEMM-tile kernel, autotuned
+        compiled = []
+        for candidate in sp.projection_configs(n, d, k, h_dtype):
+            plan = sp.plan_projection(n, d, k, h_dtype, candidate)
+            probe_type = tname[h_dtype] if not plan["flags"]["DOT_FP32"] else tname[w_dtype]
+            signature = {"h_ptr": f"*{tname[h_dtype]}", "h_row_stride": "i64", "probes_ptr": f"*{probe_type}",
+                         "center_ptr": f"*{tname[w_dtype]}", "center_dots_ptr": "*fp32", "scores_ptr": "*fp32",
+                         "norms_ptr": "*fp32", "N": "i32", "D": "i32", "K": "i32"}
+            flags = dict(plan["flags"], HAS_CENTER=True, HAS_NORMS=True)
+            for key in flags:
+                signature[key] = "constexpr"
+            kernel = triton.compile(ASTSource(fn=sp._project_kernel, signature=signature, constexprs=flags),
+                                    target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": plan["num_warps"], "num_stages": plan["num_stages"]})
+            compiled.append((kernel, plan))
+        return compiled
     plan = sp.plan(n, d, k, 0, c, h_dtype, scores=config.get("scores", False), norms=config.get("scores", False),
                    capture=config.get("capture", False), edits=config.get("table", False) or c > 0)
     hp, wp = f"*{tname[h_dtype]}", f"*{tname[w_dtype]}"
@@ -176,7 +184,7 @@ def _triton_compile(config: dict, arch: int):
     source = ASTSource(fn=sp._steer_project_kernel, signature=signature, constexprs=flags)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": plan.get("num_warps", 4), "num_stages": plan.get("num_stages", 3)})
-    return kernel, plan
+    return [(kernel, plan)]
 
 
 def _resources(kernel, arch: int) -> dict:
@@ -219,26 +227,26 @@ def _resources(kernel, arch: int) -> dict:
 def triton_report(arch: int) -> list[dict]:
     rows = []
     for config in triton_configs():
-        row = {"arch": f"sm_{arch}", "kernel": "triton", "config": config["name"], "dispatched": True}
+        call = {"arch": f"sm_{arch}", "kernel": "triton", "config": config["name"], "dispatched": True}
         try:
-            kernel, plan = _triton_compile(config, arch)
+            compiled = _triton_compile(config, arch)
         except Exception as error:  # report, do not stop the table
-            row["error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
-            rows.append(row)
+            rows.append({**call, "error": f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"})
             continue
-        ptx = kernel.asm["ptx"]
-        row.update(_resources(kernel, arch))
-        row["shared_bytes"] = int(getattr(kernel.metadata, "shared", 0))
-        row["blocks"] = plan["describe"]
-        kinds = []
-        if "wgmma" in ptx:
-            kinds.append("wgmma")
-        if re.search(r"\bmma\.sync", ptx):
-            kinds.append("mma.sync")
-        row["tensor_cores"] = ", ".join(kinds) or "none"
-        rows.append(row)
-        print(f"  {row['arch']} {config['name']}: regs {row.get('registers')}, spills {row.get('spill_bytes')}, "
-              f"smem {row['shared_bytes']}, {row['tensor_cores']}", file=sys.stderr, flush=True)
+        for kernel, plan in compiled:
+            ptx = kernel.asm["ptx"]
+            row = {**call, **_resources(kernel, arch), "shared_bytes": int(getattr(kernel.metadata, "shared", 0)),
+                   "blocks": plan["describe"]}
+            kinds = []
+            if "wgmma" in ptx:
+                kinds.append("wgmma")
+            if re.search(r"\bmma\.sync", ptx):
+                kinds.append("mma.sync")
+            row["tensor_cores"] = ", ".join(kinds) or "none"
+            rows.append(row)
+            print(f"  {row['arch']} {config['name']} {row['blocks']}: regs {row.get('registers')}, spills "
+                  f"{row.get('spill_bytes')}, smem {row['shared_bytes']}, {row['tensor_cores']}", file=sys.stderr,
+                  flush=True)
     return rows
 
 

@@ -136,6 +136,29 @@ def test_triton_small_shapes(case, dtype, device):
     check(case, dtype, "triton", device)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_projection_every_autotune_candidate(dtype, device):
+    """Every configuration the projection kernel's autotuner can pick on a GPU, launched explicitly, matches the
+    oracle: a broken candidate (masks of 128-row or 128-probe tiles, say) is caught where nothing is autotuned. Under
+    the interpreter every dot runs in fp32: this checks the tiling and the masks, not the tensor-core dtypes."""
+    if backend_status()["triton"] is not None:
+        pytest.skip(backend_status()["triton"])
+    from emovec.triton.steer_project import FP32_CONFIGS, HALF_CONFIGS, project_triton, projection_configs
+
+    # no block size divides N, K or d, and none is cut down to the problem (N, K <= 256, d <= 128)
+    case = Case(200, 100, 150, 0, steer=False, capture=False, row_pad=3, weights_fp32=True)
+    inputs = make_inputs(case, dtype, device, seed=14)
+    want, own = oracle(inputs), torch_own(inputs)
+    configs = projection_configs(case.n, case.d, case.k, dtype)
+    assert len(configs) == len(FP32_CONFIGS if dtype == torch.float32 else HALF_CONFIGS)
+    for config in configs:
+        scores = torch.full((case.n, case.k), math.nan, device=device)  # poisoned: unwritten elements fail
+        norms = torch.full((case.n,), math.nan, device=device)
+        project_triton(inputs["h"], inputs["probes"], inputs["center"], scores, norms, config)
+        assert_close_by_rule(f"{dtype}/{config}/scores", scores, want["scores"], own["scores"], dtype)
+        assert_close_by_rule(f"{dtype}/{config}/norms", norms, want["norms"], own["norms"], dtype)
+
+
 @pytest.mark.parametrize("backend", list(backend_params()))
 def test_steering_without_slots_ablates_every_row(backend, device):
     if backend == "cuda":

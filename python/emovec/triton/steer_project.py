@@ -3,9 +3,13 @@
 Contract: see :func:`emovec.ops.steer_project` (reference: :mod:`emovec.reference`).
 
 ``_project_kernel`` (many rows with probes: monitoring, and the projection half of any call with more than
-``SMALL_N`` rows): GEMM tiles of 64 rows x 64 probes, d in chunks, ``tl.dot`` in h's dtype on tensor cores (wgmma on
+``SMALL_N`` rows): GEMM tiles of rows x probes, d in chunks, ``tl.dot`` in h's dtype on tensor cores (wgmma on
 sm_90; tf32x3 for fp32 h) with fp32 accumulation; the center enters as ``center · probe`` after the product, so
-``h - center`` is never rounded; norms from the first probe tile. No spills on sm_80 / sm_90
+``h - center`` is never rounded; norms from the first probe tile. On a GPU the tile sizes, warps and pipeline stages
+are autotuned: the first call of each (rows rounded up to a power of two, d, K, dtypes) times every candidate of
+:func:`projection_configs` on the call's own tensors and keeps the fastest. ``EMOVEC_TRITON_AUTOTUNE=0`` turns that
+off (the default configuration, 64 x 64 tiles, always); under the interpreter, and while a CUDA graph is being
+captured, nothing is timed either. Every candidate compiles without spills on sm_80 / sm_90
 (benchmarks/kernel_report.py).
 
 ``_steer_project_kernel`` (edits, capture, and small N): one program owns ``BLOCK_N`` rows and walks the hidden
@@ -28,9 +32,14 @@ probe tile) grid without tl.dot.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
+import triton.testing
+from triton.runtime.errors import OutOfResources
 
 from emovec.triton import interpreting
 
@@ -260,37 +269,115 @@ def _project_kernel(
             tl.store(norms_ptr + rows, tl.sqrt(squares), mask=row_mask)
 
 
-def plan_projection(n: int, d: int, k: int, h_dtype: torch.dtype) -> dict:
-    """Block sizes of the projection-only kernel: 64 x 64 output tiles (BLOCK_N = 64 lets sm_90 use wgmma), K tiles
-    of 64 (K = 171 pads to 192, not 256), d in chunks of 64 (32 for fp32 h), 8 warps: no spills on sm_80 / sm_90
-    (benchmarks/kernel_report.py)."""
-    block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
-    block_k = 64 if k > 32 else max(16, triton.next_power_of_2(k))
-    # fp32 h: tf32x3 keeps fp32 accuracy on tensor cores; under the interpreter every dot runs in fp32 ("ieee")
-    dot_fp32 = h_dtype == torch.float32 or interpreting
-    precision = "ieee" if interpreting else "tf32x3"
-    block_d = (32 if h_dtype == torch.float32 else 64) if d >= 64 else max(16, triton.next_power_of_2(d))
+# Candidate configurations of _project_kernel, (BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages), the default first.
+# All compile without spills on sm_90 and sm_80 at d = 4096, K = 171 (benchmarks/kernel_report.py compiles them
+# all). 16-bit h: num_stages changes nothing (the loads are not pipelined through shared memory: the same registers
+# and shared memory at 2, 3 and 4 stages), so only tiles and warps vary; 128-row tiles with d chunks of 64 spill, and
+# so do 64 x 64 tiles with d chunks of 64 on 4 warps.
+HALF_CONFIGS = (
+    (64, 64, 64, 8, 3),
+    (64, 64, 32, 8, 3),
+    (64, 64, 32, 4, 3),
+    (64, 32, 64, 8, 3),
+    (64, 128, 32, 8, 3),  # K = 171 in two probe tiles: h is read twice, not three times
+    (128, 64, 32, 8, 3),
+    (128, 32, 32, 8, 3),
+)
+# fp32 h (tf32x3, three dots per product): d in chunks of 32 only (64 spills on sm_80 in every tile shape), and the
+# pipeline depth matters (the loads are pipelined through shared memory); 64-row x 128-probe tiles spill on sm_80
+FP32_CONFIGS = (
+    (64, 64, 32, 8, 3),
+    (64, 64, 32, 8, 4),
+    (64, 32, 32, 8, 3),
+    (64, 32, 32, 8, 4),
+    (64, 32, 32, 4, 3),
+    (128, 64, 32, 8, 3),
+    (128, 32, 32, 8, 2),
+    (128, 32, 32, 8, 3),
+)
+# calls with more rows than this share their tuned configuration: the grid is many waves deep by then
+TUNE_MAX_ROWS = 16384
+# the fastest configuration per (rows bucket, d, K, dtypes, center, norms, device), measured on first use
+_tuned_configs: dict[tuple, dict] = {}
+
+
+def _dot_in_fp32(h_dtype: torch.dtype) -> bool:
+    """fp32 h: tf32x3 keeps fp32 accuracy on tensor cores; under the interpreter every dot runs in fp32 ("ieee")."""
+    return h_dtype == torch.float32 or interpreting
+
+
+def projection_configs(n: int, d: int, k: int, h_dtype: torch.dtype) -> list[dict]:
+    """The candidate configurations of the projection-only kernel for a call, the default first: h's dtype's list with
+    each block size cut down to the problem (the power of two, at least 16, that covers n, K or d), repeats removed.
+    Each is a dict of ``BLOCK_N``, ``BLOCK_K``, ``BLOCK_D``, ``num_warps`` and ``num_stages``."""
+    fit = [max(16, triton.next_power_of_2(size)) for size in (n, k, d)]
+    configs = []
+    for block_n, block_k, block_d, num_warps, num_stages in FP32_CONFIGS if h_dtype == torch.float32 else HALF_CONFIGS:
+        config = dict(BLOCK_N=min(block_n, fit[0]), BLOCK_K=min(block_k, fit[1]), BLOCK_D=min(block_d, fit[2]),
+                      num_warps=num_warps, num_stages=num_stages)
+        if config not in configs:
+            configs.append(config)
+    return configs
+
+
+def plan_projection(n: int, d: int, k: int, h_dtype: torch.dtype, config: dict | None = None) -> dict:
+    """How the projection-only kernel is launched with ``config`` (one of :func:`projection_configs`; by default the
+    first: 64 x 64 output tiles, BLOCK_N = 64 lets sm_90 use wgmma, K = 171 pads to 192, not 256; d in chunks of 64,
+    32 for fp32 h; 8 warps): constexpr ``flags``, ``num_warps``, ``num_stages`` and ``grid``. Shared by
+    :func:`project_triton` and benchmarks/kernel_report.py."""
+    config = config or projection_configs(n, d, k, h_dtype)[0]
+    block_n, block_k, block_d = config["BLOCK_N"], config["BLOCK_K"], config["BLOCK_D"]
+    dot_fp32 = _dot_in_fp32(h_dtype)
     return {"flags": dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, DOT_FP32=dot_fp32,
-                          PRECISION=precision),
-            "num_warps": 8,
+                          PRECISION="ieee" if interpreting else "tf32x3"),
+            "num_warps": config["num_warps"], "num_stages": config["num_stages"],
             "grid": (triton.cdiv(n, block_n), triton.cdiv(k, block_k)),
-            "describe": f"project tl.dot N{block_n} K{block_k} D{block_d}" + (" tf32x3" if dot_fp32 and not
-                                                                            interpreting else "")}
+            "describe": f"project tl.dot N{block_n} K{block_k} D{block_d} w{config['num_warps']} "
+                        f"s{config['num_stages']}" + (" tf32x3" if dot_fp32 and not interpreting else "")}
 
 
-def project_triton(h, probes, center, scores, norms) -> None:
-    """Projection only, on validated arguments (the monitoring case: no steering, ablation, clamp or capture)."""
+def _chosen_config(key: tuple, candidates: list[dict], launch) -> dict:
+    """The fastest of ``candidates`` for ``key``, timed with ``launch(config)`` the first time the key is seen (the
+    kernel only stores scores and norms, so the repeated launches leave the call's result as one launch would). The
+    default when tuning is off (interpreter, EMOVEC_TRITON_AUTOTUNE=0) or impossible (a CUDA graph being captured
+    cannot be timed: a configuration tuned before the capture is still used)."""
+    if interpreting or os.environ.get("EMOVEC_TRITON_AUTOTUNE", "1") == "0":
+        return candidates[0]
+    if key not in _tuned_configs:
+        if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+            return candidates[0]
+        times = []
+        for config in candidates:
+            try:
+                times.append(triton.testing.do_bench(functools.partial(launch, config), return_mode="median"))
+            except OutOfResources:  # a GPU with less shared memory than sm_80 / sm_90
+                times.append(float("inf"))
+        _tuned_configs[key] = candidates[times.index(min(times))]
+    return _tuned_configs[key]
+
+
+def project_triton(h, probes, center, scores, norms, config: dict | None = None) -> None:
+    """Projection only, on validated arguments (the monitoring case: no steering, ablation, clamp or capture), with
+    ``config`` (one of :func:`projection_configs`) or, by default, the autotuned one."""
     n, d = h.shape
     k = probes.shape[0]
-    chosen = plan_projection(n, d, k, h.dtype)
-    if probes.dtype != h.dtype and not chosen["flags"]["DOT_FP32"]:
+    if probes.dtype != h.dtype and not _dot_in_fp32(h.dtype):
         probes = probes.to(h.dtype)  # tensor cores take both operands in h's dtype; products accumulate in fp32
     center_dots = (probes.float() @ center.float()).contiguous() if center is not None else None
-    _project_kernel[chosen["grid"]](
-        h, h.stride(0), probes, center if center is not None else h, center_dots if center_dots is not None else h,
-        scores, norms if norms is not None else h, n, d, k,
-        HAS_CENTER=center is not None, HAS_NORMS=norms is not None, num_warps=chosen["num_warps"], **chosen["flags"],
-    )
+    arguments = (h, h.stride(0), probes, center if center is not None else h,
+                 center_dots if center_dots is not None else h, scores, norms if norms is not None else h, n, d, k)
+
+    def launch(chosen_config: dict) -> None:
+        chosen = plan_projection(n, d, k, h.dtype, chosen_config)
+        _project_kernel[chosen["grid"]](*arguments, HAS_CENTER=center is not None, HAS_NORMS=norms is not None,
+                                        num_warps=chosen["num_warps"], num_stages=chosen["num_stages"],
+                                        **chosen["flags"])
+
+    if config is None:
+        key = (min(triton.next_power_of_2(n), TUNE_MAX_ROWS), d, k, h.dtype, probes.dtype, center is not None,
+               norms is not None, h.device)
+        config = _chosen_config(key, projection_configs(n, d, k, h.dtype), launch)
+    launch(config)
 
 
 def plan(n: int, d: int, k: int, a: int, c: int, h_dtype: torch.dtype, *, scores: bool, norms: bool, capture: bool,
