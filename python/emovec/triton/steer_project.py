@@ -235,9 +235,14 @@ def _project_kernel(
     enter ``tl.dot`` in h's dtype (tensor cores; the probes are kept in h's dtype by the launcher), the products
     accumulate in fp32, and the center is subtracted after the product as ``center · probe_k`` computed once in fp32,
     so ``h - center`` is never rounded (nor overflows in fp16). The norms come from the first probe tile's programs.
+
+    One flat grid, probe tiles fastest: the programs that share a row tile run next to each other, so the tile of
+    ``h`` comes from DRAM once and from L2 for the other probe tiles (row tiles fastest read it once per probe tile).
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    pid = tl.program_id(0)
+    pid_n = pid // k_tiles
+    pid_k = pid % k_tiles
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     probes_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask = rows < N
@@ -331,7 +336,7 @@ def plan_projection(n: int, d: int, k: int, h_dtype: torch.dtype, config: dict |
     return {"flags": dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, DOT_FP32=dot_fp32,
                           PRECISION="ieee" if interpreting else "tf32x3"),
             "num_warps": config["num_warps"], "num_stages": config["num_stages"],
-            "grid": (triton.cdiv(n, block_n), triton.cdiv(k, block_k)),
+            "grid": (triton.cdiv(n, block_n) * triton.cdiv(k, block_k),),
             "describe": f"project tl.dot N{block_n} K{block_k} D{block_d} w{config['num_warps']} "
                         f"s{config['num_stages']}" + (" tf32x3" if dot_fp32 and not interpreting else "")}
 
