@@ -339,3 +339,26 @@ def test_smoothing_is_a_centred_moving_average_over_real_tokens():
     torch.testing.assert_close(result.smoothed(3).cosine, got)
     with pytest.raises(ValueError, match="window must be >= 1"):
         result.smoothed(0)
+
+
+def test_probes_in_h_dtype_on_a_gpu_and_their_error_bound():
+    """The monitor keeps probes in h's dtype only on a GPU, for bf16/fp16 h, without a center; the rounding of a
+    unit probe moves a score by at most 2^-9 ||h|| (bf16) / 2^-11 ||h|| (fp16), checked against float64."""
+    from emovec.runtime import probe_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert probe_dtype(cuda, torch.bfloat16, False) == torch.bfloat16
+    assert probe_dtype(cuda, torch.float16, False) == torch.float16
+    assert probe_dtype(cuda, torch.float32, False) == torch.float32
+    assert probe_dtype(cuda, torch.bfloat16, True) == torch.float32
+    assert probe_dtype(cpu, torch.bfloat16, False) == torch.float32
+    torch.manual_seed(0)
+    for dtype, unit_roundoff in ((torch.bfloat16, 2.0**-9), (torch.float16, 2.0**-11)):
+        for d in (576, 4096):
+            h = (torch.randn(64, d) * 3).to(dtype)
+            probes = torch.nn.functional.normalize(torch.randn(171, d, dtype=torch.float64), dim=1)
+            scores = emovec.steer_project(h, probes=probes.to(dtype), backend="torch").scores
+            exact = h.double() @ probes.T
+            bound = unit_roundoff * h.double().norm(dim=1, keepdim=True)
+            assert ((scores.double() - exact).abs() <= bound * 1.001 + 1e-6).all()
+            assert (scores.double() - exact).abs().max() > bound.max() * 1e-3  # the rounding is really there

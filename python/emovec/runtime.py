@@ -309,10 +309,11 @@ class Monitor(_LayerRuntime):
             self._centers[device] = self.center.to(device=device, dtype=torch.float32).contiguous()
         return self._centers[device]
 
-    def _probe(self, position: int, device: torch.device) -> torch.Tensor:
-        key = (position, device, torch.float32)
+    def _probe(self, position: int, device: torch.device, h_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        dtype = probe_dtype(device, h_dtype, self.center is not None)
+        key = (position, device, dtype)
         if key not in self._probes:
-            self._probes[key] = self._unit[position].to(device).contiguous()
+            self._probes[key] = self._unit[position].to(device=device, dtype=dtype).contiguous()
         return self._probes[key]
 
     def begin_step(self, step: _Step) -> None:
@@ -349,7 +350,7 @@ class Monitor(_LayerRuntime):
                                   torch.empty(flat.shape[0], device=flat.device, dtype=torch.float32))
         scores, norms = self._scratch[key]
         center = self._center(flat.device)
-        steer_project_trusted(flat, probes=self._probe(position, flat.device), center=center, scores=scores,
+        steer_project_trusted(flat, probes=self._probe(position, flat.device, flat.dtype), center=center, scores=scores,
                               norms=norms, backend=self.backend)
         cols = slice(step.past, step.past + step.length)
         self.scores[:, cols, position] = scores.view(step.batch, step.length, -1)
@@ -370,6 +371,18 @@ class Monitor(_LayerRuntime):
             tokens = [self.tokenizer.convert_ids_to_tokens(ids[b][mask[b]].tolist()) for b in range(ids.shape[0])]
             tokens = [[_readable(t, self.tokenizer) for t in seq] for seq in tokens]
         return MonitorResult(list(self.vectors.names), list(self.layer_indices), scores, norms, mask, ids, positions, tokens)
+
+
+def probe_dtype(device: torch.device, h_dtype: torch.dtype, has_center: bool) -> torch.dtype:
+    """The dtype the monitor keeps its probes in: on a GPU with bf16/fp16 activations and no center, h's dtype
+    (half the bytes the decode kernel streams per call; products still accumulate in fp32, and rounding a unit
+    probe moves a score by at most 2^-9 ‖h‖ in bf16, 2^-11 ‖h‖ in fp16: a cosine by at most 0.002 / 0.0005, by
+    Cauchy-Schwarz; tests/test_runtime.py checks the bound); fp32 otherwise (the CPU kernel
+    makes its own bf16 copy where the CPU has bf16 dot instructions; the C++ core takes center and probes in one
+    dtype, and a rounded center would shift every score)."""
+    if device.type == "cuda" and h_dtype in (torch.bfloat16, torch.float16) and not has_center:
+        return h_dtype
+    return torch.float32
 
 
 def _readable(token: str, tokenizer) -> str:
