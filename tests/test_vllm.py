@@ -194,7 +194,7 @@ def test_chunked_prefill_with_prompt_readings(engine, hf):
 def test_prefix_cache_never_serves_unsteered_blocks_to_a_steered_request(engine, hf):
     """The same long prompt, first plain (its blocks enter the prefix cache), then steered: the steered request
     must not reuse the plain blocks, so it equals the transformers runtime steered from the first token."""
-    ids = _ids(hf, " ".join(PROMPTS * 3))
+    ids = _ids(hf, "A prompt of its own, so that no other test's blocks match it. " + " ".join(PROMPTS * 3))
     first = engine.generate([_prompt(ids)], _params(n=2), use_tqdm=False)[0]
     again = engine.generate([_prompt(ids)], _params(n=2), use_tqdm=False)[0]
     assert first.num_cached_tokens == 0 and again.num_cached_tokens > 0  # the plain prompt's blocks are cached
