@@ -57,18 +57,18 @@ struct Fp32Rows {
   }
 };
 
-// out[r][p] += dot(x[r][0:len], probe[p][0:len]) for kRows rows and P probes; len is a multiple of kLanes.
-template <int P>
+// out[r][p] += dot(x[r][0:len], probe[p][0:len]) for R rows and P probes; len is a multiple of kLanes.
+template <int R, int P>
 inline void dot_block(const float* x, int64_t x_stride, const float* const* probe, int64_t len,
                       float* out, int64_t out_stride) {
-  float acc[kRows][P][kLanes] = {};
+  float acc[R][P][kLanes] = {};
   for (int64_t j = 0; j < len; j += kLanes) {
-    for (int r = 0; r < kRows; ++r)
+    for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p)
 #pragma omp simd
         for (int l = 0; l < kLanes; ++l) acc[r][p][l] += x[r * x_stride + j + l] * probe[p][j + l];
   }
-  for (int r = 0; r < kRows; ++r)
+  for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) {
       float s = 0.0f;
       for (int l = 0; l < kLanes; ++l) s += acc[r][p][l];
@@ -83,15 +83,24 @@ inline void project_tile_dots(const float* x, int64_t dp, int rows, const float*
   const int row_blocks = (rows + kRows - 1) / kRows;
   const float* p[kProbes];
   int64_t k = 0;
+  // a single row (decode at batch 1) gets one-row blocks: a kRows block would spend half its work on padding
   for (; k + kProbes <= K; k += kProbes) {
     for (int q = 0; q < kProbes; ++q) p[q] = probes + (k + q) * probe_stride;
+    if (rows == 1) {
+      dot_block<1, kProbes>(x, dp, p, dp, tile_scores + k, K);
+      continue;
+    }
     for (int rb = 0; rb < row_blocks; ++rb)
-      dot_block<kProbes>(x + rb * kRows * dp, dp, p, dp, tile_scores + rb * kRows * K + k, K);
+      dot_block<kRows, kProbes>(x + rb * kRows * dp, dp, p, dp, tile_scores + rb * kRows * K + k, K);
   }
   for (; k < K; ++k) {
     p[0] = probes + k * probe_stride;
+    if (rows == 1) {
+      dot_block<1, 1>(x, dp, p, dp, tile_scores + k, K);
+      continue;
+    }
     for (int rb = 0; rb < row_blocks; ++rb)
-      dot_block<1>(x + rb * kRows * dp, dp, p, dp, tile_scores + rb * kRows * K + k, K);
+      dot_block<kRows, 1>(x + rb * kRows * dp, dp, p, dp, tile_scores + rb * kRows * K + k, K);
   }
 }
 
