@@ -42,6 +42,33 @@ def test_naive_hooks_do_the_same_work_as_emovec(tiny_cli):
         torch.testing.assert_close(n, mon.result().norms[:, :, layer], rtol=1e-4, atol=1e-4)
 
 
+def test_nnsight_does_the_same_work_as_emovec(tiny_cli):
+    """When nnsight is installed, its provider steers and records as emovec does: the same greedy tokens, and its
+    scores at every step and layer equal the monitor's."""
+    pytest.importorskip("nnsight")
+    from emovec.bench.runner import NnsightRun
+
+    model, tokenizer = tiny_cli
+    vectors = random_vectors(model, 5)
+    unit = [vectors.unit[i] for i in range(len(vectors.layers))]
+    vector = 0.5 * vectors.unit[1, 0]
+    ids = torch.randint(100, 1000, (1, 7))
+    run = NnsightRun(model, tokenizer, unit, 1, vector)
+    tokens, records = run.generate(ids, 4, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), emovec.steer(model, vectors, {"v0": 0.5}, [1], relative=False), \
+            emovec.monitor(model, vectors, "all") as mon:
+        want = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert tokens.tolist() == want.tolist()
+    scores = mon.result().scores[0]  # (T, L, K): the prompt's 7 positions, then one per decode step
+    layers = len(unit)
+    assert len(records) == 4 * layers
+    for step in range(4):
+        positions = slice(0, 7) if step == 0 else slice(6 + step, 7 + step)
+        for layer in range(layers):
+            s, _ = records[step * layers + layer]
+            torch.testing.assert_close(s[0], scores[positions, layer], rtol=1e-4, atol=1e-4)
+
+
 def test_interleaved_times_every_provider_each_round():
     calls = []
     result = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"),
@@ -66,6 +93,9 @@ def test_bench_command_quick(tiny_cli, tmp_path):
             assert row["time_vs_baseline"] == 1.0
     providers = {r["provider"] for r in data["rows"] if r["scenario"] == "prefill"}
     assert {"plain", "naive", "emovec-torch"} <= providers
+    import importlib.util
+
+    assert ("nnsight" in providers) == (importlib.util.find_spec("nnsight") is not None)
     capped = {r["provider"] for r in data["rows"] if r["scenario"] == "generate b1"}
     assert any(p.endswith("+cap") for p in capped)  # regulation's cost on top of monitoring + steering
     assert data["machine"]["cpu"] and data["command"].startswith("emovec bench")

@@ -76,16 +76,19 @@ def _plot(result: dict, path: Path) -> Path:
 
 
 def _other_tools() -> list[str]:
-    """nnsight and repeng, when installed, would be timed doing the same monitoring / steering; say what happened."""
+    """nnsight is timed doing the same monitoring and steering when it can be; repeng is not driven (it steers
+    only, no readings, and 0.4 needs numpy < 2); say what happened."""
     import importlib.util
 
-    notes = []
-    for tool in ("nnsight", "repeng"):
-        if importlib.util.find_spec(tool) is None:
-            notes.append(f"{tool} is not installed: skipped (pip install {tool} to compare; emovec bench does not "
-                         "drive it yet)")
-        else:
-            notes.append(f"{tool} is installed, but emovec bench does not drive it yet: not timed")
+    from emovec.bench.runner import nnsight_status
+
+    why = nnsight_status()
+    notes = [why or "nnsight: timed as provider 'nnsight' in generate and prefill (the same steering add, projections "
+                    "and host copies every step, inside its trace)"]
+    if importlib.util.find_spec("repeng") is None:
+        notes.append("repeng is not installed: skipped (it steers only, with no readings to compare)")
+    else:
+        notes.append("repeng is installed but not driven: it steers only, with no readings to compare")
     return notes
 
 

@@ -93,6 +93,60 @@ class NaiveHooks:
             handle.remove()
 
 
+class NnsightRun:
+    """The same monitoring and steering done with nnsight (when it is installed): inside its trace, each layer's
+    output gets the steering add at the steered layer and ``h @ unit.T`` plus ``h.norm()`` copied to the host, at
+    every generation step."""
+
+    def __init__(self, model, tokenizer, unit: Sequence[torch.Tensor], steer_layer: int,
+                 steer_vector: torch.Tensor) -> None:
+        from functools import reduce
+
+        from nnsight import TransformersModel
+
+        self.wrapped = TransformersModel(model, tokenizer=tokenizer)
+        path = find_decoder_layers(model).path
+        self.layers = reduce(getattr, path.split("."), self.wrapped)
+        self.count = len(find_decoder_layers(model).layers)
+        self.unit, self.steer_layer, self.steer_vector = unit, steer_layer, steer_vector
+
+    def _layers(self, records, steering: bool) -> None:
+        for i in range(self.count):
+            out = self.layers[i].output
+            h = out[0] if isinstance(out, tuple) else out
+            if steering and i == self.steer_layer:
+                h[:] = h + self.steer_vector.to(h.dtype)
+            hf = h.float()
+            records.append(((hf @ self.unit[i].T).cpu(), hf.norm(dim=-1).cpu()))
+
+    def generate(self, ids: torch.Tensor, new_tokens: int, **kwargs):
+        with self.wrapped.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs) as tracer:
+            records = list().save()
+            for _ in tracer.iter[:new_tokens]:
+                self._layers(records, steering=True)
+            tokens = tracer.result.save()
+        return tokens, records
+
+    def forward(self, ids: torch.Tensor):
+        with self.wrapped.trace(ids, use_cache=False):
+            records = list().save()
+            self._layers(records, steering=False)
+        return records
+
+
+def nnsight_status() -> str | None:
+    """None when nnsight can be driven here, else why not."""
+    import importlib.util
+
+    if importlib.util.find_spec("nnsight") is None:
+        return "nnsight is not installed: skipped (pip install nnsight to compare)"
+    try:
+        import nnsight  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - a broken optional install is reported, not raised
+        return f"nnsight is installed but cannot be imported ({type(error).__name__}: {error}): skipped"
+    return None
+
+
 def emovec_backends(device: torch.device) -> list[str]:
     """The fused op's backends that can run on ``device`` (on the CPU: cpu and torch; triton only on a GPU)."""
     status = backend_status()
@@ -138,8 +192,12 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
     g = torch.Generator().manual_seed(1)
     vocab = min(getattr(model.config, "vocab_size", 32000), 30000)
 
+    nnsight = NnsightRun(model, tokenizer, unit, steer_layer, steer_vector) if nnsight_status() is None else None
+
     def providers(run: Callable[[Any], Any], with_cap: bool = False) -> dict[str, Callable[[], Any]]:
         out = {"plain": lambda: run(None), "naive": lambda: run("naive")}
+        if nnsight is not None:
+            out["nnsight"] = lambda: run("nnsight")
         for b in backends:
             out[f"emovec-{b}"] = lambda b=b: run(b)
         if with_cap and backends:  # the same plus a cosine cap on the steered concept at the steered layer
@@ -179,18 +237,27 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
 
             @torch.no_grad()
             def gen(kind, ids=ids, kwargs=kwargs):
+                if kind == "nnsight":
+                    nnsight.generate(ids, new_tokens, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     pad_token_id=kwargs["pad_token_id"])
+                    return
                 with contexts(kind):
                     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
 
             timings = interleaved(providers(gen, with_cap=True), device, rounds)
             _rows(result, f"generate b{batch}", timings, batch * new_tokens, "plain",
                   {p: recorded_mb(batch, prompt_len + new_tokens, p if p != "plain" else None) for p in timings})
+            if nnsight is not None:
+                result.setdefault("nnsight_steps", {})[f"b{batch}"] = new_tokens
     if "prefill" in scenarios:
         say(f"prefill: batch {prefill_batch} x {prefill_tokens} tokens")
         ids = torch.randint(100, vocab, (prefill_batch, prefill_tokens), generator=g).to(device)
 
         @torch.no_grad()
         def pre(kind):
+            if kind == "nnsight":
+                nnsight.forward(ids)
+                return
             with contexts(kind, steering=False):
                 model(input_ids=ids, use_cache=False)
 
