@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/vllm_<device>.json)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # spawned workers read EMOVEC_VLLM afresh (forked ones, vLLM's default on a GPU, would inherit the loaded plugin)
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
     import torch
     from vllm import LLM, SamplingParams

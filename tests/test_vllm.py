@@ -216,6 +216,57 @@ def test_bad_settings_are_refused_before_the_request_runs(engine, hf):
     assert len(out.outputs[0].token_ids) == TOKENS
 
 
+def test_unknown_setting_alone_is_refused(engine, hf):
+    ids = _ids(hf, PROMPTS[1])
+    params = SamplingParams(max_tokens=2, temperature=0, extra_args={"emovec_steering": "calm=0.1"})
+    with pytest.raises(ValueError, match="unknown emovec setting"):
+        engine.generate([_prompt(ids)], params, use_tqdm=False)
+
+
+def test_shared_keys_and_samples_keep_their_own_readings(engine, hf):
+    """Two requests with the same emovec_id, and one request with n = 2 samples: every request (and sample) gets
+    its own readings, each equal to a solo run's."""
+    ids = [_ids(hf, PROMPTS[0]), _ids(hf, PROMPTS[2])]
+    shared = _params(monitor="afraid", monitor_layers="15", key="shared")
+    together = engine.generate([_prompt(i) for i in ids], [shared, shared], use_tqdm=False)
+    got = ev.readings(engine, together)
+    solo = [engine.generate([_prompt(i)], _params(monitor="afraid", monitor_layers="15"), use_tqdm=False)[0]
+            for i in ids]
+    want = ev.readings(engine, solo)
+    assert set(got) == {o.request_id for o in together}
+    for t, s in zip(together, solo):
+        assert got[t.request_id].positions.tolist() == want[s.request_id].positions.tolist()
+        torch.testing.assert_close(torch.from_numpy(got[t.request_id].scores),
+                                   torch.from_numpy(want[s.request_id].scores), atol=1e-3, rtol=1e-4)
+    sampled = SamplingParams(max_tokens=4, n=2, temperature=1.0, seed=0, ignore_eos=True,
+                             extra_args=ev.extra_args(monitor="afraid", monitor_layers="15"))
+    out = engine.generate([_prompt(ids[0])], sampled, use_tqdm=False)[0]
+    samples = ev.readings(engine, [out])
+    assert set(samples) == {f"0_{out.request_id}", f"1_{out.request_id}"}
+    assert all(len(r.positions) == 4 for r in samples.values())
+
+
+def test_bf16_steering_monitoring_and_regulation_stay_finite(hf):
+    """vLLM's default dtype for this model is bf16 on the CPU too: steering, monitoring and a cap in one request
+    (several weight tensors in one op call) give finite readings that hold the cap."""
+    llm = LLM(ev.model_path(), dtype="bfloat16", max_model_len=512, enforce_eager=True, seed=0)
+    try:
+        ids = _ids(hf, PROMPTS[0])
+        params = _params(steer="desperate=0.2", layers="15", cap="desperate<=0.02", regulate_layers="19",
+                         monitor="desperate,calm", monitor_layers="15,19")
+        out, plain = llm.generate([_prompt(ids), _prompt(ids)], [params, _params()], use_tqdm=False)
+        readings = ev.readings(llm, [out])[out.request_id]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    import math
+
+    assert all(math.isfinite(x) for x in _chosen_logprobs(out))
+    assert torch.isfinite(torch.from_numpy(readings.scores)).all()
+    assert readings.cosine[:, 1, 0].max() <= 0.02 + 0.01  # the cap, within bf16 rounding of the stored stream
+    assert readings.cosine[:, 0, 0].max() > 0.05  # steered at layer 15, above the cap's level before layer 19
+    assert list(out.outputs[0].token_ids) != list(plain.outputs[0].token_ids)
+
+
 def test_extra_args_refuses_malformed_settings_before_sending():
     with pytest.raises(ev.SpecError, match="NAME=STRENGTH"):
         ev.extra_args(steer="calm")

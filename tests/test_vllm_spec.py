@@ -95,3 +95,14 @@ def test_external_request_id():
     assert _external("chatcmpl-abc-1f2e3d4c") == "chatcmpl-abc"
     assert _external("7-0a1b2c3d") == "7"
     assert _external("my-key") == "my-key"
+
+
+def test_readings_keys_match_only_what_vllm_derives_from_them():
+    from emovec.integrations.vllm.worker import _matches
+
+    assert _matches("cmpl-abc", "cmpl-abc")
+    assert _matches("cmpl-abc", "cmpl-abc-0") and _matches("cmpl-abc", "cmpl-abc-12")  # one per prompt
+    assert _matches("7", "0_7") and _matches("7", "1_7")  # the n > 1 samples
+    assert not _matches("cmpl", "cmpl-abc-0")  # a prefix is not a key
+    assert not _matches("a", "a-b") and not _matches("7", "17") and not _matches("abc", "xabc")
+    assert not _matches("a.c", "abc")  # keys are literal, not patterns

@@ -112,7 +112,8 @@ def _readings_from(data: dict[str, Any]) -> Readings:
 
 
 def fetch(engine, keys: list[str] | None = None, pop: bool = True) -> dict[str, dict[str, Any]]:
-    """The raw readings (JSON-ready dicts) of these request keys from the engine's workers (all when None)."""
+    """The raw readings (JSON-ready dicts, each with its ``key``) of the requests with these keys, by vLLM's internal
+    request id, from the engine's workers (all when None; see the worker's ``fetch`` for how keys match)."""
     merged: dict[str, dict[str, Any]] = {}
     for part in engine.collective_rpc("emovec_readings", args=(keys, pop)):
         merged.update(part or {})
@@ -120,23 +121,25 @@ def fetch(engine, keys: list[str] | None = None, pop: bool = True) -> dict[str, 
 
 
 def readings(llm, outputs, pop: bool = True) -> dict[str, Readings]:
-    """``{request_id: Readings}`` for the monitored requests among ``outputs`` (``llm.generate``'s result); a
-    request whose emovec settings were refused raises :class:`SpecError` with the worker's message."""
-    wanted: dict[str, Any] = {}
-    for output in outputs:
-        params = getattr(output, "sampling_params", None)
-        extra = getattr(params, "extra_args", None) if params is not None else None
-        key = (extra or {}).get("emovec_id", output.request_id) if isinstance(extra, dict) else output.request_id
-        wanted[str(key)] = output
-    raw = fetch(llm, list(wanted), pop)
+    """``{request_id: Readings}`` for the monitored requests among ``outputs`` (``llm.generate``'s result); with
+    n > 1 samples, ``{f"{i}_{request_id}": Readings}`` for sample i. A request whose emovec settings were refused in
+    the worker raises :class:`SpecError` with its message."""
+    wanted = {str(o.request_id): o for o in outputs}
     out: dict[str, Readings] = {}
-    for key, output in wanted.items():
-        if key not in raw:
+    for data in fetch(llm, list(wanted), pop).values():
+        request = data["request"]
+        head, sep, rest = request.partition("_")
+        if request in wanted:
+            output, sample = wanted[request], 0
+        elif sep and head.isdigit() and rest in wanted:  # vLLM names sample i of request R "i_R"
+            output, sample = wanted[rest], int(head)
+        else:
             continue
-        r = _readings_from(raw[key])
-        ids = list(output.prompt_token_ids or []) + [t for c in output.outputs[:1] for t in c.token_ids]
+        r = _readings_from(data)
+        completion = output.outputs[sample] if len(output.outputs) > sample else None
+        ids = list(output.prompt_token_ids or []) + (list(completion.token_ids) if completion is not None else [])
         r.token_ids = [ids[p] for p in r.positions if p < len(ids)]
-        out[output.request_id] = r
+        out[request] = r
     return out
 
 
@@ -249,12 +252,19 @@ def _patch_validation() -> None:
             from emovec.integrations.vllm.worker import find_vectors
 
             hf_config = self.model_config.hf_config
-            vectors = self.__dict__.get("_emovec_vectors")
-            if vectors is None:
-                vectors = self._emovec_vectors = find_vectors(hf_config)
-            layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.get_text_config().num_hidden_layers
             try:
-                parse(extra, vectors, int(layers))
+                if "_emovec_vectors" not in self.__dict__:  # found (or not) once per server
+                    try:
+                        self._emovec_vectors = find_vectors(hf_config)
+                    except Exception as error:  # noqa: BLE001 - every request is refused with the same reason
+                        self._emovec_vectors = SpecError(f"no emovec vectors for this model ({error})")
+                if isinstance(self._emovec_vectors, SpecError):
+                    raise self._emovec_vectors
+                layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.get_text_config().num_hidden_layers
+                spec = parse(extra, self._emovec_vectors, int(layers))
+                if spec.monitor and getattr(self.vllm_config, "speculative_config", None) is not None:
+                    raise SpecError("monitoring is not supported with speculative decoding (draft tokens that are "
+                                    "rejected would leave readings at wrong positions)")
             except SpecError as error:
                 raise _refused(str(error)) from None
         return result

@@ -66,7 +66,8 @@ class RequestSpec:
 
 
 def has_emovec(extra_args: Any) -> bool:
-    return isinstance(extra_args, dict) and any(k in extra_args for k in KEYS)
+    """Any ``emovec_*`` key (a misspelt one too, so that it is refused rather than ignored)."""
+    return isinstance(extra_args, dict) and any(isinstance(k, str) and k.startswith("emovec_") for k in extra_args)
 
 
 def _truthy(key: str, value: Any) -> bool:

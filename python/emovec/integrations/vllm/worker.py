@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,37 +43,37 @@ from emovec.vectors import VectorSet, config_hash
 
 log = logging.getLogger("emovec.vllm")
 
-MAX_KEPT = int(os.environ.get("EMOVEC_VLLM_MAX_KEPT", "4096"))  # finished requests' readings kept until fetched
+MAX_KEPT = int(os.environ.get("EMOVEC_VLLM_MAX_KEPT", "4096"))  # requests whose readings wait to be fetched
 # under CUDA graphs the buffers have fixed sizes: distinct settings running at once, and bounded concepts
 MAX_SETTINGS = int(os.environ.get("EMOVEC_VLLM_MAX_SETTINGS", "32"))
 MAX_CLAMP = int(os.environ.get("EMOVEC_VLLM_MAX_CLAMP", "8"))
 
-_CURRENT: _Plugin | None = None  # the plugin of this process's model runner (one runner per worker process)
+_PLUGINS: list[_Plugin] = []  # one per model runner in this process (the op names its runner's by index)
 
 
 @torch.library.custom_op("emovec::vllm_layer", mutates_args=("hidden", "residual"))
-def vllm_layer(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+def vllm_layer(hidden: torch.Tensor, residual: torch.Tensor, layer: int, plugin: int) -> None:
     """Apply this step's emovec work for decoder layer ``layer`` to its output (hidden + residual)."""
-    plugin = _CURRENT
-    if plugin is not None and plugin.active:
-        plugin.apply(hidden, residual, layer)
+    runner_plugin = _PLUGINS[plugin]
+    if runner_plugin.active:
+        runner_plugin.apply(hidden, residual, layer)
 
 
 @vllm_layer.register_fake
-def _(hidden, residual, layer) -> None:
+def _(hidden, residual, layer, plugin) -> None:
     return None
 
 
 @torch.library.custom_op("emovec::vllm_layer_single", mutates_args=("hidden",))
-def vllm_layer_single(hidden: torch.Tensor, layer: int) -> None:
+def vllm_layer_single(hidden: torch.Tensor, layer: int, plugin: int) -> None:
     """The same for layers whose output is the residual stream itself (no separate residual)."""
-    plugin = _CURRENT
-    if plugin is not None and plugin.active:
-        plugin.apply(hidden, None, layer)
+    runner_plugin = _PLUGINS[plugin]
+    if runner_plugin.active:
+        runner_plugin.apply(hidden, None, layer)
 
 
 @vllm_layer_single.register_fake
-def _(hidden, layer) -> None:
+def _(hidden, layer, plugin) -> None:
     return None
 
 
@@ -108,6 +109,8 @@ def find_vectors(hf_config: Any) -> VectorSet:
 class _Readings:
     """What one request's monitoring recorded, in chunks (a recomputed position overrides the earlier one)."""
 
+    key: str  # the caller's key: emovec_id, or the request id the caller gave
+    request: str  # the request id the caller gave (vLLM's internal id without its random suffix)
     names: list[str]
     layers: list[int]
     prompt_len: int
@@ -119,7 +122,7 @@ class _Readings:
 
     def export(self) -> dict[str, Any]:
         if self.error is not None:
-            return {"error": self.error}
+            return {"key": self.key, "request": self.request, "error": self.error}
         if self.chunks:
             pos = np.concatenate([c[0] for c in self.chunks])
             scores = np.concatenate([c[1] for c in self.chunks])
@@ -133,7 +136,7 @@ class _Readings:
             pos = np.zeros(0, dtype=np.int64)
             scores = np.zeros((0, len(self.layers), len(self.names)), dtype=np.float32)
             norms = np.zeros((0, len(self.layers)), dtype=np.float32)
-        return {"names": self.names, "layers": self.layers, "prompt_len": self.prompt_len,
+        return {"key": self.key, "request": self.request, "names": self.names, "layers": self.layers, "prompt_len": self.prompt_len,
                 "positions": pos.tolist(), "scores": scores.tolist(), "norms": norms.tolist(),
                 "finished": self.finished, "recomputed": self.recomputed}
 
@@ -194,8 +197,7 @@ class _Plugin:
         the buffers before the replay."""
         vs = self.vectors()
         d, k = vs.hidden_size, len(vs.names)
-        self._tables = [torch.zeros(MAX_SETTINGS, d, dtype=self.dtype, device=self.device)
-                        for _ in range(self.num_layers)]
+        self._tables = [torch.zeros(MAX_SETTINGS, d, device=self.device) for _ in range(self.num_layers)]
         self._clamp = [torch.zeros(MAX_CLAMP, d, device=self.device) for _ in range(self.num_layers)]
         self._bounds = []
         for _ in range(self.num_layers):
@@ -241,23 +243,30 @@ class _Plugin:
             try:
                 spec = parse(extra, self.vectors(), self.num_layers)
                 spec.key = key
+                if spec.monitor and getattr(self.runner, "speculative_config", None) is not None:
+                    raise SpecError("monitoring is not supported with speculative decoding (draft tokens that are "
+                                    "rejected would leave readings at wrong positions)")
                 if spec.edits:
                     self._acquire(req_id, spec)
             except SpecError as error:
                 log.warning("emovec: request %s: %s (the request runs without emovec)", req_id, error)
-                self._keep(key, _Readings([], [], 0, error=str(error)))
+                self._keep(req_id, _Readings(key, _external(req_id), [], [], 0, error=str(error), finished=True))
                 spec = None
             if spec is not None and spec.monitor:
                 prompt_len = len(getattr(state, "prompt_token_ids", None) or [])
-                self._keep(spec.key, _Readings(list(spec.monitor), list(spec.monitor_layers), prompt_len))
+                self._keep(req_id, _Readings(key, _external(req_id), list(spec.monitor), list(spec.monitor_layers),
+                                             prompt_len))
         self.specs[req_id] = spec
         return spec
 
-    def _keep(self, key: str, readings: _Readings) -> None:
-        self.readings[key] = readings
-        self.readings.move_to_end(key)
-        while len(self.readings) > MAX_KEPT:
-            self.readings.popitem(last=False)
+    def _keep(self, req_id: str, readings: _Readings) -> None:
+        """Readings are stored by vLLM's internal request id (unique, unlike the keys callers choose)."""
+        self.readings[req_id] = readings
+        self.readings.move_to_end(req_id)
+        while len(self.readings) > MAX_KEPT:  # drop the oldest finished request's first, a running one's last
+            oldest = next((r for r, v in self.readings.items() if v.finished), next(iter(self.readings)))
+            log.warning("emovec: more than %d requests' readings wait to be fetched; dropping %s's", MAX_KEPT, oldest)
+            del self.readings[oldest]
 
     def _forget_finished(self) -> None:
         gone = [r for r in self.specs if r not in self.runner.requests]
@@ -267,8 +276,8 @@ class _Plugin:
                 continue
             if spec.edits:
                 self._release(req_id, spec)
-            if spec.monitor and spec.key in self.readings:
-                self.readings[spec.key].finished = True
+            if spec.monitor and req_id in self.readings:
+                self.readings[req_id].finished = True
 
     # -- steering / regulation table ----------------------------------------------------------------
 
@@ -309,6 +318,12 @@ class _Plugin:
             self.free_rows.append(self.recipe_rows.pop(key))
             del self.recipe_refs[key]
             del self.recipe_specs[key]
+            live = sorted({n for other in self.recipe_specs.values() for n in other.bounds})
+            if live != self.clamp_names:  # a concept no running request bounds any more: its column goes
+                self.clamp_names = live
+                self._build_clamp()
+                for other, r in self.recipe_rows.items():
+                    self._write_row(r, self.recipe_specs[other])
 
     def _ensure_rows(self, rows: int) -> None:
         d = self.vectors().hidden_size
@@ -316,7 +331,8 @@ class _Plugin:
         if rows <= have:  # always so under CUDA graphs (MAX_SETTINGS rows, checked before)
             return
         size = max(rows, 2 * have, 4)
-        tables = [torch.zeros(size, d, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        # fp32 like the probes and clamp directions: the C++ kernels take every weight of a call in one dtype
+        tables = [torch.zeros(size, d, device=self.device) for _ in range(self.num_layers)]
         bounds = [torch.empty(size, len(self.clamp_names), 2, dtype=torch.float32, device=self.device)
                   for _ in range(self.num_layers)]
         for b in bounds:
@@ -362,7 +378,7 @@ class _Plugin:
             vs = self.vectors()
             view = dataclasses.replace(vs, vectors=self._unit())  # unit vectors computed once, not per layer
             rows = {layer: steering_vector(view, spec.steer, layer, relative=spec.relative, raw=True)
-                    .to(device=self.device, dtype=self.dtype) for layer in spec.steer_layers} if spec.steer else {}
+                    .to(device=self.device) for layer in spec.steer_layers} if spec.steer else {}
             self._row_cache[key] = rows
             while len(self._row_cache) > 256:
                 self._row_cache.pop(next(iter(self._row_cache)))
@@ -408,7 +424,7 @@ class _Plugin:
         computed = batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
         n = int(qsl[num_reqs])
         slots = self._slots_host
-        slots[:, : max(n, 1)] = -1
+        slots[:, : max(n, self._copied, 1)] = -1  # also last step's columns, which are copied again below
         if not self.graph_safe:
             self.layer_edit = [False] * self.num_layers
             self.layer_monitor = [False] * self.num_layers
@@ -491,8 +507,8 @@ class _Plugin:
         where = {layer: i for i, layer in enumerate(layers)}
         all_scores = torch.stack([self._scores[layer][:n] for layer in layers], 1).cpu().numpy()  # (n, L, K)
         all_norms = torch.stack([self._norms[layer][:n] for layer in layers], 1).cpu().numpy()  # (n, L)
-        for _, spec, start, end, computed in self._monitored:
-            readings = self.readings.get(spec.key)
+        for req_id, spec, start, end, computed in self._monitored:
+            readings = self.readings.get(req_id)
             if readings is None:
                 continue
             positions = np.arange(computed, computed + end - start)
@@ -510,21 +526,24 @@ class _Plugin:
             readings.chunks.append((kept, np.ascontiguousarray(scores), np.ascontiguousarray(norms)))
 
     def fetch(self, keys: list[str] | None, pop: bool) -> dict[str, Any]:
-        """Readings by key; a key also finds the keys it prefixes with '-' (the OpenAI completions endpoint numbers
-        a response's prompts: cmpl-ID-0, cmpl-ID-1, ...). ``pop`` drops what it returns: fetch once the request is
-        done (a later step of a request still running would find its readings gone and record nothing more)."""
-        self._forget_finished()
-        chosen: list[str] = []
-        for key in self.readings if keys is None else keys:
-            if key in self.readings:
-                chosen.append(key)
-            else:
-                chosen.extend(k for k in self.readings if k.startswith(f"{key}-"))
-        out = {k: self.readings[k].export() for k in chosen}
+        """Readings of the requests with these keys or request ids (all when None), by internal request id. A key
+        also finds the
+        requests vLLM made from it: ``KEY-<n>`` (the completions endpoint numbers a response's prompts) and
+        ``<i>_KEY`` (the n > 1 samples of one request); nothing else. ``pop`` drops what it returns: fetch once
+        the request is done (a step of a request still running would find its readings gone)."""
+        with torch.inference_mode():  # releasing rows rewrites tables made inside the (inference-mode) forward
+            self._forget_finished()
+        chosen = [r for r, v in self.readings.items()
+                  if keys is None or any(_matches(k, v.key) or _matches(k, v.request) for k in keys)]
+        out = {r: self.readings[r].export() for r in chosen}
         if pop:
-            for k in chosen:
-                self.readings.pop(k, None)
+            for r in chosen:
+                self.readings.pop(r, None)
         return out
+
+
+def _matches(asked: str, key: str) -> bool:
+    return re.fullmatch(rf"(\d+_)?{re.escape(asked)}(-\d+)?", key) is not None
 
 
 def _external(req_id: str) -> str:
@@ -536,29 +555,26 @@ def _external(req_id: str) -> str:
 # ----------------------------------------------------------------------------------------- installation
 
 
-def _layer_wrapper(layer: torch.nn.Module, index: int):
+def _layer_wrapper(layer: torch.nn.Module, index: int, plugin: _Plugin, plugin_id: int):
     inner = layer.forward
 
     def forward(*args, **kwargs):
         output = inner(*args, **kwargs)
+        pair = isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], torch.Tensor)
+        hidden = output if isinstance(output, torch.Tensor) else (
+            output[0] if isinstance(output, tuple) and isinstance(output[0], torch.Tensor) else None)
+        if hidden is None:
+            return output
         if not torch.compiler.is_compiling():
             # eager: call the plugin directly (the custom op's dispatch costs ~20 us a call, 30 times a step); only
             # a graph being traced needs the op node, whose body then decides at run time
-            plugin = _CURRENT
-            if plugin is not None and plugin.active:
-                if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], torch.Tensor):
-                    plugin.apply(output[0], output[1], index)
-                elif isinstance(output, torch.Tensor):
-                    plugin.apply(output, None, index)
-                elif isinstance(output, tuple) and isinstance(output[0], torch.Tensor):
-                    plugin.apply(output[0], None, index)
+            if plugin.active:
+                plugin.apply(hidden, output[1] if pair else None, index)
             return output
-        if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], torch.Tensor):
-            torch.ops.emovec.vllm_layer(output[0], output[1], index)
-        elif isinstance(output, torch.Tensor):
-            torch.ops.emovec.vllm_layer_single(output, index)
-        elif isinstance(output, tuple) and isinstance(output[0], torch.Tensor):
-            torch.ops.emovec.vllm_layer_single(output[0], index)
+        if pair:
+            torch.ops.emovec.vllm_layer(hidden, output[1], index, plugin_id)
+        else:
+            torch.ops.emovec.vllm_layer_single(hidden, index, plugin_id)
         return output
 
     return forward
@@ -566,7 +582,6 @@ def _layer_wrapper(layer: torch.nn.Module, index: int):
 
 def install(runner) -> None:
     """Called after the runner loaded its model: wrap the decoder layers and the runner's forward."""
-    global _CURRENT
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     try:
         from emovec.layers import find_decoder_layers
@@ -575,11 +590,12 @@ def install(runner) -> None:
     except Exception as error:  # noqa: BLE001 - an unsupported model serves as plain vLLM, with a warning
         log.warning("emovec: the vLLM plugin cannot find this model's decoder layers (%s); emovec is off", error)
         return
+    plugin = _Plugin(runner, model, layers, graph_safe=_uses_cuda_graphs(runner))
+    _PLUGINS.append(plugin)
     for index, layer in enumerate(layers):
         if type(layer).__name__ == "PPMissingLayer":
             continue
-        layer.forward = _layer_wrapper(layer, index)
-    plugin = _Plugin(runner, model, layers, graph_safe=_uses_cuda_graphs(runner))
+        layer.forward = _layer_wrapper(layer, index, plugin, len(_PLUGINS) - 1)
     inner_forward = runner._model_forward
 
     def _model_forward(*args, **kwargs):
@@ -591,7 +607,6 @@ def install(runner) -> None:
 
     runner._model_forward = _model_forward
     runner.emovec = plugin
-    _CURRENT = plugin
 
 
 def _uses_cuda_graphs(runner) -> bool:
