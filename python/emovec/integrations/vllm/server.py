@@ -25,7 +25,7 @@ class ReadingsEndpoint:
 
     def __init__(self) -> None:
         self.engine = None
-        self.tokens: "list[bytes]" = []
+        self.tokens: list[bytes] = []
 
     def authorised(self, header: str | None) -> bool:
         """The same check vLLM applies to /v1 when it runs with --api-key (or VLLM_API_KEY): readings are as
