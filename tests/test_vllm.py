@@ -79,8 +79,10 @@ def _params(n=TOKENS, **kwargs):
                           extra_args=ev.extra_args(**kwargs) if kwargs else None)
 
 
-def _prompt(ids):
-    return {"prompt_token_ids": ids}
+def _prompt(ids, salt=None):
+    """A token prompt; a ``salt`` of its own keeps its blocks out of other calls' prefix cache (and theirs out of it),
+    so two calls schedule the same chunks whatever ran before."""
+    return {"prompt_token_ids": ids, "cache_salt": salt} if salt else {"prompt_token_ids": ids}
 
 
 def _chosen_logprobs(output):
@@ -114,8 +116,8 @@ def test_mixed_batch_each_request_equals_its_solo_run(engine, hf):
                 layers=LAYERS_B), dict(monitor="afraid,calm", monitor_layers="15"), {},
                 dict(steer=_recipe_text(RECIPE_B), layers=LAYERS_A)]
     params = [_params(n=n, **k) for n, k in zip(lengths, settings)]
-    batch = engine.generate([_prompt(i) for i in ids], params, use_tqdm=False)
-    solo = [engine.generate([_prompt(i)], [p], use_tqdm=False)[0] for i, p in zip(ids, params)]
+    batch = engine.generate([_prompt(i, "mixed") for i in ids], params, use_tqdm=False)
+    solo = [engine.generate([_prompt(i, f"solo{j}")], [p], use_tqdm=False)[0] for j, (i, p) in enumerate(zip(ids, params))]
     for together, alone, n in zip(batch, solo, lengths):
         assert len(together.outputs[0].token_ids) == n
         assert list(together.outputs[0].token_ids) == list(alone.outputs[0].token_ids)
@@ -124,7 +126,7 @@ def test_mixed_batch_each_request_equals_its_solo_run(engine, hf):
     # the plain request, next to steered ones, is plain vLLM exactly: the same batch with every request plain
     # gives it the same log-probabilities bit for bit (a batch's shapes change vLLM's sums in the last bits, so
     # the comparison keeps the batch and changes only the other requests' settings)
-    all_plain = engine.generate([_prompt(i) for i in ids], [_params(n=n) for n in lengths], use_tqdm=False)
+    all_plain = engine.generate([_prompt(i, "all-plain") for i in ids], [_params(n=n) for n in lengths], use_tqdm=False)
     assert _chosen_logprobs(batch[3]) == _chosen_logprobs(all_plain[3])
     assert _chosen_logprobs(batch[0]) != _chosen_logprobs(all_plain[0])
     want_b, _, _ = _hf_generate(hf, ids[1], RECIPE_B, LAYERS_B, n=6)
