@@ -159,6 +159,25 @@ def test_triton_projection_every_autotune_candidate(dtype, device):
         assert_close_by_rule(f"{dtype}/{config}/norms", norms, want["norms"], own["norms"], dtype)
 
 
+def test_triton_projection_splits_rows_past_the_grid_limit(device, monkeypatch):
+    """Row tiles are the grid's second axis (at most 65535 on CUDA): more rows are launched in parts, each writing
+    its own rows. A limit of one tile per launch forces four parts here."""
+    if backend_status()["triton"] is not None:
+        pytest.skip(backend_status()["triton"])
+    import emovec.triton.steer_project as ts
+
+    monkeypatch.setattr(ts, "MAX_GRID_Y", 1)
+    case = Case(200, 100, 150, 0, steer=False, capture=False, row_pad=3, weights_fp32=True)
+    inputs = make_inputs(case, torch.float32, device, seed=15)
+    want, own = oracle(inputs), torch_own(inputs)
+    config = ts.projection_configs(case.n, case.d, case.k, torch.float32)[0]
+    scores = torch.full((case.n, case.k), math.nan, device=device)
+    norms = torch.full((case.n,), math.nan, device=device)
+    ts.project_triton(inputs["h"], inputs["probes"], inputs["center"], scores, norms, config)
+    assert_close_by_rule("split/scores", scores, want["scores"], own["scores"], torch.float32)
+    assert_close_by_rule("split/norms", norms, want["norms"], own["norms"], torch.float32)
+
+
 @pytest.mark.parametrize("backend", list(backend_params()))
 def test_steering_without_slots_ablates_every_row(backend, device):
     if backend == "cuda":

@@ -236,13 +236,13 @@ def _project_kernel(
     accumulate in fp32, and the center is subtracted after the product as ``center · probe_k`` computed once in fp32,
     so ``h - center`` is never rounded (nor overflows in fp16). The norms come from the first probe tile's programs.
 
-    One flat grid, probe tiles fastest: the programs that share a row tile run next to each other, so the tile of
-    ``h`` comes from DRAM once and from L2 for the other probe tiles (row tiles fastest read it once per probe tile).
+    Probe tiles on the grid's first axis, which the GPU schedules fastest: the programs that share a row tile run
+    next to each other, so the tile of ``h`` comes from DRAM once and from L2 for the other probe tiles (row tiles
+    first would read it once per probe tile). Two axes rather than one flat index: a division and a remainder
+    per program cost the registers that tipped configurations at 255 into spilling on sm_80.
     """
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    pid = tl.program_id(0)
-    pid_n = pid // k_tiles
-    pid_k = pid % k_tiles
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     probes_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask = rows < N
@@ -336,7 +336,7 @@ def plan_projection(n: int, d: int, k: int, h_dtype: torch.dtype, config: dict |
     return {"flags": dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, DOT_FP32=dot_fp32,
                           PRECISION="ieee" if interpreting else "tf32x3"),
             "num_warps": config["num_warps"], "num_stages": config["num_stages"],
-            "grid": (triton.cdiv(n, block_n) * triton.cdiv(k, block_k),),
+            "grid": (triton.cdiv(k, block_k), triton.cdiv(n, block_n)),
             "describe": f"project tl.dot N{block_n} K{block_k} D{block_d} w{config['num_warps']} "
                         f"s{config['num_stages']}" + (" tf32x3" if dot_fp32 and not interpreting else "")}
 
@@ -361,6 +361,9 @@ def _chosen_config(key: tuple, candidates: list[dict], launch) -> dict:
     return _tuned_configs[key]
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
+
+
 def project_triton(h, probes, center, scores, norms, config: dict | None = None) -> None:
     """Projection only, on validated arguments (the monitoring case: no steering, ablation, clamp or capture), with
     ``config`` (one of :func:`projection_configs`) or, by default, the autotuned one."""
@@ -374,9 +377,14 @@ def project_triton(h, probes, center, scores, norms, config: dict | None = None)
 
     def launch(chosen_config: dict) -> None:
         chosen = plan_projection(n, d, k, h.dtype, chosen_config)
-        _project_kernel[chosen["grid"]](*arguments, HAS_CENTER=center is not None, HAS_NORMS=norms is not None,
-                                        num_warps=chosen["num_warps"], num_stages=chosen["num_stages"],
-                                        **chosen["flags"])
+        rows_per_launch = MAX_GRID_Y * chosen["flags"]["BLOCK_N"]  # row tiles are the grid's second axis
+        for start in range(0, n, rows_per_launch):
+            end = min(n, start + rows_per_launch)
+            part = (h[start:end], h.stride(0), *arguments[2:5], scores[start:end],
+                    norms[start:end] if norms is not None else h, end - start, d, k)
+            grid = (chosen["grid"][0], triton.cdiv(end - start, chosen["flags"]["BLOCK_N"]))
+            _project_kernel[grid](*part, HAS_CENTER=center is not None, HAS_NORMS=norms is not None,
+                                  num_warps=chosen["num_warps"], num_stages=chosen["num_stages"], **chosen["flags"])
 
     if config is None:
         key = (min(triton.next_power_of_2(n), TUNE_MAX_ROWS), d, k, h.dtype, probes.dtype, center is not None,
