@@ -25,6 +25,7 @@ vLLM). Layers that only monitor read ``x`` and write nothing back.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -92,11 +93,12 @@ def find_vectors(hf_config: Any) -> VectorSet:
     if path:
         return VectorSet.load(path, model=_Model)
     want = config_hash(hf_config)
-    from emovec.vectors import read_safetensors
+    from safetensors import safe_open
 
     for candidate in sorted(Path(corpus.data_path("vectors")).glob("*.safetensors")):
-        header, _ = read_safetensors(candidate)
-        if want in header.get("metadata", ""):
+        with safe_open(str(candidate), framework="pt") as f:  # the header only: the tensors load once, below
+            metadata = json.loads((f.metadata() or {}).get("metadata", "{}"))
+        if metadata.get("config_hash") == want:
             return VectorSet.load(candidate, model=_Model)
     raise SpecError("emovec has no shipped vectors for the served model: set EMOVEC_VECTORS to a vector file "
                     "made with `emovec extract` for it, in the environment that starts vLLM")
@@ -136,9 +138,9 @@ class _Readings:
             pos = np.zeros(0, dtype=np.int64)
             scores = np.zeros((0, len(self.layers), len(self.names)), dtype=np.float32)
             norms = np.zeros((0, len(self.layers)), dtype=np.float32)
-        return {"key": self.key, "request": self.request, "names": self.names, "layers": self.layers, "prompt_len": self.prompt_len,
-                "positions": pos.tolist(), "scores": scores.tolist(), "norms": norms.tolist(),
-                "finished": self.finished, "recomputed": self.recomputed}
+        return {"key": self.key, "request": self.request, "names": self.names, "layers": self.layers,
+                "prompt_len": self.prompt_len, "positions": pos.tolist(), "scores": scores.tolist(),
+                "norms": norms.tolist(), "finished": self.finished, "recomputed": self.recomputed}
 
 
 # ----------------------------------------------------------------------------------------- the plugin
@@ -147,10 +149,9 @@ class _Readings:
 class _Plugin:
     """Per model runner: the layer wrappers' shared state, rebuilt on the host each step."""
 
-    def __init__(self, runner, model: torch.nn.Module, layers: list[torch.nn.Module], graph_safe: bool = False) -> None:
+    def __init__(self, runner, num_layers: int, graph_safe: bool = False) -> None:
         self.runner = runner
-        self.model = model
-        self.num_layers = len(layers)
+        self.num_layers = num_layers
         self.device = runner.device
         self.dtype = runner.model_config.dtype
         self.max_tokens = int(runner.max_num_tokens)
@@ -298,12 +299,7 @@ class _Plugin:
             self.recipe_refs[key] = set()
             self.recipe_specs[key] = spec
             if any(n not in self.clamp_names for n in spec.bounds):
-                # clamp directions apply one after another, in alphabetical order of the concepts (as a request's
-                # own bounds are ordered); a new concept changes every row's bounds layout, so all are rewritten
-                self.clamp_names = sorted(set(self.clamp_names) | set(spec.bounds))
-                self._build_clamp()
-                for other, r in self.recipe_rows.items():
-                    self._write_row(r, self.recipe_specs[other])
+                self._set_clamp_names(set(self.clamp_names) | set(spec.bounds))
             else:
                 self._write_row(row, spec)
         self.recipe_refs[key].add(req_id)
@@ -318,12 +314,17 @@ class _Plugin:
             self.free_rows.append(self.recipe_rows.pop(key))
             del self.recipe_refs[key]
             del self.recipe_specs[key]
-            live = sorted({n for other in self.recipe_specs.values() for n in other.bounds})
-            if live != self.clamp_names:  # a concept no running request bounds any more: its column goes
-                self.clamp_names = live
-                self._build_clamp()
-                for other, r in self.recipe_rows.items():
-                    self._write_row(r, self.recipe_specs[other])
+            live = {n for other in self.recipe_specs.values() for n in other.bounds}
+            if live != set(self.clamp_names):  # a concept no running request bounds any more: its column goes
+                self._set_clamp_names(live)
+
+    def _set_clamp_names(self, names: set[str]) -> None:
+        """Clamp directions apply one after another, in alphabetical order of the concepts (as a request's own
+        bounds are ordered); changing the set changes every row's bounds layout, so every row is rewritten."""
+        self.clamp_names = sorted(names)
+        self._build_clamp()
+        for key, row in self.recipe_rows.items():
+            self._write_row(row, self.recipe_specs[key])
 
     def _ensure_rows(self, rows: int) -> None:
         d = self.vectors().hidden_size
@@ -590,7 +591,7 @@ def install(runner) -> None:
     except Exception as error:  # noqa: BLE001 - an unsupported model serves as plain vLLM, with a warning
         log.warning("emovec: the vLLM plugin cannot find this model's decoder layers (%s); emovec is off", error)
         return
-    plugin = _Plugin(runner, model, layers, graph_safe=_uses_cuda_graphs(runner))
+    plugin = _Plugin(runner, len(layers), graph_safe=_uses_cuda_graphs(runner))
     _PLUGINS.append(plugin)
     for index, layer in enumerate(layers):
         if type(layer).__name__ == "PPMissingLayer":
