@@ -381,9 +381,9 @@ def test_graph_safe_way_gives_the_same_results(engine, hf, monkeypatch):
                     dict(steer="desperate=0.2", layers="15", cap="desperate<=0.02", regulate_layers="19"),
                     dict(steer=_recipe_text(RECIPE_B), layers=LAYERS_B), {}]
         params = [_params(**k) for k in settings]
-        got = safe.generate([_prompt(i) for i in ids], params, use_tqdm=False)
+        got = safe.generate([_prompt(i, "safe-mixed") for i in ids], params, use_tqdm=False)
         got_readings = ev.readings(safe, got)[got[0].request_id]
-        plain = safe.generate([_prompt(i) for i in ids], [_params() for _ in ids], use_tqdm=False)
+        plain = safe.generate([_prompt(i, "safe-plain") for i in ids], [_params() for _ in ids], use_tqdm=False)
     finally:
         safe.llm_engine.engine_core.shutdown()
     want = engine.generate([_prompt(i) for i in ids], params, use_tqdm=False)
