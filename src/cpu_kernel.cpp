@@ -32,6 +32,7 @@ constexpr int kRowTile = 24;    // rows prepared together (a multiple of kPanelR
 constexpr int kPanelRows = 6;   // outer-product micro-kernel: 6 rows x 16 probes = 12 AVX2 accumulators
 constexpr int kPanelWidth = 16;
 constexpr int64_t kPackMinRows = 32;  // below this, packing the probes costs more than it saves
+constexpr int64_t kSplitMinWork = 32768;  // rows x probes x d of one tile worth splitting among threads
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -101,6 +102,26 @@ inline void project_tile_dots(const float* x, int64_t dp, int rows, const float*
     }
     for (int rb = 0; rb < row_blocks; ++rb)
       dot_block<kRows, 1>(x + rb * kRows * dp, dp, p, dp, tile_scores + rb * kRows * K + k, K);
+  }
+}
+
+// scores of probes [k0, k1) for `rows` rows, written straight into out (row stride K): one thread's share of a
+// single tile's probes. Rows past `rows` are never written (an odd last row gets a one-row block).
+inline void project_range_dots(const float* x, int64_t dp, int rows, const float* probes, int64_t probe_stride,
+                               int64_t k0, int64_t k1, int64_t K, float* out) {
+  for (int r = 0; r < rows; ++r) std::fill(out + r * K + k0, out + r * K + k1, 0.0f);
+  const int pairs = rows == 1 ? 0 : rows / kRows;  // a single row gets one-row blocks (no padding work)
+  const float* p[kProbes];
+  int64_t k = k0;
+  for (; k + kProbes <= k1; k += kProbes) {
+    for (int q = 0; q < kProbes; ++q) p[q] = probes + (k + q) * probe_stride;
+    for (int rb = 0; rb < pairs; ++rb) dot_block<kRows, kProbes>(x + rb * kRows * dp, dp, p, dp, out + rb * kRows * K + k, K);
+    for (int r = pairs * kRows; r < rows; ++r) dot_block<1, kProbes>(x + r * dp, dp, p, dp, out + r * K + k, K);
+  }
+  for (; k < k1; ++k) {
+    p[0] = probes + k * probe_stride;
+    for (int rb = 0; rb < pairs; ++rb) dot_block<kRows, 1>(x + rb * kRows * dp, dp, p, dp, out + rb * kRows * K + k, K);
+    for (int r = pairs * kRows; r < rows; ++r) dot_block<1, 1>(x + r * dp, dp, p, dp, out + r * K + k, K);
   }
 }
 
@@ -288,9 +309,79 @@ void run(const SteerProjectArgs& a, int num_threads) {
   const std::vector<float> packed =
       packed_path && !bf16_path ? pack_probes(probes.data, probes.stride, K, d, num_threads) : std::vector<float>();
 
-  if (edits || projects) {
+  // one tile of rows: load to fp32, edit and store back (keeping exactly what was stored), center, norms
+  auto prepare = [&](int64_t row0, int rows, float* x, float* coef, float* centered) {
+    for (int r = 0; r < kRowTile; ++r) {
+      float* xr = x + r * dp;
+      if (r >= rows) { std::fill(xr, xr + dp, 0.0f); continue; }
+      const int64_t i = row0 + r;
+      H* hr = h + i * a.h_row_stride;
+      for (int64_t j = 0; j < d; ++j) xr[j] = to_float(hr[j]);
+      bool active = a.slots == nullptr || a.slots[i] >= 0;
+      if (a.corrections != nullptr) std::fill(a.corrections + i * C, a.corrections + (i + 1) * C, 0.0f);
+      if (a.slots != nullptr && slot_out_of_range(a.slots[i], a.has_slot_rows(), a.table_rows)) {
+        active = false;
+        report(a.errors, kSlotOutOfRange);
+      }
+      if (edits && active) {
+        if (table.data) {
+          const float* t = table.data + a.slots[i] * d;
+          for (int64_t j = 0; j < d; ++j) xr[j] += t[j];
+        }
+        for (int64_t q = 0; q < A; ++q) {  // all coefficients from the steered row, then subtract
+          const float* u = ablate.data + q * d;
+          float s = 0.0f;
+          for (int64_t j = 0; j < d; ++j) s += xr[j] * u[j];
+          coef[q] = s;
+        }
+        for (int64_t q = 0; q < A; ++q) {
+          const float* u = ablate.data + q * d;
+          for (int64_t j = 0; j < d; ++j) xr[j] -= coef[q] * u[j];
+        }
+        if (C > 0)
+          clamp_row(xr, centered, d, clamp.data, clamp_sq.data(), C, a.bounds + (a.slots ? a.slots[i] : 0) * C * 2,
+                    center.data, a.relative_bounds, a.corrections ? a.corrections + i * C : nullptr);
+        for (int64_t j = 0; j < d; ++j) {  // store, and keep exactly what was stored
+          hr[j] = from_float<H>(xr[j]);
+          xr[j] = to_float(hr[j]);
+        }
+      }
+      if (center.data)
+        for (int64_t j = 0; j < d; ++j) xr[j] -= center.data[j];
+      if (a.norms) {
+        float s = 0.0f;
+        for (int64_t j = 0; j < d; ++j) s += xr[j] * xr[j];
+        a.norms[i] = std::sqrt(s);
+      }
+    }
+  };
+
+  if (!edits && !projects) {
+    // nothing per row
+  } else if (n <= kRowTile) {
+    // one tile (decode): prepared once on this thread, then its probes split among the threads, each writing its own
+    // columns of the scores (no copy, no atomics). With one row tile, splitting rows would leave all but one idle.
+    std::vector<float> x(kRowTile * dp, 0.0f), coef(A), centered(C > 0 ? d : 0);
+    const int rows = static_cast<int>(n);
+    prepare(0, rows, x.data(), coef.data(), centered.data());
+    if (a.scores != nullptr) {
+      const int64_t groups = (K + kProbes - 1) / kProbes;
+      const bool split = num_threads > 1 && groups > 1 && n * K * d >= kSplitMinWork;
+      const int threads = split ? static_cast<int>(std::min<int64_t>(num_threads, groups)) : 1;
+#pragma omp parallel num_threads(threads) if (split)
+      {
+#ifdef _OPENMP
+        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        const int64_t t = 0, T = 1;
+#endif
+        const int64_t k0 = std::min(K, groups * t / T * kProbes), k1 = std::min(K, groups * (t + 1) / T * kProbes);
+        project_range_dots(x.data(), dp, rows, probes.data, probes.stride, k0, k1, K, a.scores);
+      }
+    }
+  } else {
     const int64_t blocks = (n + kRowTile - 1) / kRowTile;
-#pragma omp parallel num_threads(num_threads) if (blocks > 1)
+#pragma omp parallel num_threads(num_threads)
     {
       std::vector<float> x(kRowTile * dp, 0.0f);  // this tile's rows, fp32, centered, zero-padded
       std::vector<float> tile_scores(a.scores ? kRowTile * K : 0);
@@ -300,50 +391,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t row0 = b * kRowTile;
         const int rows = static_cast<int>(std::min<int64_t>(kRowTile, n - row0));
-        for (int r = 0; r < kRowTile; ++r) {
-          float* xr = x.data() + r * dp;
-          if (r >= rows) { std::fill(xr, xr + dp, 0.0f); continue; }
-          const int64_t i = row0 + r;
-          H* hr = h + i * a.h_row_stride;
-          for (int64_t j = 0; j < d; ++j) xr[j] = to_float(hr[j]);
-          bool active = a.slots == nullptr || a.slots[i] >= 0;
-          if (a.corrections != nullptr) std::fill(a.corrections + i * C, a.corrections + (i + 1) * C, 0.0f);
-          if (a.slots != nullptr && slot_out_of_range(a.slots[i], a.has_slot_rows(), a.table_rows)) {
-            active = false;
-            report(a.errors, kSlotOutOfRange);
-          }
-          if (edits && active) {
-            if (table.data) {
-              const float* t = table.data + a.slots[i] * d;
-              for (int64_t j = 0; j < d; ++j) xr[j] += t[j];
-            }
-            for (int64_t q = 0; q < A; ++q) {  // all coefficients from the steered row, then subtract
-              const float* u = ablate.data + q * d;
-              float s = 0.0f;
-              for (int64_t j = 0; j < d; ++j) s += xr[j] * u[j];
-              coef[q] = s;
-            }
-            for (int64_t q = 0; q < A; ++q) {
-              const float* u = ablate.data + q * d;
-              for (int64_t j = 0; j < d; ++j) xr[j] -= coef[q] * u[j];
-            }
-            if (C > 0)
-              clamp_row(xr, centered.data(), d, clamp.data, clamp_sq.data(), C,
-                        a.bounds + (a.slots ? a.slots[i] : 0) * C * 2, center.data, a.relative_bounds,
-                        a.corrections ? a.corrections + i * C : nullptr);
-            for (int64_t j = 0; j < d; ++j) {  // store, and keep exactly what was stored
-              hr[j] = from_float<H>(xr[j]);
-              xr[j] = to_float(hr[j]);
-            }
-          }
-          if (center.data)
-            for (int64_t j = 0; j < d; ++j) xr[j] -= center.data[j];
-          if (a.norms) {
-            float s = 0.0f;
-            for (int64_t j = 0; j < d; ++j) s += xr[j] * xr[j];
-            a.norms[i] = std::sqrt(s);
-          }
-        }
+        prepare(row0, rows, x.data(), coef.data(), centered.data());
         if (a.scores == nullptr) continue;
 #ifdef EMOVEC_BF16_DOT
         if (bf16_path)

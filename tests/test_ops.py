@@ -48,6 +48,11 @@ CASES = [
     # fp32 with d = 4 (mod 8): 16-byte loads, then a 4-column scalar tail in the last chunk (fp16 / bf16: scalar rows)
     Case(2, 580, 171, 1),
     Case(16, 12, 5, 1, clamp=1, weights_fp32=True),  # fp32 clamp: bf16 rounding of 12 columns is off unit length
+    # the CPU kernel's single row tile (N <= 24) splits its probes among threads: odd rows, a leftover probe, the
+    # tile's edge and the first two-tile N
+    Case(23, 576, 9, 1),
+    Case(24, 64, 171, 0, row_pad=2),
+    Case(25, 64, 171, 1, clamp=1),
 ]
 # The interpreter executes Triton programs in numpy: keep its shapes small but cover both kernel paths.
 TRITON_CASES = [
@@ -333,6 +338,29 @@ def test_default_backend_on_cpu_is_the_compiled_kernel():
     from emovec.ops import _pick_backend
 
     assert _pick_backend(h, None) == "cpu"
+
+
+@pytest.mark.parametrize("n", [1, 7, 24, 40])
+def test_cpu_kernel_gives_the_same_bits_on_any_number_of_threads(n):
+    """A single row tile's probes are split among threads (each thread writes its own columns) and row tiles are split
+    among threads: every score is the same sum in the same order, so 1, 2 and 3 threads agree bit for bit."""
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    case = Case(n, 576, 171, 1, clamp=1)
+    inputs = make_inputs(case, torch.float32, torch.device("cpu"), seed=n)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(run_backend(inputs, "cpu", case))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for name in ("h", "scores", "norms", "sums", "counts", "corrections"):
+            assert torch.equal(other[name], results[0][name]), name
+    assert_close_by_rule(f"cpu/N{n}/scores", results[1]["scores"], oracle(inputs)["scores"], torch_own(inputs)["scores"],
+                         torch.float32)
 
 
 @pytest.mark.parametrize("n", [6, 40])  # 40 rows: Triton's tl.dot path, the CPU's packed path
