@@ -14,9 +14,12 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
-#define EMOVEC_BF16_DOT 1  // compiled for a CPU with AVX-512 bf16 (-march=native on such a machine)
+#define EMOVEC_AVX512 1  // compiled for a CPU with AVX-512 (-march=native on such a machine)
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define EMOVEC_BF16_DOT 1  // compiled for a CPU with AVX-512 bf16
 #endif
 
 #include "dtype.h"
@@ -28,10 +31,11 @@ namespace {
 constexpr int kRows = 2;        // rows per register block (2 x 4 x 8 accumulators fit AVX2's 16 registers)
 constexpr int kProbes = 4;      // probes per register block
 constexpr int kLanes = 8;       // independent accumulators per dot (one AVX2 register of fp32)
+constexpr int kPad = 16;        // rows and probes zero-padded to a multiple of this (one AVX-512 register of fp32)
 constexpr int kRowTile = 24;    // rows prepared together (a multiple of kPanelRows)
 constexpr int kPanelRows = 6;   // outer-product micro-kernel: 6 rows x 16 probes = 12 AVX2 accumulators
 constexpr int kPanelWidth = 16;
-constexpr int64_t kPackMinRows = 32;  // below this, packing the probes costs more than it saves
+constexpr int64_t kPackMinRowsPerThread = 128;  // below this many rows per thread, packing costs more than it saves
 constexpr int64_t kSplitMinWork = 32768;  // rows x probes x d of one tile worth splitting among threads
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -105,23 +109,100 @@ inline void project_tile_dots(const float* x, int64_t dp, int rows, const float*
   }
 }
 
+#ifdef EMOVEC_AVX512
+// out[r][p] += dot(x[r], probe[p]) for R rows and P probes with R x P AVX-512 accumulators, no packing: each step
+// loads P probe vectors and R row vectors for R x P FMAs (4 x 4: 8 loads per 16 FMAs; 1 x 8 for one row). len is a
+// multiple of 16.
+template <int R, int P>
+inline void dot_block_512(const float* x, int64_t x_stride, const float* const* probe, int64_t len, float* out,
+                          int64_t out_stride) {
+  __m512 acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < len; j += 16) {
+    __m512 pv[P];
+    for (int p = 0; p < P; ++p) pv[p] = _mm512_loadu_ps(probe[p] + j);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * x_stride + j);
+      for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xv, pv[p], acc[r][p]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    int p = 0;
+    for (; p + 4 <= P; p += 4) {  // four sums at once: halve to 256 bits, then two rounds of pairwise adds
+      __m256 q[4];
+      for (int e = 0; e < 4; ++e)
+        q[e] = _mm256_add_ps(_mm512_castps512_ps256(acc[r][p + e]),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][p + e]), 1)));
+      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(q[0], q[1]), _mm256_hadd_ps(q[2], q[3]));
+      const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      _mm_storeu_ps(out + r * out_stride + p, _mm_add_ps(_mm_loadu_ps(out + r * out_stride + p), sums));
+    }
+    for (; p < P; ++p) out[r * out_stride + p] += _mm512_reduce_add_ps(acc[r][p]);
+  }
+}
+constexpr int kDotRows = 4, kDotProbes = 4, kDotProbesOneRow = 8;
+template <int R, int P>
+inline void dot_any(const float* x, int64_t xs, const float* const* p, int64_t len, float* out, int64_t os) {
+  dot_block_512<R, P>(x, xs, p, len, out, os);
+}
+#else
+constexpr int kDotRows = kRows, kDotProbes = kProbes, kDotProbesOneRow = kProbes;
+template <int R, int P>
+inline void dot_any(const float* x, int64_t xs, const float* const* p, int64_t len, float* out, int64_t os) {
+  dot_block<R, P>(x, xs, p, len, out, os);
+}
+#endif
+
+// R rows (1 <= R <= kDotRows, a run-time count) x P probes
+template <int P>
+inline void dot_rows(int R, const float* x, int64_t xs, const float* const* p, int64_t len, float* out, int64_t os) {
+  switch (R) {
+#ifdef EMOVEC_AVX512
+    case 4: dot_any<4, P>(x, xs, p, len, out, os); break;
+    case 3: dot_any<3, P>(x, xs, p, len, out, os); break;
+#endif
+    case 2: dot_any<2, P>(x, xs, p, len, out, os); break;
+    default: dot_any<1, P>(x, xs, p, len, out, os); break;
+  }
+}
+
 // scores of probes [k0, k1) for `rows` rows, written straight into out (row stride K): one thread's share of a
 // single tile's probes. Rows past `rows` are never written (an odd last row gets a one-row block).
 inline void project_range_dots(const float* x, int64_t dp, int rows, const float* probes, int64_t probe_stride,
                                int64_t k0, int64_t k1, int64_t K, float* out) {
   for (int r = 0; r < rows; ++r) std::fill(out + r * K + k0, out + r * K + k1, 0.0f);
-  const int pairs = rows == 1 ? 0 : rows / kRows;  // a single row gets one-row blocks (no padding work)
-  const float* p[kProbes];
-  int64_t k = k0;
-  for (; k + kProbes <= k1; k += kProbes) {
-    for (int q = 0; q < kProbes; ++q) p[q] = probes + (k + q) * probe_stride;
-    for (int rb = 0; rb < pairs; ++rb) dot_block<kRows, kProbes>(x + rb * kRows * dp, dp, p, dp, out + rb * kRows * K + k, K);
-    for (int r = pairs * kRows; r < rows; ++r) dot_block<1, kProbes>(x + r * dp, dp, p, dp, out + r * K + k, K);
+  const float* p[kDotProbesOneRow];
+  if (rows == 1) {  // decode at batch 1: one row against many probes at once
+    int64_t k = k0;
+    for (; k + kDotProbesOneRow <= k1; k += kDotProbesOneRow) {
+      for (int q = 0; q < kDotProbesOneRow; ++q) p[q] = probes + (k + q) * probe_stride;
+      dot_any<1, kDotProbesOneRow>(x, dp, p, dp, out + k, K);
+    }
+    for (; k < k1; ++k) {
+      p[0] = probes + k * probe_stride;
+      dot_any<1, 1>(x, dp, p, dp, out + k, K);
+    }
+    return;
   }
-  for (; k < k1; ++k) {
-    p[0] = probes + k * probe_stride;
-    for (int rb = 0; rb < pairs; ++rb) dot_block<kRows, 1>(x + rb * kRows * dp, dp, p, dp, out + rb * kRows * K + k, K);
-    for (int r = pairs * kRows; r < rows; ++r) dot_block<1, 1>(x + r * dp, dp, p, dp, out + r * K + k, K);
+  // rows in chunks that stay in L1 while all the probes stream past (re-reading 24 rows of d = 576 for every four
+  // probes would read 55 KB from L2 each time)
+  constexpr int kChunk = 2 * kDotRows;
+  for (int c = 0; c < rows; c += kChunk) {
+    const int chunk = std::min(kChunk, rows - c);
+    const float* xc = x + c * dp;
+    float* oc = out + c * K;
+    int64_t k = k0;
+    for (; k + kDotProbes <= k1; k += kDotProbes) {
+      for (int q = 0; q < kDotProbes; ++q) p[q] = probes + (k + q) * probe_stride;
+      for (int r = 0; r < chunk; r += kDotRows)
+        dot_rows<kDotProbes>(std::min(kDotRows, chunk - r), xc + r * dp, dp, p, dp, oc + r * K + k, K);
+    }
+    for (; k < k1; ++k) {
+      p[0] = probes + k * probe_stride;
+      for (int r = 0; r < chunk; r += kDotRows)
+        dot_rows<1>(std::min(kDotRows, chunk - r), xc + r * dp, dp, p, dp, oc + r * K + k, K);
+    }
   }
 }
 
@@ -129,10 +210,14 @@ inline void project_range_dots(const float* x, int64_t dp, int rows, const float
 std::vector<float> pack_probes(const float* probes, int64_t probe_stride, int64_t K, int64_t d, int num_threads) {
   const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth;
   std::vector<float> packed(panels * d * kPanelWidth, 0.0f);
+  // panel by panel, writing each panel in order (16 read streams, one sequential write stream)
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (K * d > 65536)
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t t = k / kPanelWidth, q = k % kPanelWidth;
-    for (int64_t j = 0; j < d; ++j) packed[(t * d + j) * kPanelWidth + q] = probes[k * probe_stride + j];
+  for (int64_t t = 0; t < panels; ++t) {
+    const int64_t width = std::min<int64_t>(kPanelWidth, K - t * kPanelWidth);
+    float* dst = packed.data() + t * d * kPanelWidth;
+    const float* src = probes + t * kPanelWidth * probe_stride;
+    for (int64_t j = 0; j < d; ++j)
+      for (int64_t q = 0; q < width; ++q) dst[j * kPanelWidth + q] = src[q * probe_stride + j];
   }
   return packed;
 }
@@ -287,7 +372,7 @@ void report(int32_t* errors, int32_t bit) {
 template <typename H, typename W>
 void run(const SteerProjectArgs& a, int num_threads) {
   const int64_t n = a.n, d = a.d, K = a.num_probes, A = a.num_ablate, C = a.num_clamp;
-  const int64_t dp = round_up(d, kLanes);
+  const int64_t dp = round_up(d, kPad);
   H* h = static_cast<H*>(a.h);
   const bool edits = a.table != nullptr || A > 0 || C > 0;
   const bool projects = a.scores != nullptr || a.norms != nullptr;
@@ -296,7 +381,8 @@ void run(const SteerProjectArgs& a, int num_threads) {
       center(a.center, 1, d, d), clamp(a.clamp, C, d, d);
   std::vector<float> clamp_sq(C);  // ‖u_c‖², once per call
   for (int64_t c = 0; c < C; ++c) clamp_sq[c] = dot_lanes(clamp.data + c * d, clamp.data + c * d, d);
-  const bool packed_path = a.scores != nullptr && n >= kPackMinRows;
+  // packing the probes (a transposing copy of all of them, per call) pays off only over many rows per thread
+  const bool packed_path = a.scores != nullptr && n >= kPackMinRowsPerThread * num_threads;
 #ifdef EMOVEC_BF16_DOT
   // bf16 rows and no center: dot the rows as stored against bf16 probes with vdpbf16ps (half the probe bytes, twice
   // the multiply rate); the probes' rounding to bf16 is the only change against the fp32 path
@@ -310,8 +396,10 @@ void run(const SteerProjectArgs& a, int num_threads) {
       packed_path && !bf16_path ? pack_probes(probes.data, probes.stride, K, d, num_threads) : std::vector<float>();
 
   // one tile of rows: load to fp32, edit and store back (keeping exactly what was stored), center, norms
-  auto prepare = [&](int64_t row0, int rows, float* x, float* coef, float* centered) {
-    for (int r = 0; r < kRowTile; ++r) {
+  // x holds `rows` rows, or kRowTile rows with the ones past `rows` zeroed when `pad_tile` (the packed kernels read
+  // whole panels of rows); its padding columns d..dp stay zero from its allocation
+  auto prepare = [&](int64_t row0, int rows, float* x, float* coef, float* centered, bool pad_tile) {
+    for (int r = 0; r < (pad_tile ? kRowTile : rows); ++r) {
       float* xr = x + r * dp;
       if (r >= rows) { std::fill(xr, xr + dp, 0.0f); continue; }
       const int64_t i = row0 + r;
@@ -329,10 +417,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
           for (int64_t j = 0; j < d; ++j) xr[j] += t[j];
         }
         for (int64_t q = 0; q < A; ++q) {  // all coefficients from the steered row, then subtract
-          const float* u = ablate.data + q * d;
-          float s = 0.0f;
-          for (int64_t j = 0; j < d; ++j) s += xr[j] * u[j];
-          coef[q] = s;
+          coef[q] = dot_lanes(xr, ablate.data + q * d, d);
         }
         for (int64_t q = 0; q < A; ++q) {
           const float* u = ablate.data + q * d;
@@ -348,11 +433,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
       }
       if (center.data)
         for (int64_t j = 0; j < d; ++j) xr[j] -= center.data[j];
-      if (a.norms) {
-        float s = 0.0f;
-        for (int64_t j = 0; j < d; ++j) s += xr[j] * xr[j];
-        a.norms[i] = std::sqrt(s);
-      }
+      if (a.norms) a.norms[i] = std::sqrt(dot_lanes(xr, xr, d));
     }
   };
 
@@ -361,11 +442,13 @@ void run(const SteerProjectArgs& a, int num_threads) {
   } else if (n <= kRowTile) {
     // one tile (decode): prepared once on this thread, then its probes split among the threads, each writing its own
     // columns of the scores (no copy, no atomics). With one row tile, splitting rows would leave all but one idle.
-    std::vector<float> x(kRowTile * dp, 0.0f), coef(A), centered(C > 0 ? d : 0);
     const int rows = static_cast<int>(n);
-    prepare(0, rows, x.data(), coef.data(), centered.data());
+    std::vector<float> x(rows * dp, 0.0f), coef(A), centered(C > 0 ? d : 0);
+    prepare(0, rows, x.data(), coef.data(), centered.data(), false);
     if (a.scores != nullptr) {
-      const int64_t groups = (K + kProbes - 1) / kProbes;
+      // whole probe blocks per thread, so each score is summed by the same block shape on any thread count
+      const int64_t unit = rows == 1 ? kDotProbesOneRow : kDotProbes;
+      const int64_t groups = (K + unit - 1) / unit;
       const bool split = num_threads > 1 && groups > 1 && n * K * d >= kSplitMinWork;
       const int threads = split ? static_cast<int>(std::min<int64_t>(num_threads, groups)) : 1;
 #pragma omp parallel num_threads(threads) if (split)
@@ -375,12 +458,15 @@ void run(const SteerProjectArgs& a, int num_threads) {
 #else
         const int64_t t = 0, T = 1;
 #endif
-        const int64_t k0 = std::min(K, groups * t / T * kProbes), k1 = std::min(K, groups * (t + 1) / T * kProbes);
+        const int64_t k0 = std::min(K, groups * t / T * unit), k1 = std::min(K, groups * (t + 1) / T * unit);
         project_range_dots(x.data(), dp, rows, probes.data, probes.stride, k0, k1, K, a.scores);
       }
     }
   } else {
-    const int64_t blocks = (n + kRowTile - 1) / kRowTile;
+    // tiles of about equal size (a multiple of the micro-kernel's rows), as many as a multiple of the threads: two
+    // threads on 64 rows get 36 and 28, not 48 and 16
+    const int64_t blocks = round_up((n + kRowTile - 1) / kRowTile, num_threads);  // a whole number per thread
+    const int64_t tile = std::min<int64_t>(kRowTile, round_up((n + blocks - 1) / blocks, packed_path ? kPanelRows : 4));
 #pragma omp parallel num_threads(num_threads)
     {
       std::vector<float> x(kRowTile * dp, 0.0f);  // this tile's rows, fp32, centered, zero-padded
@@ -388,20 +474,24 @@ void run(const SteerProjectArgs& a, int num_threads) {
       std::vector<float> coef(A);
       std::vector<float> centered(C > 0 ? d : 0);  // scratch of the regulation
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t row0 = b * kRowTile;
-        const int rows = static_cast<int>(std::min<int64_t>(kRowTile, n - row0));
-        prepare(row0, rows, x.data(), coef.data(), centered.data());
+      for (int64_t b = 0; b < (n + tile - 1) / tile; ++b) {
+        const int64_t row0 = b * tile;
+        const int rows = static_cast<int>(std::min<int64_t>(tile, n - row0));
+        prepare(row0, rows, x.data(), coef.data(), centered.data(), packed_path);
         if (a.scores == nullptr) continue;
 #ifdef EMOVEC_BF16_DOT
-        if (bf16_path)
+        if (bf16_path) {
           project_tile_bf16(reinterpret_cast<const bfloat16_t*>(h) + row0 * a.h_row_stride, a.h_row_stride, d, rows,
                             packed_bf16.data(), K, tile_scores.data());
-        else
+          std::copy(tile_scores.begin(), tile_scores.begin() + rows * K, a.scores + row0 * K);
+        } else
 #endif
-        if (packed_path) project_tile_packed(x.data(), dp, d, rows, packed.data(), K, tile_scores.data());
-        else project_tile_dots(x.data(), dp, rows, probes.data, probes.stride, K, tile_scores.data());
-        std::copy(tile_scores.begin(), tile_scores.begin() + rows * K, a.scores + row0 * K);
+        if (packed_path) {
+          project_tile_packed(x.data(), dp, d, rows, packed.data(), K, tile_scores.data());
+          std::copy(tile_scores.begin(), tile_scores.begin() + rows * K, a.scores + row0 * K);
+        } else {
+          project_range_dots(x.data(), dp, rows, probes.data, probes.stride, 0, K, K, a.scores + row0 * K);
+        }
       }
     }
   }
