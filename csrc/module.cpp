@@ -38,6 +38,13 @@ emovec::SteerProjectArgs make_args(std::uintptr_t h, int64_t n, int64_t d, int64
   return a;
 }
 
+// A CPU call whose weights and sizes are fixed (the runtime's monitor at one layer): built once, then run with only
+// what changes per call (h, its rows, the outputs' addresses), so a call crosses from Python with six integers
+// instead of twenty-seven. The caller keeps every tensor it named alive.
+struct CpuCall {
+  emovec::SteerProjectArgs args;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -60,6 +67,29 @@ PYBIND11_MODULE(_C, m) {
         emovec::steer_project_cpu(a, threads);
       },
       "Fused op on host memory (addresses as integers, 0 = absent).");
+
+  py::class_<CpuCall>(m, "CpuCall", "A prepared CPU call of the fused op: fixed weights, per-call rows and outputs.")
+      .def(py::init([](int64_t d, int h_dtype, int w_dtype, std::uintptr_t probes, int64_t num_probes,
+                       std::uintptr_t center) {
+             CpuCall call;
+             call.args = make_args(0, 0, d, d, h_dtype, w_dtype, 0, 0, 0, 0, 0, probes, num_probes, center, 0, 0, 0,
+                                   0, 0, 0, 0, 0, 0, 0, false, 0);
+             return call;
+           }),
+           py::arg("d"), py::arg("h_dtype"), py::arg("w_dtype"), py::arg("probes"), py::arg("num_probes"),
+           py::arg("center"))
+      .def(
+          "run",
+          [](const CpuCall& call, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t scores,
+             std::uintptr_t norms, int threads) {
+            emovec::SteerProjectArgs a = call.args;
+            a.h = as_pointer<void>(h); a.n = n; a.h_row_stride = stride;
+            a.scores = as_pointer<float>(scores); a.norms = as_pointer<float>(norms);
+            if (n == 0) return;
+            py::gil_scoped_release release;
+            emovec::steer_project_cpu(a, threads);
+          },
+          "Project n rows of h (row stride `stride`) onto the probes: scores [n, K] and norms [n] at these addresses.");
 
   m.def(
       "steer_project_cuda",

@@ -98,6 +98,29 @@ def test_generate_with_kv_cache_records_what_a_full_forward_sees(tiny):
             torch.testing.assert_close(res.scores[:, :, li], want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("centered", [False, True])
+def test_one_row_decode_steps_write_the_record_directly(tiny, centered):
+    """At batch 1 on the CPU each decode step's call writes its column of the record through a prepared call: its
+    scores and norms equal plain torch on the full forward's hidden states, with and without a center, and the
+    prepared calls were the ones used."""
+    model, vectors = tiny
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    ids = torch.randint(2, 290, (1, 4))
+    center = torch.randn(vectors.hidden_size) * 0.3 if centered else None
+    with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 2], center=center) as mon:
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    assert sorted(position for position, _ in mon._calls) == [0, 1]
+    res = mon.result()
+    with torch.no_grad():
+        for li, layer in enumerate([0, 2]):
+            h = hidden_at(model, out[:, :-1], layer)
+            if centered:
+                h = h - center
+            torch.testing.assert_close(res.scores[:, :, li], h @ vectors.unit[layer].T, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(res.norms[:, :, li], h.norm(dim=-1), rtol=1e-4, atol=1e-4)
+
+
 def _pad_batch(seqs, side):
     width = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)

@@ -23,6 +23,7 @@ from emovec.layers import (
     replace_layer_output,
     resolve_layer_indices,
 )
+from emovec import _ext
 from emovec.ops import steer_project_trusted
 from emovec.vectors import VectorSet
 
@@ -55,13 +56,16 @@ class _LayerSlot:
 
     def __call__(self, *args, **kwargs):
         output = self.inner(*args, **kwargs)
-        entries = [(r, p) for r, p in self.entries if r.step is not None]
-        if not entries:
-            return output
-        hidden = layer_output_hidden(output)
-        flat = _hidden_2d(hidden)
-        for runtime, position in sorted(entries, key=lambda e: e[0].order):
+        hidden = flat = None
+        for runtime, position in self.entries:  # kept in order: steering before monitoring
+            if runtime.step is None:
+                continue
+            if flat is None:
+                hidden = layer_output_hidden(output)
+                flat = _hidden_2d(hidden)
             runtime.apply(position, flat)
+        if flat is None:
+            return output
         if flat.data_ptr() != hidden.data_ptr() or not hidden.is_contiguous():
             output = replace_layer_output(output, flat.view_as(hidden))
         return output
@@ -73,6 +77,7 @@ def _attach(layer: torch.nn.Module, runtime: _LayerRuntime, position: int) -> No
         slot = _LayerSlot(layer)
         layer.forward = slot
     slot.entries.append((runtime, position))
+    slot.entries.sort(key=lambda e: e[0].order)  # stable: contexts of one kind keep their nesting order
 
 
 def _detach(layer: torch.nn.Module, runtime: _LayerRuntime) -> None:
@@ -297,6 +302,8 @@ class Monitor(_LayerRuntime):
         self._width = 0
         self.scores = self.norms = self.real = self.ids = None
         self._scratch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._calls: dict[tuple[int, torch.dtype], Any] = {}  # prepared CPU calls, per layer position and h dtype
+        self._fast: tuple[int, int, int, int] | None = None  # this step's record addresses, for one-row CPU steps
 
     def enter(self) -> None:
         unit = self.vectors.unit
@@ -340,9 +347,27 @@ class Monitor(_LayerRuntime):
         if step.input_ids is not None:
             self.ids[:, cols] = step.input_ids
         self._width = end
+        # one row on the CPU (decode at batch 1) with the compiled kernel: each layer's call writes its scores and
+        # norm straight into this step's column of the record, through a call prepared once per layer. Inside a
+        # forward pass that streams the weights through the caches, the general path's Python (a scratch buffer,
+        # two indexed copies, the argument list) costs several times what it costs warm.
+        self._fast = None
+        if (step.batch == 1 and step.length == 1 and device.type == "cpu" and self.backend in (None, "cpu")
+                and _ext.has_cpp_library and not torch.compiler.is_compiling()):
+            row = L * K * 4
+            self._fast = (self.scores.data_ptr() + step.past * row, K * 4, self.norms.data_ptr() + step.past * L * 4,
+                          torch.get_num_threads())
 
     def apply(self, position: int, flat: torch.Tensor) -> None:
         step = self.step
+        fast = self._fast
+        if fast is not None and flat.shape[0] == 1 and flat.device.type == "cpu":
+            call = self._calls.get((position, flat.dtype))
+            if call is None:
+                call = self._prepare_call(position, flat)
+            scores_at, width, norms_at, threads = fast
+            call.run(flat.data_ptr(), 1, flat.shape[1], scores_at + position * width, norms_at + position * 4, threads)
+            return
         key = (flat.shape[0], flat.device)
         if key not in self._scratch:
             self._scratch[key] = (torch.empty(flat.shape[0], len(self.vectors.names), device=flat.device,
@@ -355,6 +380,15 @@ class Monitor(_LayerRuntime):
         cols = slice(step.past, step.past + step.length)
         self.scores[:, cols, position] = scores.view(step.batch, step.length, -1)
         self.norms[:, cols, position] = norms.view(step.batch, step.length)
+
+    def _prepare_call(self, position: int, flat: torch.Tensor):
+        probes = self._probe(position, flat.device, flat.dtype)  # kept by self._probes as long as the call
+        center = self._center(flat.device)
+        call = _ext._C.CpuCall(d=flat.shape[1], h_dtype=_ext.DTYPE_CODES[flat.dtype],
+                               w_dtype=_ext.DTYPE_CODES[probes.dtype], probes=probes.data_ptr(),
+                               num_probes=probes.shape[0], center=center.data_ptr() if center is not None else 0)
+        self._calls[(position, flat.dtype)] = call
+        return call
 
     def result(self, decode: bool = True) -> MonitorResult:
         """Everything recorded so far (copied to the CPU); ``decode`` turns token ids into strings."""
