@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from emovec import _ext
 from emovec.integrations.vllm.spec import RequestSpec, SpecError, has_emovec, parse
 from emovec.ops import steer_project_trusted
 from emovec.runtime import steering_vector
@@ -182,6 +183,11 @@ class _Plugin:
         self._rows = 0
         self._copied = 0  # columns of the device slot buffer written last step
         self._x: torch.Tensor | None = None
+        # monitor-only layers on the CPU: a call prepared once per layer and h dtype (emovec._C.CpuCall), run with
+        # only the step's rows and addresses (the general call's Python costs several times more inside a forward
+        # pass that streams the weights through the caches)
+        self._calls: dict[tuple[int, torch.dtype], Any] = {}
+        self._threads = 1
         self.graph_safe = graph_safe
         self.disabled = False
         if graph_safe:
@@ -430,6 +436,7 @@ class _Plugin:
             self.layer_edit = [False] * self.num_layers
             self.layer_monitor = [False] * self.num_layers
         self._monitored = []
+        self._threads = torch.get_num_threads()
         for i, spec in enumerate(specs):
             if spec is None:
                 continue
@@ -472,6 +479,19 @@ class _Plugin:
             return
         rows = hidden.shape[0]
         full = self.layer_full[layer] and rows == self._rows
+        if watch and not edit and self._prepared(hidden):
+            if residual is None:
+                x = hidden
+            else:
+                if self._x is None or self._x.shape[0] < rows or self._x.dtype != hidden.dtype:
+                    self._x = torch.empty(self.max_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+                x = torch.add(hidden, residual, out=self._x[:rows])
+            call = self._calls.get((layer, x.dtype))
+            if call is None:
+                call = self._prepare_call(layer, x)
+            call.run(x.data_ptr(), rows, x.stride(0), self._scores[layer].data_ptr(), self._norms[layer].data_ptr(),
+                     self._threads)
+            return
         if residual is None:
             x = hidden
         elif full:  # every row is edited: the sum becomes the residual in place, no scratch, no masks
@@ -495,6 +515,19 @@ class _Plugin:
             mask = (slots >= 0)[:, None]
             residual.copy_(torch.where(mask, x, residual))
             hidden.masked_fill_(mask, 0)
+
+    def _prepared(self, hidden: torch.Tensor) -> bool:
+        """Whether this layer's monitoring can take the prepared CPU call: CPU rows of unit column stride, the
+        compiled kernel, and not the graph-safe way (whose buffers and calls are fixed for CUDA graphs)."""
+        return (hidden.device.type == "cpu" and not self.graph_safe and _ext.has_cpp_library
+                and hidden.dtype in _ext.DTYPE_CODES and hidden.stride(-1) == 1)
+
+    def _prepare_call(self, layer: int, x: torch.Tensor):
+        probes = self._probes[layer]  # kept as long as the plugin: the call holds its address
+        call = _ext._C.CpuCall(d=x.shape[1], h_dtype=_ext.DTYPE_CODES[x.dtype], w_dtype=_ext.DTYPE_CODES[probes.dtype],
+                               probes=probes.data_ptr(), num_probes=probes.shape[0], center=0)
+        self._calls[(layer, x.dtype)] = call
+        return call
 
     def end_step(self) -> None:
         if not self.active:
