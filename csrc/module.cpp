@@ -81,15 +81,19 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "run",
           [](const CpuCall& call, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t scores,
-             std::uintptr_t norms, int threads) {
+             std::uintptr_t norms, int threads, int64_t scores_stride, int64_t norms_stride) {
             emovec::SteerProjectArgs a = call.args;
             a.h = as_pointer<void>(h); a.n = n; a.h_row_stride = stride;
             a.scores = as_pointer<float>(scores); a.norms = as_pointer<float>(norms);
+            a.scores_row_stride = scores_stride; a.norms_stride = norms_stride;
             if (n == 0) return;
             py::gil_scoped_release release;
             emovec::steer_project_cpu(a, threads);
           },
-          "Project n rows of h (row stride `stride`) onto the probes: scores [n, K] and norms [n] at these addresses.");
+          "Project n rows of h (row stride `stride`) onto the probes: row i's scores at scores + i * scores_stride "
+          "floats and its norm at norms + i * norms_stride floats (0: contiguous).",
+          py::arg("h"), py::arg("n"), py::arg("stride"), py::arg("scores"), py::arg("norms"), py::arg("threads"),
+          py::arg("scores_stride") = 0, py::arg("norms_stride") = 0);
 
   m.def(
       "steer_project_cuda",

@@ -29,6 +29,8 @@ void check_args(const SteerProjectArgs& a) {
   require((a.sums == nullptr) == (a.segments == nullptr) && (a.sums == nullptr) == (a.counts == nullptr),
           "capture needs segments, sums and counts together");
   require(a.sums == nullptr || a.num_segments >= 1, "capture needs num_segments >= 1");
+  require(a.scores_row_stride == 0 || a.scores_row_stride >= a.num_probes, "scores row stride must be >= num_probes");
+  require(a.norms_stride >= 0, "norms stride must be >= 0");
 }
 
 }  // namespace emovec

@@ -167,8 +167,9 @@ inline void dot_rows(int R, const float* x, int64_t xs, const float* const* p, i
   }
 }
 
-// scores of probes [k0, k1) for `rows` rows, written straight into out (row stride K): one thread's share of a
-// single tile's probes. Rows past `rows` are never written (an odd last row gets a one-row block).
+// scores of probes [k0, k1) for `rows` rows, written straight into out (row stride K, which may exceed the number of
+// probes: rows of a larger record): one thread's share of a single tile's probes, or a tile's. Rows past `rows` are
+// never written.
 inline void project_range_dots(const float* x, int64_t dp, int rows, const float* probes, int64_t probe_stride,
                                int64_t k0, int64_t k1, int64_t K, float* out) {
   for (int r = 0; r < rows; ++r) std::fill(out + r * K + k0, out + r * K + k1, 0.0f);
@@ -365,6 +366,11 @@ void project_tile_bf16(const bfloat16_t* h, int64_t row_stride, int64_t d, int r
 }
 #endif
 
+// rows x K scores of a tile (row stride K) into out (row stride `stride`)
+inline void copy_rows(const float* tile, int rows, int64_t K, float* out, int64_t stride) {
+  for (int r = 0; r < rows; ++r) std::copy(tile + r * K, tile + (r + 1) * K, out + r * stride);
+}
+
 void report(int32_t* errors, int32_t bit) {
   if (errors != nullptr) __atomic_fetch_or(errors, bit, __ATOMIC_RELAXED);
 }
@@ -376,6 +382,8 @@ void run(const SteerProjectArgs& a, int num_threads) {
   H* h = static_cast<H*>(a.h);
   const bool edits = a.table != nullptr || A > 0 || C > 0;
   const bool projects = a.scores != nullptr || a.norms != nullptr;
+  const int64_t scores_stride = a.scores_row_stride > 0 ? a.scores_row_stride : K;  // rows of a larger record
+  const int64_t norms_stride = a.norms_stride > 0 ? a.norms_stride : 1;
 
   Fp32Rows<W> probes(a.probes, K, d, dp), ablate(a.ablate, A, d, d), table(a.table, a.table_rows, d, d),
       center(a.center, 1, d, d), clamp(a.clamp, C, d, d);
@@ -433,7 +441,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
       }
       if (center.data)
         for (int64_t j = 0; j < d; ++j) xr[j] -= center.data[j];
-      if (a.norms) a.norms[i] = std::sqrt(dot_lanes(xr, xr, d));
+      if (a.norms) a.norms[i * norms_stride] = std::sqrt(dot_lanes(xr, xr, d));
     }
   };
 
@@ -459,7 +467,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
         const int64_t t = 0, T = 1;
 #endif
         const int64_t k0 = std::min(K, groups * t / T * unit), k1 = std::min(K, groups * (t + 1) / T * unit);
-        project_range_dots(x.data(), dp, rows, probes.data, probes.stride, k0, k1, K, a.scores);
+        project_range_dots(x.data(), dp, rows, probes.data, probes.stride, k0, k1, scores_stride, a.scores);
       }
     }
   } else {
@@ -483,14 +491,15 @@ void run(const SteerProjectArgs& a, int num_threads) {
         if (bf16_path) {
           project_tile_bf16(reinterpret_cast<const bfloat16_t*>(h) + row0 * a.h_row_stride, a.h_row_stride, d, rows,
                             packed_bf16.data(), K, tile_scores.data());
-          std::copy(tile_scores.begin(), tile_scores.begin() + rows * K, a.scores + row0 * K);
+          copy_rows(tile_scores.data(), rows, K, a.scores + row0 * scores_stride, scores_stride);
         } else
 #endif
         if (packed_path) {
           project_tile_packed(x.data(), dp, d, rows, packed.data(), K, tile_scores.data());
-          std::copy(tile_scores.begin(), tile_scores.begin() + rows * K, a.scores + row0 * K);
+          copy_rows(tile_scores.data(), rows, K, a.scores + row0 * scores_stride, scores_stride);
         } else {
-          project_range_dots(x.data(), dp, rows, probes.data, probes.stride, 0, K, K, a.scores + row0 * K);
+          project_range_dots(x.data(), dp, rows, probes.data, probes.stride, 0, K, scores_stride,
+                             a.scores + row0 * scores_stride);
         }
       }
     }

@@ -109,6 +109,8 @@ void dispatch_weights(const SteerProjectArgs& a, cudaStream_t stream) {
 
 void steer_project_cuda(const SteerProjectArgs& a, std::intptr_t stream_handle) {
   check_args(a);
+  if (a.scores_row_stride != 0 || a.norms_stride != 0)
+    throw std::invalid_argument("emovec._C.steer_project: strided scores / norms are a CPU-only option");
   if (a.n == 0) return;
   int count = 0;
   throw_on_error(cudaGetDeviceCount(&count), "cudaGetDeviceCount");

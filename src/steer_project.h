@@ -66,6 +66,9 @@ struct SteerProjectArgs {
 
   float* scores = nullptr;  // [n, num_probes] contiguous, or null
   float* norms = nullptr;   // [n] or null
+  // CPU only (a prepared call writing into a larger record): row i's scores at scores + i * scores_row_stride and its
+  // norm at norms[i * norms_stride]; 0 means contiguous (num_probes and 1). The CUDA launcher refuses other values.
+  int64_t scores_row_stride = 0, norms_stride = 0;
 
   const int64_t* segments = nullptr;  // [n], -1 = not captured
   float* sums = nullptr;              // [num_segments, d] contiguous, accumulated into

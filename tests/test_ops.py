@@ -363,6 +363,33 @@ def test_cpu_kernel_gives_the_same_bits_on_any_number_of_threads(n):
                          torch.float32)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [1, 7, 40, 300])  # one row; one tile; tiles; the packed path (128 rows per thread)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_cpu_call_writes_rows_of_a_larger_record(n, dtype, threads):
+    """emovec._C.CpuCall (the runtime's prepared call) writes row i's scores at scores + i * stride and its norm at
+    norms + i * norms_stride: the written places equal the float64 oracle and nothing else in the record changes."""
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    from emovec import _ext
+
+    case = Case(n, 576, 171, 0, steer=False, capture=False, center=n != 300)  # 300 bf16 rows: the vdpbf16ps path
+    inputs = make_inputs(case, dtype, torch.device("cpu"), seed=n + 11)
+    h, probes, center = inputs["h_storage"][:, :576], inputs["probes"], inputs["center"]
+    record = torch.full((n, 3, 180), math.nan)  # scores of row i at [i, 1, :171]: row stride 540 floats
+    norm_record = torch.full((n, 3), math.nan)  # norm of row i at [i, 2]: stride 3
+    call = _ext._C.CpuCall(d=576, h_dtype=_ext.DTYPE_CODES[dtype], w_dtype=_ext.DTYPE_CODES[probes.dtype],
+                           probes=probes.data_ptr(), num_probes=171,
+                           center=center.data_ptr() if center is not None else 0)
+    call.run(h.data_ptr(), n, h.stride(0), record[:, 1].data_ptr(), norm_record[:, 2].data_ptr(), threads, 540, 3)
+    want, own = oracle(inputs), torch_own(inputs)
+    assert_close_by_rule(f"prepared/{dtype}/N{n}/scores", record[:, 1, :171], want["scores"], own["scores"], dtype)
+    assert_close_by_rule(f"prepared/{dtype}/N{n}/norms", norm_record[:, 2], want["norms"], own["norms"], dtype)
+    untouched = torch.cat([record[:, 0].flatten(), record[:, 2].flatten(), record[:, 1, 171:].flatten(),
+                           norm_record[:, :2].flatten()])
+    assert untouched.isnan().all()
+
+
 @pytest.mark.parametrize("n", [6, 40])  # 40 rows: Triton's tl.dot path, the CPU's packed path
 @pytest.mark.parametrize("backend", list(backend_params()))
 def test_out_of_range_indices_are_memory_safe_and_reported(backend, n, device):

@@ -303,7 +303,7 @@ class Monitor(_LayerRuntime):
         self.scores = self.norms = self.real = self.ids = None
         self._scratch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._calls: dict[tuple[int, torch.dtype], Any] = {}  # prepared CPU calls, per layer position and h dtype
-        self._fast: tuple[int, int, int, int] | None = None  # this step's record addresses, for one-row CPU steps
+        self._fast: tuple[int, ...] | None = None  # this step's record addresses and strides, for CPU steps
 
     def enter(self) -> None:
         unit = self.vectors.unit
@@ -347,26 +347,28 @@ class Monitor(_LayerRuntime):
         if step.input_ids is not None:
             self.ids[:, cols] = step.input_ids
         self._width = end
-        # one row on the CPU (decode at batch 1) with the compiled kernel: each layer's call writes its scores and
-        # norm straight into this step's column of the record, through a call prepared once per layer. Inside a
-        # forward pass that streams the weights through the caches, the general path's Python (a scratch buffer,
-        # two indexed copies, the argument list) costs several times what it costs warm.
+        # on the CPU with the compiled kernel, a decode step (one token per sequence) or a single sequence: each
+        # layer's call writes its scores and norms straight into the record (rows of the record are evenly spaced
+        # then: cap x L x K floats apart at one token per sequence, L x K for one sequence), through a call prepared
+        # once per layer. Inside a forward pass that streams the weights through the caches, the general path's
+        # Python (a scratch buffer, two indexed copies, the argument list) costs several times what it costs warm.
         self._fast = None
-        if (step.batch == 1 and step.length == 1 and device.type == "cpu" and self.backend in (None, "cpu")
+        if ((step.batch == 1 or step.length == 1) and device.type == "cpu" and self.backend in (None, "cpu")
                 and _ext.has_cpp_library and not torch.compiler.is_compiling()):
-            row = L * K * 4
-            self._fast = (self.scores.data_ptr() + step.past * row, K * 4, self.norms.data_ptr() + step.past * L * 4,
-                          torch.get_num_threads())
+            per_column = self._capacity * L if step.length == 1 else L  # floats between rows' norms
+            self._fast = (self.scores.data_ptr() + step.past * L * K * 4, K * 4, self.norms.data_ptr() + step.past * L * 4,
+                          torch.get_num_threads(), per_column * K, per_column, step.batch * step.length)
 
     def apply(self, position: int, flat: torch.Tensor) -> None:
         step = self.step
         fast = self._fast
-        if fast is not None and flat.shape[0] == 1 and flat.device.type == "cpu":
+        if fast is not None and flat.shape[0] == fast[6] and flat.device.type == "cpu":
             call = self._calls.get((position, flat.dtype))
             if call is None:
                 call = self._prepare_call(position, flat)
-            scores_at, width, norms_at, threads = fast
-            call.run(flat.data_ptr(), 1, flat.shape[1], scores_at + position * width, norms_at + position * 4, threads)
+            scores_at, width, norms_at, threads, scores_stride, norms_stride, rows = fast
+            call.run(flat.data_ptr(), rows, flat.stride(0), scores_at + position * width, norms_at + position * 4,
+                     threads, scores_stride, norms_stride)
             return
         key = (flat.shape[0], flat.device)
         if key not in self._scratch:
