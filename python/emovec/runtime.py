@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
+from emovec import _ext
 from emovec.layers import (
     find_decoder_layers,
     layer_output_hidden,
     replace_layer_output,
     resolve_layer_indices,
 )
-from emovec import _ext
 from emovec.ops import steer_project_trusted
 from emovec.vectors import VectorSet
 
