@@ -456,32 +456,29 @@ def _run_backend(h, slots, table, ablate, probes, center, scores, norms, segment
 _backend_status()  # now, at import: under torch.compile the answer must already be a plain global
 
 
-@torch.library.custom_op("emovec::steer_project",
-                         mutates_args=("h", "scores", "norms", "sums", "counts", "errors", "corrections"))
-def _steer_project_op(
-    h: torch.Tensor,
-    slots: torch.Tensor | None,
-    table: torch.Tensor | None,
-    ablate: torch.Tensor | None,
-    probes: torch.Tensor | None,
-    center: torch.Tensor | None,
-    scores: torch.Tensor | None,
-    norms: torch.Tensor | None,
-    segments: torch.Tensor | None,
-    sums: torch.Tensor | None,
-    counts: torch.Tensor | None,
-    errors: torch.Tensor | None,
-    clamp: torch.Tensor | None,
-    bounds: torch.Tensor | None,
-    relative_bounds: bool,
-    corrections: torch.Tensor | None,
-    backend: str,
-) -> None:
+# The op is defined with the low-level library API rather than torch.library.custom_op: custom_op's in-place
+# bookkeeping (filling the schema's defaults for its 17 arguments on every call) cost ~90 us a call, ten times the
+# kernel at decode, once per layer per step in compiled generation. The schema marks every mutated argument, so
+# torch.compile functionalizes it the same way; the implementation runs for every backend key; no autograd formula
+# (emovec's runtime runs without gradients). tests/test_ops_validation.py checks it with torch.library.opcheck.
+_LIBRARY = torch.library.Library("emovec", "FRAGMENT")
+_LIBRARY.define(
+    "steer_project(Tensor(a!) h, Tensor? slots, Tensor? table, Tensor? ablate, Tensor? probes, Tensor? center, "
+    "Tensor(b!)? scores, Tensor(c!)? norms, Tensor? segments, Tensor(d!)? sums, Tensor(e!)? counts, "
+    "Tensor(f!)? errors, Tensor? clamp, Tensor? bounds, bool relative_bounds, Tensor(g!)? corrections, "
+    "str backend) -> ()")
+
+
+def _steer_project_op(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, clamp,
+                      bounds, relative_bounds, corrections, backend) -> None:
     _run_backend(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, clamp, bounds,
                  relative_bounds, corrections, backend)
 
 
-@_steer_project_op.register_fake
+_LIBRARY.impl("steer_project", _steer_project_op, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("emovec::steer_project", lib=_LIBRARY)
 def _(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, clamp, bounds,
       relative_bounds, corrections, backend) -> None:
     return None
