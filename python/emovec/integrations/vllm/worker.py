@@ -550,23 +550,25 @@ class _Plugin:
         where = {layer: i for i, layer in enumerate(layers)}
         all_scores = torch.stack([self._scores[layer][:n] for layer in layers], 1).cpu().numpy()  # (n, L, K)
         all_norms = torch.stack([self._norms[layer][:n] for layer in layers], 1).cpu().numpy()  # (n, L)
+        k = all_scores.shape[2]
         for req_id, spec, start, end, computed in self._monitored:
             readings = self.readings.get(req_id)
             if readings is None:
                 continue
-            positions = np.arange(computed, computed + end - start)
-            keep = positions >= (0 if spec.prompt else readings.prompt_len - 1)
-            if not keep.any():
+            first_kept = (0 if spec.prompt else readings.prompt_len - 1) - computed  # rows before it are not kept
+            first = start + max(first_kept, 0)
+            if first >= end:
                 continue
-            first = start + int(np.argmax(keep))
-            names = np.asarray(spec.monitor_index)
-            cols = [where[layer] for layer in spec.monitor_layers]
-            scores = all_scores[first:end][:, cols][:, :, names]
-            norms = all_norms[first:end][:, cols]
-            kept = positions[keep]
+            kept = np.arange(computed + first - start, computed + end - start)
+            scores, norms = all_scores[first:end], all_norms[first:end]  # views of this step's own arrays
+            if spec.monitor_layers != layers:  # a subset of the step's layers (the usual case reads all of them)
+                cols = [where[layer] for layer in spec.monitor_layers]
+                scores, norms = scores[:, cols], norms[:, cols]
+            if len(spec.monitor_index) != k or spec.monitor_index != list(range(k)):
+                scores = scores[:, :, spec.monitor_index]
             readings.recomputed += int((kept <= readings.last).sum())
             readings.last = max(readings.last, int(kept[-1]))
-            readings.chunks.append((kept, np.ascontiguousarray(scores), np.ascontiguousarray(norms)))
+            readings.chunks.append((kept, scores, norms))
 
     def fetch(self, keys: list[str] | None, pop: bool) -> dict[str, Any]:
         """Readings of the requests with these keys or request ids (all when None), by internal request id. A key
