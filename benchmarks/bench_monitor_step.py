@@ -1,0 +1,85 @@
+"""One decode step of the default model with and without `emovec.monitor` on all layers x K vectors: what monitoring
+costs per step inside the forward pass, without generate()'s own per-call work and noise.
+
+    python benchmarks/bench_monitor_step.py                  # batch 1, K = 171, 15 rounds of 10 steps each way
+    python benchmarks/bench_monitor_step.py --batch 8
+
+A 16-token prompt fills a KV cache; each step feeds one token and crops the cache back, so every step sees the same
+shapes. Rounds alternate a block of plain steps and a block inside one `emovec.monitor` context (entered once per
+block). Reports the median step time of each and their ratio; results/monitor_step_<device>_b<B>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import emovec  # noqa: E402
+from emovec.bench.runner import random_vectors  # noqa: E402
+from emovec.layers import find_decoder_layers  # noqa: E402
+from harness import command_line  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--k", type=int, default=171)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=10, help="steps per block")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    from transformers import DynamicCache
+
+    model, _tokenizer, name = emovec.load_model(None)
+    vectors = random_vectors(model, args.k)
+    layers = list(range(len(find_decoder_layers(model).layers)))
+    ids = torch.randint(100, 1000, (args.batch, 16), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    token = torch.full((args.batch, 1), 500)
+    mask = torch.ones(args.batch, 17, dtype=torch.long)
+    monitor = emovec.monitor(model, vectors, layers)
+
+    def block() -> list[float]:
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            cache.crop(-1)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    plain: list[float] = []
+    monitored: list[float] = []
+    with torch.no_grad():
+        block()
+        for _ in range(args.rounds):
+            plain += block()
+            with monitor:
+                monitored += block()
+    a, b = statistics.median(plain), statistics.median(monitored)
+    print(f"batch {args.batch}: plain {a * 1e3:.2f} ms, monitored ({len(layers)} layers x {args.k}) {b * 1e3:.2f} ms "
+          f"per step: x{b / a:.3f}")
+    result = {"model": name, "batch": args.batch, "K": args.k, "layers": len(layers), "threads": torch.get_num_threads(),
+              "plain_ms": round(a * 1e3, 3), "monitored_ms": round(b * 1e3, 3), "ratio": round(b / a, 4),
+              "steps_each": len(plain), "torch": torch.__version__, "command": command_line()}
+    out = Path(args.out or Path(__file__).parent / "results" / f"monitor_step_cpu_b{args.batch}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
