@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import emovec  # noqa: E402
 from emovec.bench.runner import random_vectors  # noqa: E402
+from emovec.fileio import atomic_write_text  # noqa: E402
 from emovec.layers import find_decoder_layers  # noqa: E402
 from harness import command_line  # noqa: E402
 
@@ -89,11 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
               "K": args.k, "layers": layers, "steer_layer": steer_layer, "rounds": args.rounds,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "rows": rows, "command": command_line()}
-    out = Path(args.out or Path(__file__).parent / "results" / f"compiled_{device.type}_b{args.batch}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    out = atomic_write_text(args.out or Path(__file__).parent / "results" / f"compiled_{device.type}_b{args.batch}.json",
+                            json.dumps(result, indent=1))
     print(f"wrote {out}")
     return result
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import emovec  # noqa: E402
 from emovec.bench.runner import random_vectors  # noqa: E402
+from emovec.fileio import atomic_write_text  # noqa: E402
 from emovec.layers import find_decoder_layers  # noqa: E402
 from harness import command_line  # noqa: E402
 
@@ -72,11 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"model": name, "batch": args.batch, "K": args.k, "layers": len(layers), "threads": torch.get_num_threads(),
               "plain_ms": round(a * 1e3, 3), "monitored_ms": round(b * 1e3, 3), "ratio": round(b / a, 4),
               "steps_each": len(plain), "torch": torch.__version__, "command": command_line()}
-    out = Path(args.out or Path(__file__).parent / "results" / f"monitor_step_cpu_b{args.batch}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    out = atomic_write_text(args.out or Path(__file__).parent / "results" / f"monitor_step_cpu_b{args.batch}.json",
+                            json.dumps(result, indent=1))
     print(f"wrote {out}")
     return result
 

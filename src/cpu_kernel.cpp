@@ -1,8 +1,9 @@
-// CPU kernel of the fused steer / project / capture op (OpenMP over row blocks).
+// CPU kernel of the fused steer / project / capture op (OpenMP over row tiles, or over the probes of a single tile).
 //
 // Per row: load h[i] to fp32, add table[slot[i]], project out the ablation directions, store back in h's
-// dtype, then project the stored value (minus center) onto the probes in register blocks of
-// kRows rows x kProbes probes x kLanes lanes, so the compiler vectorises the inner loop without -ffast-math.
+// dtype, then project the stored value (minus center) onto the probes: dot-product register blocks (AVX-512
+// intrinsics, or kRows x kProbes x kLanes blocks the compiler vectorises without -ffast-math), or from 128 rows per
+// thread an outer-product kernel on packed probes.
 // Capture runs as a second, column-parallel pass, so repeated segments need no atomics and sums are
 // deterministic (rows are always added in order).
 #include <algorithm>
@@ -79,34 +80,6 @@ inline void dot_block(const float* x, int64_t x_stride, const float* const* prob
       for (int l = 0; l < kLanes; ++l) s += acc[r][p][l];
       out[r * out_stride + p] += s;
     }
-}
-
-// scores of a tile of rows with the dot-product kernel (no packing; best for a handful of rows).
-inline void project_tile_dots(const float* x, int64_t dp, int rows, const float* probes, int64_t probe_stride,
-                              int64_t K, float* tile_scores) {
-  std::fill(tile_scores, tile_scores + kRowTile * K, 0.0f);
-  const int row_blocks = (rows + kRows - 1) / kRows;
-  const float* p[kProbes];
-  int64_t k = 0;
-  // a single row (decode at batch 1) gets one-row blocks: a kRows block would spend half its work on padding
-  for (; k + kProbes <= K; k += kProbes) {
-    for (int q = 0; q < kProbes; ++q) p[q] = probes + (k + q) * probe_stride;
-    if (rows == 1) {
-      dot_block<1, kProbes>(x, dp, p, dp, tile_scores + k, K);
-      continue;
-    }
-    for (int rb = 0; rb < row_blocks; ++rb)
-      dot_block<kRows, kProbes>(x + rb * kRows * dp, dp, p, dp, tile_scores + rb * kRows * K + k, K);
-  }
-  for (; k < K; ++k) {
-    p[0] = probes + k * probe_stride;
-    if (rows == 1) {
-      dot_block<1, 1>(x, dp, p, dp, tile_scores + k, K);
-      continue;
-    }
-    for (int rb = 0; rb < row_blocks; ++rb)
-      dot_block<kRows, 1>(x + rb * kRows * dp, dp, p, dp, tile_scores + rb * kRows * K + k, K);
-  }
 }
 
 #ifdef EMOVEC_AVX512

@@ -488,19 +488,6 @@ class _Plugin:
             return
         rows = hidden.shape[0]
         full = self.layer_full[layer] and rows == self._rows
-        if watch and not edit and self._prepared(hidden):
-            if residual is None:
-                x = hidden
-            else:
-                if self._x is None or self._x.shape[0] < rows or self._x.dtype != hidden.dtype:
-                    self._x = torch.empty(self.max_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-                x = torch.add(hidden, residual, out=self._x[:rows])
-            call = self._calls.get((layer, x.dtype))
-            if call is None:
-                call = self._prepare_call(layer, x)
-            call.run(x.data_ptr(), rows, x.stride(0), self._scores[layer].data_ptr(), self._norms[layer].data_ptr(),
-                     self._threads)
-            return
         if residual is None:
             x = hidden
         elif full:  # every row is edited: the sum becomes the residual in place, no scratch, no masks
@@ -511,6 +498,13 @@ class _Plugin:
             if self._x is None or self._x.shape[0] < rows or self._x.dtype != hidden.dtype:
                 self._x = torch.empty(self.max_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
             x = torch.add(hidden, residual, out=self._x[:rows])
+        if watch and not edit and self._prepared(x):  # monitoring alone on the CPU: the call prepared for this layer
+            call = self._calls.get((layer, x.dtype))
+            if call is None:
+                call = self._prepare_call(layer, x)
+            call.run(x.data_ptr(), rows, x.stride(0), self._scores[layer].data_ptr(), self._norms[layer].data_ptr(),
+                     self._threads)
+            return
         kwargs: dict[str, Any] = {}
         if edit:
             slots = self._slots[layer, :rows]
@@ -525,11 +519,11 @@ class _Plugin:
             residual.copy_(torch.where(mask, x, residual))
             hidden.masked_fill_(mask, 0)
 
-    def _prepared(self, hidden: torch.Tensor) -> bool:
+    def _prepared(self, x: torch.Tensor) -> bool:
         """Whether this layer's monitoring can take the prepared CPU call: CPU rows of unit column stride, the
         compiled kernel, and not the graph-safe way (whose buffers and calls are fixed for CUDA graphs)."""
-        return (hidden.device.type == "cpu" and not self.graph_safe and _ext.has_cpp_library
-                and hidden.dtype in _ext.DTYPE_CODES and hidden.stride(-1) == 1)
+        return (x.device.type == "cpu" and not self.graph_safe and _ext.has_cpp_library
+                and x.dtype in _ext.DTYPE_CODES and x.stride(-1) == 1)
 
     def _prepare_call(self, layer: int, x: torch.Tensor):
         probes = self._probes[layer]  # kept as long as the plugin: the call holds its address
@@ -564,7 +558,7 @@ class _Plugin:
             if spec.monitor_layers != layers:  # a subset of the step's layers (the usual case reads all of them)
                 cols = [where[layer] for layer in spec.monitor_layers]
                 scores, norms = scores[:, cols], norms[:, cols]
-            if len(spec.monitor_index) != k or spec.monitor_index != list(range(k)):
+            if spec.monitor_index != list(range(k)):
                 scores = scores[:, :, spec.monitor_index]
             readings.recomputed += int((kept <= readings.last).sum())
             readings.last = max(readings.last, int(kept[-1]))
@@ -572,8 +566,7 @@ class _Plugin:
 
     def fetch(self, keys: list[str] | None, pop: bool) -> dict[str, Any]:
         """Readings of the requests with these keys or request ids (all when None), by internal request id. A key
-        also finds the
-        requests vLLM made from it: ``KEY-<n>`` (the completions endpoint numbers a response's prompts) and
+        also finds the requests vLLM made from it: ``KEY-<n>`` (the completions endpoint numbers a response's prompts) and
         ``<i>_KEY`` (the n > 1 samples of one request); nothing else. ``pop`` drops what it returns: fetch once
         the request is done (a step of a request still running would find its readings gone)."""
         with torch.inference_mode():  # releasing rows rewrites tables made inside the (inference-mode) forward
@@ -611,8 +604,8 @@ def _layer_wrapper(layer: torch.nn.Module, index: int, plugin: _Plugin, plugin_i
         if hidden is None:
             return output
         if not torch.compiler.is_compiling():
-            # eager: call the plugin directly (the custom op's dispatch costs ~20 us a call, 30 times a step); only
-            # a graph being traced needs the op node, whose body then decides at run time
+            # eager: call the plugin directly (no op dispatch, 30 times a step); only a graph being traced needs the
+            # op node, whose body then decides at run time
             if plugin.active:
                 plugin.apply(hidden, output[1] if pair else None, index)
             return output
