@@ -34,18 +34,18 @@ tail -2 /tmp/cmake.log
 python3 -m emovec info 2>&1 | tail -12
 
 stage "op tests on the device (cuda + triton backends)"
-timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_ops.py tests/test_ops_validation.py tests/test_clamp_op.py \
+timeout 120 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_ops.py tests/test_ops_validation.py tests/test_clamp_op.py \
   -k "cuda or triton or compile" 2>&1 | tail -25
 
 stage "runtime on a real decoder ($MODEL)"
 if [ -f "$MODEL/config.json" ] && ls "$MODEL"/*.safetensors > /dev/null 2>&1; then model_args=(--model "$MODEL"); else model_args=(--random-from "$MODEL"); fi
-timeout 250 python3 benchmarks/gpu_runtime.py "${model_args[@]}" --out "$OUT/gpu_runtime.json" 2>&1 \
+timeout 230 python3 benchmarks/gpu_runtime.py "${model_args[@]}" --out "$OUT/gpu_runtime.json" 2>&1 \
   | grep -v "^\[transformers\]" | tail -45
 
 stage "kernels: decode (CUDA graphs, d = 4096), op shapes"
-timeout 40 python3 benchmarks/bench_decode.py --out "$OUT/decode_cuda.csv" > /tmp/bench_decode.txt 2>&1
-timeout 35 python3 benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend cuda --n 1 16 256 --d 576 4096 --k 171 --out "$OUT/op_cuda_cuda.csv" > /tmp/bench_cuda.txt 2>&1
-timeout 35 python3 benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend triton --n 256 4096 32768 --d 576 4096 --k 171 --out "$OUT/op_cuda_triton.csv" > /tmp/bench_triton.txt 2>&1
+timeout 30 python3 benchmarks/bench_decode.py --out "$OUT/decode_cuda.csv" > /tmp/bench_decode.txt 2>&1
+timeout 30 python3 benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend cuda --n 1 16 256 --d 576 4096 --k 171 --out "$OUT/op_cuda_cuda.csv" > /tmp/bench_cuda.txt 2>&1
+timeout 30 python3 benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend triton --n 256 4096 32768 --d 576 4096 --k 171 --out "$OUT/op_cuda_triton.csv" > /tmp/bench_triton.txt 2>&1
 for f in /tmp/bench_decode.txt /tmp/bench_cuda.txt /tmp/bench_triton.txt; do echo "-- $f"; tail -n 14 "$f"; done
 
 stage "summary"
