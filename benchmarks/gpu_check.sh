@@ -5,6 +5,7 @@
 # benchmarks/results/gpu/ without it).
 #
 #   bash benchmarks/gpu_check.sh [MODEL]
+#   STAGES="tests runtime runtime8b kernels" RUNTIME_ARGS="--sections compiled --batches 1" bash benchmarks/gpu_check.sh
 #
 # MODEL: a saved model folder, or a folder with only config.json + tokenizer files (random weights of that shape are
 # made on the device: timings depend on shapes, and the checks compare emovec with references on the same model).
@@ -33,34 +34,52 @@ timeout 240 bash -c "cmake -S . -B /tmp/emovec-build -GNinja -DCMAKE_BUILD_TYPE=
 tail -2 /tmp/cmake.log
 python3 -m emovec info 2>&1 | tail -12
 
-stage "op tests on the device (cuda + triton backends)"
-timeout 120 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_ops.py tests/test_ops_validation.py tests/test_clamp_op.py \
-  -k "cuda or triton or compile" 2>&1 | tail -25
+want() { [[ " ${STAGES:-tests runtime kernels} " == *" $1 "* ]]; }
 
-stage "runtime on a real decoder ($MODEL)"
+if want tests; then
+stage "op tests on the device (cuda + triton backends; full log in $OUT/tests.txt)"
+timeout 100 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark --timeout 45 -rf --tb=short \
+  tests/test_ops.py tests/test_ops_validation.py tests/test_clamp_op.py -k "cuda or triton or compile" > "$OUT/tests.txt" 2>&1
+grep -E "^(/|tests/|E ).*(Error|assert|line [0-9]+)" "$OUT/tests.txt" | cut -c1-300 | sort | uniq -c | sort -rn | head -20
+grep -E "^FAILED" "$OUT/tests.txt" | sed -E 's/\[.*//' | sort | uniq -c | sort -rn | head -20
+tail -1 "$OUT/tests.txt"
+fi
+
 if [ -f "$MODEL/config.json" ] && ls "$MODEL"/*.safetensors > /dev/null 2>&1; then model_args=(--model "$MODEL"); else model_args=(--random-from "$MODEL"); fi
-timeout 230 python3 benchmarks/gpu_runtime.py "${model_args[@]}" --out "$OUT/gpu_runtime.json" 2>&1 \
+if want runtime; then
+stage "runtime on a real decoder ($MODEL)"
+timeout ${RUNTIME_LIMIT:-230} python3 benchmarks/gpu_runtime.py "${model_args[@]}" ${RUNTIME_ARGS:-} --out "$OUT/gpu_runtime.json" 2>&1 \
   | grep -v "^\[transformers\]" | tail -45
+fi
+if want runtime8b; then
+stage "runtime at an 8B model's shape (random weights; monitor, steer, prefill, eager generation)"
+timeout ${RUNTIME8B_LIMIT:-90} python3 benchmarks/gpu_runtime.py --random-from "$MODEL" --shape 8b --sections monitor steer prefill compiled \
+  --eager-only --batches 1 --tokens 32 --rounds 3 --out "$OUT/gpu_runtime_8b.json" 2>&1 | grep -v "^\[transformers\]" | tail -25
+fi
 
+if want kernels; then
 stage "kernels: decode (CUDA graphs, d = 4096), op shapes"
 timeout 30 python3 benchmarks/bench_decode.py --out "$OUT/decode_cuda.csv" > /tmp/bench_decode.txt 2>&1
 timeout 30 python3 benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend cuda --n 1 16 256 --d 576 4096 --k 171 --out "$OUT/op_cuda_cuda.csv" > /tmp/bench_cuda.txt 2>&1
 timeout 30 python3 benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend triton --n 256 4096 32768 --d 576 4096 --k 171 --out "$OUT/op_cuda_triton.csv" > /tmp/bench_triton.txt 2>&1
 for f in /tmp/bench_decode.txt /tmp/bench_cuda.txt /tmp/bench_triton.txt; do echo "-- $f"; tail -n 14 "$f"; done
+fi
 
 stage "summary"
-python3 - "$OUT/gpu_runtime.json" <<'EOF'
+python3 - "$OUT"/gpu_runtime*.json <<'EOF'
 import json, sys
-try:
-    r = json.load(open(sys.argv[1]))
-except Exception as e:
-    sys.exit(f"no runtime results: {e}")
-for k, v in r.get("checks", {}).items():
+for path in sys.argv[1:]:
+  try:
+    r = json.load(open(path))
+  except Exception as e:
+    print(f"{path}: no results ({e})"); continue
+  print(f"-- {path}: {r['model']}")
+  for k, v in r.get("checks", {}).items():
     print(("PASS " if v["ok"] else "FAIL ") + f"{k}: {v['value']:.3g} (limit {v['limit']:g})")
-for row in r.get("prefill", {}).get("rows", []):
+  for row in r.get("prefill", {}).get("rows", []):
     print(f"prefill {row['provider']:14s} x{row['throughput_vs_plain']:.3f} of plain throughput ({row['tokens_per_s']} tok/s)")
-for e in r.get("compiled", []):
+  for e in r.get("compiled", []):
     for row in e.get("rows", []):
-        print(f"generate b{e['batch']} {row['provider']:16s} x{row['time_vs_plain_same_mode']:.3f} of plain ({row['tokens_per_s']} tok/s)")
+        print(f"generate b{e['batch']} {row['provider']:16s} x{row['time_vs_plain_same_mode']:.3f} of plain ({row['tokens_per_s']} tok/s, decode step {row.get('decode_step_ms')} ms)")
 EOF
 echo "total $(( $(date +%s) - t0 )) s"

@@ -19,6 +19,7 @@ shapes reuse them. With ``compile=False`` the same loop runs eagerly and gives t
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ class _StaticRun:
         self.prefill_slots = torch.full((batch * prompt,), -1, dtype=torch.long, device=device)
         self.decode_slots = torch.full((batch,), -1, dtype=torch.long, device=device)
         self.probes = {layer: torch.zeros(k, d, **f32) for layer in monitor_at}
+        self.probe_source = None  # the unit tensor the probes were copied from (kept, so it is never a new one)
         self.positions = {layer: i for i, layer in enumerate(monitor_at)}
         self.scores = torch.zeros(len(monitor_at), batch, total, k, **f32)
         self.norms = torch.zeros(len(monitor_at), batch, total, **f32)
@@ -144,7 +146,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              max_new_tokens: int = 32, vectors: VectorSet | None = None, monitor_layers: Any = None,
              recipe: Recipe | Sequence[Recipe | None] | None = None, steer_layers: Any = None,
              positions: str = "all", relative: bool = True, compile: bool = False, compile_kwargs: dict | None = None,
-             backend: str | None = None, tokenizer=None) -> GenerateResult:
+             backend: str | None = None, tokenizer=None, timings: dict | None = None) -> GenerateResult:
     """Greedy generation of ``max_new_tokens`` with monitoring (``vectors`` at ``monitor_layers``) and steering
     (``recipe`` at ``steer_layers``, strengths as in :func:`emovec.steer`, ``positions`` "all", "prompt" or
     "generated"), in a static KV cache; with ``compile=True`` the model's forward is compiled with
@@ -156,9 +158,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     fixed. Left padding (``attention_mask``) is handled: padding rows are neither steered nor recorded. What
     compiles once per shape: batch, prompt length, ``max_new_tokens``, the layers, the number of vectors and the
     number of distinct recipes; prompts, strengths and the concepts named may change freely between calls. On a
-    GPU, ``compile_kwargs={"mode": "reduce-overhead"}`` has inductor capture each phase in a CUDA graph."""
+    GPU, ``compile_kwargs={"mode": "reduce-overhead"}`` has inductor capture each phase in a CUDA graph.
+
+    ``timings``: a dict that receives the seconds spent setting up (``setup_s``), in the prefill step
+    (``prefill_s``), in the decode steps (``decode_s``) and gathering the result (``result_s``), with the device
+    synchronised at each boundary (for benchmarks; leave it None otherwise)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a (batch, tokens) tensor with at least one token")
+    clock = _Clock(timings, input_ids.device)
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     if positions not in ("all", "prompt", "generated"):
@@ -215,9 +222,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         real = attention_mask.bool()
         run.prefill_slots.copy_(torch.where(real & (positions in ("all", "prompt")), ids[:, None], -1).reshape(-1))
         run.decode_slots.copy_(ids if positions in ("all", "generated") else torch.full_like(ids, -1))
-    unit = vectors.unit if monitor_at else None  # normalised once per call, not once per layer
-    for layer in monitor_at:
-        run.probes[layer].copy_(unit[vectors.slice_of(layer)])
+    if monitor_at:  # the vectors keep their unit directions on the device: copied only when they changed
+        unit = vectors.unit_on(device)
+        if run.probe_source is not unit:
+            for layer in monitor_at:
+                run.probes[layer].copy_(unit[vectors.slice_of(layer)])
+            run.probe_source = unit
     run.scores.zero_()
     run.norms.zero_()
     run.cache.reset()
@@ -225,8 +235,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     sequences = torch.empty(batch, total, dtype=torch.long, device=device)
     sequences[:, :prompt] = input_ids
     installed = run.install(model)
+    clock.lap("setup_s")
     try:
         for step in range(max_new_tokens):
+            if step == 1:
+                clock.lap("prefill_s")
             if step == 0:
                 run.decode = False
                 step_ids, step_positions = input_ids, position_ids[:, :prompt]
@@ -249,6 +262,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     finally:
         for layer in installed:
             layer.__dict__.pop("forward", None)
+    clock.lap("decode_s" if max_new_tokens > 1 else "prefill_s")
     result = None
     if monitor_at:
         width = total - 1  # the last token is generated, never read
@@ -265,7 +279,26 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                       for b in range(batch)]
         result = MonitorResult(list(vectors.names), list(monitor_at), scores, norms, real, ids,
                                torch.where(real, real.long().cumsum(1) - 1, -1), tokens)
+    clock.lap("result_s")
     return GenerateResult(sequences, result)
+
+
+class _Clock:
+    """Laps of generate() into a caller's dict (device synchronised at each lap); does nothing without one."""
+
+    def __init__(self, timings: dict | None, device: torch.device) -> None:
+        self.timings, self.device = timings, device
+        if timings is not None:
+            self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def _compiled_forward(model, compile_kwargs: dict | None):

@@ -306,8 +306,7 @@ class Monitor(_LayerRuntime):
         self._fast: tuple[int, ...] | None = None  # this step's record addresses and strides, for CPU steps
 
     def enter(self) -> None:
-        unit = self.vectors.unit
-        self._unit = [unit[self.vectors.slice_of(layer)] for layer in self.layer_indices]
+        self._slices = [self.vectors.slice_of(layer) for layer in self.layer_indices]
 
     def _center(self, device: torch.device) -> torch.Tensor | None:
         if self.center is None:
@@ -319,8 +318,8 @@ class Monitor(_LayerRuntime):
     def _probe(self, position: int, device: torch.device, h_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         dtype = probe_dtype(device, h_dtype, self.center is not None)
         key = (position, device, dtype)
-        if key not in self._probes:
-            self._probes[key] = self._unit[position].to(device=device, dtype=dtype).contiguous()
+        if key not in self._probes:  # the vectors keep their device copies: a monitor entered per batch copies none
+            self._probes[key] = self.vectors.unit_on(device, dtype)[self._slices[position]]
         return self._probes[key]
 
     def begin_step(self, step: _Step) -> None:

@@ -121,8 +121,30 @@ class VectorSet:
 
     @property
     def unit(self) -> torch.Tensor:
-        """(max(L, 1), K, d) unit-norm directions."""
-        return torch.nn.functional.normalize(self.vectors, dim=-1)
+        """(max(L, 1), K, d) unit-norm directions (fp32, on the vectors' device). Computed once and kept while
+        ``self.vectors`` is the same tensor, unmodified: treat the result as read-only."""
+        return self.unit_on(self.vectors.device, torch.float32)
+
+    def unit_on(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """:attr:`unit` as a contiguous tensor on ``device`` in ``dtype``, made once per device and dtype and kept
+        while ``self.vectors`` is the same tensor, unmodified (a runtime entered per batch copies nothing then).
+        Treat the result as read-only."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        source = (id(self.vectors), self.vectors._version)
+        cache = self.__dict__.get("_unit_cache")
+        if cache is None or cache[0] != source:
+            cache = (source, {})
+            self.__dict__["_unit_cache"] = cache
+        key = (device, dtype)
+        if key not in cache[1]:
+            unit = cache[1].get((self.vectors.device, torch.float32))
+            if unit is None:
+                unit = torch.nn.functional.normalize(self.vectors, dim=-1)
+                cache[1][(self.vectors.device, torch.float32)] = unit
+            cache[1][key] = unit.to(device=device, dtype=dtype).contiguous()
+        return cache[1][key]
 
     def covers(self, layer: int) -> bool:
         return not self.layers or layer in self.layers
