@@ -10,6 +10,8 @@
 # MODEL: a saved model folder, or a folder with only config.json + tokenizer files (random weights of that shape are
 # made on the device: timings depend on shapes, and the checks compare emovec with references on the same model).
 # Default: .gpu/smol (copy the default model's config and tokenizer there; .gpu/ is ignored by git, carry it).
+# Stage limits (seconds): build 240, tests 150, runtime 230, runtime8b 90, kernels 3 x 30; on an H200 on 2026-11-30 the
+# build took 10 s, the default model's compiled generation ~60 s of compiling per provider and batch size.
 # Uses only what the machine has (python3 with torch, triton, transformers, pybind11, cmake, ninja, pytest and
 # pytest-xdist).
 set -uo pipefail
@@ -34,14 +36,19 @@ timeout 240 bash -c "cmake -S . -B /tmp/emovec-build -GNinja -DCMAKE_BUILD_TYPE=
 tail -2 /tmp/cmake.log
 python3 -m emovec info 2>&1 | tail -12
 
-want() { [[ " ${STAGES:-tests runtime kernels} " == *" $1 "* ]]; }
+want() { [[ " ${STAGES:-tests runtime runtime8b kernels} " == *" $1 "* ]]; }
 
 if want tests; then
 stage "op tests on the device (cuda + triton backends; full log in $OUT/tests.txt)"
-timeout 100 python3 -m pytest -q -n 8 -p no:cacheprovider -p no:benchmark --timeout 45 -rf --tb=short \
-  tests/test_ops.py tests/test_ops_validation.py tests/test_clamp_op.py -k "cuda or triton or compile" > "$OUT/tests.txt" 2>&1
-grep -E "^(/|tests/|E ).*(Error|assert|line [0-9]+)" "$OUT/tests.txt" | cut -c1-300 | sort | uniq -c | sort -rn | head -20
-grep -E "^FAILED" "$OUT/tests.txt" | sed -E 's/\[.*//' | sort | uniq -c | sort -rn | head -20
+# failures are written to $OUT/failures.txt as they happen (tests/conftest.py), so a run cut off at its limit still
+# says what failed; torch.compile's own tests run in CI (the runtime stage compiles on the device)
+EMOVEC_FAILURE_LOG="$OUT/failures.txt" timeout ${TESTS_LIMIT:-150} python3 -m pytest -q -n 8 -p no:cacheprovider \
+  -p no:benchmark --timeout 60 -rf --tb=short tests/test_ops.py tests/test_ops_validation.py tests/test_clamp_op.py \
+  -k "(cuda or triton) and not compile" > "$OUT/tests.txt" 2>&1
+if [ -f "$OUT/failures.txt" ]; then
+  grep -E "^===== " "$OUT/failures.txt" | sed -E 's/^===== //; s/\[.*//' | sort | uniq -c | sort -rn | head -20
+  grep -E "^E " "$OUT/failures.txt" | cut -c1-200 | sort | uniq -c | sort -rn | head -15
+fi
 tail -1 "$OUT/tests.txt"
 fi
 

@@ -107,3 +107,12 @@ def tiny():
     vectors = VectorSet.from_tensor(torch.randn(4, len(RUNTIME_NAMES), 64), RUNTIME_NAMES, layers=[0, 1, 2, 3],
                                     mean_norms=[1.0, 2.0, 3.0, 4.0])
     return model, vectors
+
+
+def pytest_runtest_logreport(report):
+    """With EMOVEC_FAILURE_LOG set, every failure's traceback is appended to that file as soon as it happens (also
+    from pytest-xdist workers): a run cut off by a time limit, as on a lent GPU machine, still says what failed."""
+    path = os.environ.get("EMOVEC_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as handle:
+            handle.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
