@@ -43,6 +43,7 @@ emovec::SteerProjectArgs make_args(std::uintptr_t h, int64_t n, int64_t d, int64
 // instead of twenty-seven. The caller keeps every tensor it named alive.
 struct CpuCall {
   emovec::SteerProjectArgs args;
+  std::vector<uint16_t> panels;  // fp32 rows with bf16 probes: the probes packed once for vdpbf16ps
 };
 
 }  // namespace
@@ -74,6 +75,8 @@ PYBIND11_MODULE(_C, m) {
              CpuCall call;
              call.args = make_args(0, 0, d, d, h_dtype, w_dtype, 0, 0, 0, 0, 0, probes, num_probes, center, 0, 0, 0,
                                    0, 0, 0, 0, 0, 0, 0, false, 0);
+             emovec::check_args(call.args);
+             call.panels = emovec::prepare_probe_panels(call.args);
              return call;
            }),
            py::arg("d"), py::arg("h_dtype"), py::arg("w_dtype"), py::arg("probes"), py::arg("num_probes"),
@@ -83,6 +86,7 @@ PYBIND11_MODULE(_C, m) {
           [](const CpuCall& call, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t scores,
              std::uintptr_t norms, int threads, int64_t scores_stride, int64_t norms_stride) {
             emovec::SteerProjectArgs a = call.args;
+            a.probe_panels = call.panels.empty() ? nullptr : call.panels.data();
             a.h = as_pointer<void>(h); a.n = n; a.h_row_stride = stride;
             a.scores = as_pointer<float>(scores); a.norms = as_pointer<float>(norms);
             a.scores_row_stride = scores_stride; a.norms_stride = norms_stride;

@@ -15,7 +15,11 @@ void check_args(const SteerProjectArgs& a) {
   require(a.n == 0 || a.h != nullptr, "h is null");
   require(a.h_row_stride >= a.d || a.n <= 1, "h row stride must be >= d");
   require(valid_dtype(a.h_dtype), "h dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
-  require(a.w_dtype == kFloat32 || a.w_dtype == a.h_dtype, "weights must be fp32 or h's dtype");
+  // fp32 rows may read bf16 probes (half the bytes; monitoring only: no other weights), on the CPU
+  const bool bf16_probes = a.h_dtype == kFloat32 && a.w_dtype == kBFloat16 && a.table == nullptr &&
+                           a.ablate == nullptr && a.center == nullptr && a.clamp == nullptr;
+  require(a.w_dtype == kFloat32 || a.w_dtype == a.h_dtype || bf16_probes,
+          "weights must be fp32 or h's dtype (or bf16 probes alone for fp32 h)");
   require(a.table == nullptr || a.slots != nullptr, "a steering table needs slots");
   require(a.table == nullptr || a.table_rows >= 1, "table needs at least one row");
   require(a.num_ablate >= 0 && (a.num_ablate == 0) == (a.ablate == nullptr), "ablate and num_ablate disagree");

@@ -63,16 +63,17 @@ struct Fp32Rows {
   }
 };
 
-// out[r][p] += dot(x[r][0:len], probe[p][0:len]) for R rows and P probes; len is a multiple of kLanes.
-template <int R, int P>
-inline void dot_block(const float* x, int64_t x_stride, const float* const* probe, int64_t len,
+// out[r][p] += dot(x[r][0:len], probe[p][0:len]) for R rows and P probes; len is a multiple of kLanes. The probes
+// are fp32, or bf16 (PT = bfloat16_t: fp32 rows against bf16 probes, each widened exactly on load).
+template <int R, int P, typename PT = float>
+inline void dot_block(const float* x, int64_t x_stride, const PT* const* probe, int64_t len,
                       float* out, int64_t out_stride) {
   float acc[R][P][kLanes] = {};
   for (int64_t j = 0; j < len; j += kLanes) {
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p)
 #pragma omp simd
-        for (int l = 0; l < kLanes; ++l) acc[r][p][l] += x[r * x_stride + j + l] * probe[p][j + l];
+        for (int l = 0; l < kLanes; ++l) acc[r][p][l] += x[r * x_stride + j + l] * to_float(probe[p][j + l]);
   }
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) {
@@ -86,15 +87,21 @@ inline void dot_block(const float* x, int64_t x_stride, const float* const* prob
 // out[r][p] += dot(x[r], probe[p]) for R rows and P probes with R x P AVX-512 accumulators, no packing: each step
 // loads P probe vectors and R row vectors for R x P FMAs (4 x 4: 8 loads per 16 FMAs; 1 x 8 for one row). len is a
 // multiple of 16.
-template <int R, int P>
-inline void dot_block_512(const float* x, int64_t x_stride, const float* const* probe, int64_t len, float* out,
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+// 16 bf16 values widened to fp32 (exact: a bf16 is the top half of an fp32)
+inline __m512 load16(const bfloat16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+template <int R, int P, typename PT = float>
+inline void dot_block_512(const float* x, int64_t x_stride, const PT* const* probe, int64_t len, float* out,
                           int64_t out_stride) {
   __m512 acc[R][P];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
   for (int64_t j = 0; j < len; j += 16) {
     __m512 pv[P];
-    for (int p = 0; p < P; ++p) pv[p] = _mm512_loadu_ps(probe[p] + j);
+    for (int p = 0; p < P; ++p) pv[p] = load16(probe[p] + j);
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_loadu_ps(x + r * x_stride + j);
       for (int p = 0; p < P; ++p) acc[r][p] = _mm512_fmadd_ps(xv, pv[p], acc[r][p]);
@@ -115,47 +122,48 @@ inline void dot_block_512(const float* x, int64_t x_stride, const float* const* 
   }
 }
 constexpr int kDotRows = 4, kDotProbes = 4, kDotProbesOneRow = 8;
-template <int R, int P>
-inline void dot_any(const float* x, int64_t xs, const float* const* p, int64_t len, float* out, int64_t os) {
-  dot_block_512<R, P>(x, xs, p, len, out, os);
+template <int R, int P, typename PT>
+inline void dot_any(const float* x, int64_t xs, const PT* const* p, int64_t len, float* out, int64_t os) {
+  dot_block_512<R, P, PT>(x, xs, p, len, out, os);
 }
 #else
 constexpr int kDotRows = kRows, kDotProbes = kProbes, kDotProbesOneRow = kProbes;
-template <int R, int P>
-inline void dot_any(const float* x, int64_t xs, const float* const* p, int64_t len, float* out, int64_t os) {
-  dot_block<R, P>(x, xs, p, len, out, os);
+template <int R, int P, typename PT>
+inline void dot_any(const float* x, int64_t xs, const PT* const* p, int64_t len, float* out, int64_t os) {
+  dot_block<R, P, PT>(x, xs, p, len, out, os);
 }
 #endif
 
 // R rows (1 <= R <= kDotRows, a run-time count) x P probes
-template <int P>
-inline void dot_rows(int R, const float* x, int64_t xs, const float* const* p, int64_t len, float* out, int64_t os) {
+template <int P, typename PT>
+inline void dot_rows(int R, const float* x, int64_t xs, const PT* const* p, int64_t len, float* out, int64_t os) {
   switch (R) {
 #ifdef EMOVEC_AVX512
-    case 4: dot_any<4, P>(x, xs, p, len, out, os); break;
-    case 3: dot_any<3, P>(x, xs, p, len, out, os); break;
+    case 4: dot_any<4, P, PT>(x, xs, p, len, out, os); break;
+    case 3: dot_any<3, P, PT>(x, xs, p, len, out, os); break;
 #endif
-    case 2: dot_any<2, P>(x, xs, p, len, out, os); break;
-    default: dot_any<1, P>(x, xs, p, len, out, os); break;
+    case 2: dot_any<2, P, PT>(x, xs, p, len, out, os); break;
+    default: dot_any<1, P, PT>(x, xs, p, len, out, os); break;
   }
 }
 
 // scores of probes [k0, k1) for `rows` rows, written straight into out (row stride K, which may exceed the number of
 // probes: rows of a larger record): one thread's share of a single tile's probes, or a tile's. Rows past `rows` are
 // never written.
-inline void project_range_dots(const float* x, int64_t dp, int rows, const float* probes, int64_t probe_stride,
+template <typename PT>
+inline void project_range_dots(const float* x, int64_t dp, int rows, const PT* probes, int64_t probe_stride,
                                int64_t k0, int64_t k1, int64_t K, float* out) {
   for (int r = 0; r < rows; ++r) std::fill(out + r * K + k0, out + r * K + k1, 0.0f);
-  const float* p[kDotProbesOneRow];
+  const PT* p[kDotProbesOneRow];
   if (rows == 1) {  // decode at batch 1: one row against many probes at once
     int64_t k = k0;
     for (; k + kDotProbesOneRow <= k1; k += kDotProbesOneRow) {
       for (int q = 0; q < kDotProbesOneRow; ++q) p[q] = probes + (k + q) * probe_stride;
-      dot_any<1, kDotProbesOneRow>(x, dp, p, dp, out + k, K);
+      dot_any<1, kDotProbesOneRow, PT>(x, dp, p, dp, out + k, K);
     }
     for (; k < k1; ++k) {
       p[0] = probes + k * probe_stride;
-      dot_any<1, 1>(x, dp, p, dp, out + k, K);
+      dot_any<1, 1, PT>(x, dp, p, dp, out + k, K);
     }
     return;
   }
@@ -170,12 +178,12 @@ inline void project_range_dots(const float* x, int64_t dp, int rows, const float
     for (; k + kDotProbes <= k1; k += kDotProbes) {
       for (int q = 0; q < kDotProbes; ++q) p[q] = probes + (k + q) * probe_stride;
       for (int r = 0; r < chunk; r += kDotRows)
-        dot_rows<kDotProbes>(std::min(kDotRows, chunk - r), xc + r * dp, dp, p, dp, oc + r * K + k, K);
+        dot_rows<kDotProbes, PT>(std::min(kDotRows, chunk - r), xc + r * dp, dp, p, dp, oc + r * K + k, K);
     }
     for (; k < k1; ++k) {
       p[0] = probes + k * probe_stride;
       for (int r = 0; r < chunk; r += kDotRows)
-        dot_rows<1>(std::min(kDotRows, chunk - r), xc + r * dp, dp, p, dp, oc + r * K + k, K);
+        dot_rows<1, PT>(std::min(kDotRows, chunk - r), xc + r * dp, dp, p, dp, oc + r * K + k, K);
     }
   }
 }
@@ -337,6 +345,94 @@ void project_tile_bf16(const bfloat16_t* h, int64_t row_stride, int64_t d, int r
     }
   }
 }
+
+// NR fp32 rows, each given as two bf16 halves (hi + lo, pairs of columns, zero-padded to an even length), x NP
+// panels of 16 probes: acc += hi-pair . panel-pair and lo-pair . panel-pair (vdpbf16ps: exact products, fp32 sums),
+// 2 x NR x NP independent accumulators so the dot instructions' latency is hidden
+template <int NR, int NP>
+inline void bf16x2_block(const uint32_t* hi, const uint32_t* lo, int64_t pairs, const uint16_t* panel,
+                         int64_t panel_step, float* out, int64_t out_stride, int64_t last_width) {
+  __m512 acc_hi[NR][NP], acc_lo[NR][NP];
+  for (int r = 0; r < NR; ++r)
+    for (int p = 0; p < NP; ++p) acc_hi[r][p] = acc_lo[r][p] = _mm512_setzero_ps();
+  for (int64_t jp = 0; jp < pairs; ++jp) {
+    __m512bh b[NP];
+    for (int p = 0; p < NP; ++p) b[p] = (__m512bh)_mm512_loadu_si512(panel + p * panel_step + jp * 32);
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh xh = (__m512bh)_mm512_set1_epi32(static_cast<int>(hi[r * pairs + jp]));
+      const __m512bh xl = (__m512bh)_mm512_set1_epi32(static_cast<int>(lo[r * pairs + jp]));
+      for (int p = 0; p < NP; ++p) {
+        acc_hi[r][p] = _mm512_dpbf16_ps(acc_hi[r][p], xh, b[p]);
+        acc_lo[r][p] = _mm512_dpbf16_ps(acc_lo[r][p], xl, b[p]);
+      }
+    }
+  }
+  alignas(64) float lanes[kPanelWidth];
+  for (int r = 0; r < NR; ++r)
+    for (int p = 0; p < NP; ++p) {
+      const __m512 sum = _mm512_add_ps(acc_hi[r][p], acc_lo[r][p]);
+      float* o = out + r * out_stride + p * kPanelWidth;
+      if (p + 1 < NP || last_width == kPanelWidth) {
+        _mm512_storeu_ps(o, sum);
+      } else {
+        _mm512_store_ps(lanes, sum);
+        std::copy(lanes, lanes + last_width, o);
+      }
+    }
+}
+
+// rows x panels [t0, t1) of bf16x2 dots into out (row stride `stride`): every score summed the same way whatever
+// the split of the panels among threads (a panel's dots do not depend on which panels share its block)
+void project_bf16x2(const uint32_t* hi, const uint32_t* lo, int64_t pairs, int rows, const uint16_t* panels,
+                    int64_t K, int64_t t0, int64_t t1, float* out, int64_t stride) {
+  const int64_t step = pairs * 32;
+  auto width = [&](int64_t t) { return std::min<int64_t>(kPanelWidth, K - t * kPanelWidth); };
+  int r0 = 0;
+  for (; r0 + 4 <= rows; r0 += 4) {  // 4 rows x 2 panels: 16 accumulators
+    int64_t t = t0;
+    for (; t + 2 <= t1; t += 2)
+      bf16x2_block<4, 2>(hi + r0 * pairs, lo + r0 * pairs, pairs, panels + t * step, step,
+                         out + r0 * stride + t * kPanelWidth, stride, width(t + 1));
+    for (; t < t1; ++t)
+      bf16x2_block<4, 1>(hi + r0 * pairs, lo + r0 * pairs, pairs, panels + t * step, step,
+                         out + r0 * stride + t * kPanelWidth, stride, width(t));
+  }
+  for (; r0 < rows; ++r0) {  // 1 row x 4 panels: 8 accumulators
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4)
+      bf16x2_block<1, 4>(hi + r0 * pairs, lo + r0 * pairs, pairs, panels + t * step, step,
+                         out + r0 * stride + t * kPanelWidth, stride, width(t + 3));
+    for (; t < t1; ++t)
+      bf16x2_block<1, 1>(hi + r0 * pairs, lo + r0 * pairs, pairs, panels + t * step, step,
+                         out + r0 * stride + t * kPanelWidth, stride, width(t));
+  }
+}
+
+// fp32 rows x (d columns, row stride dp) as bf16 hi and lo halves in pairs of columns (zero past d): pair jp of a
+// row holds columns 2jp (low half) and 2jp + 1, so a row's pairs are its bf16 values in column order
+void split_rows(const float* x, int64_t dp, int rows, int64_t d, std::vector<uint32_t>& hi, std::vector<uint32_t>& lo) {
+  const int64_t pairs = (d + 1) / 2;
+  hi.assign(rows * pairs, 0u);
+  lo.assign(rows * pairs, 0u);
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x + r * dp;
+    uint16_t* h16 = reinterpret_cast<uint16_t*>(hi.data() + r * pairs);
+    uint16_t* l16 = reinterpret_cast<uint16_t*>(lo.data() + r * pairs);
+    int64_t j = 0;
+    for (; j + 16 <= d; j += 16) {  // vcvtneps2bf16 rounds to nearest even, like from_float
+      const __m512 v = _mm512_loadu_ps(xr + j);
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+      const __m512 hv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(h16 + j), h);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(l16 + j), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hv)));
+    }
+    for (; j < d; ++j) {
+      const bfloat16_t h = from_float<bfloat16_t>(xr[j]);
+      h16[j] = h.bits;
+      l16[j] = from_float<bfloat16_t>(xr[j] - to_float(h)).bits;
+    }
+  }
+}
 #endif
 
 // rows x K scores of a tile (row stride K) into out (row stride `stride`)
@@ -358,12 +454,40 @@ void run(const SteerProjectArgs& a, int num_threads) {
   const int64_t scores_stride = a.scores_row_stride > 0 ? a.scores_row_stride : K;  // rows of a larger record
   const int64_t norms_stride = a.norms_stride > 0 ? a.norms_stride : 1;
 
-  Fp32Rows<W> probes(a.probes, K, d, dp), ablate(a.ablate, A, d, d), table(a.table, a.table_rows, d, d),
-      center(a.center, 1, d, d), clamp(a.clamp, C, d, d);
+  // packing the probes (a transposing copy of all of them, per call) pays off only over many rows per thread
+  const bool packed_path = a.scores != nullptr && n >= kPackMinRowsPerThread * num_threads &&
+                           a.probe_panels == nullptr;
+  // fp32 rows with bf16 probes (a prepared monitoring call that keeps its probes in bf16: half the bytes to read):
+  // the dot blocks widen the probes as they load them, with no copy, when their rows need no zero padding; else
+  // (d not a multiple of 16, or the packed kernel) they are widened into fp32 rows once per call
+#ifdef EMOVEC_BF16_DOT
+  const bool panels_path = std::is_same<H, float>::value && a.probe_panels != nullptr && a.scores != nullptr;
+#else
+  constexpr bool panels_path = false;
+#endif
+  const bool direct_bf16 = std::is_same<H, float>::value && std::is_same<W, bfloat16_t>::value && dp == d &&
+                           !packed_path && !panels_path;
+  Fp32Rows<W> probes(direct_bf16 || panels_path ? nullptr : a.probes, K, d, dp), ablate(a.ablate, A, d, d),
+      table(a.table, a.table_rows, d, d), center(a.center, 1, d, d), clamp(a.clamp, C, d, d);
+  // scores of probes [k0, k1) for `rows` prepared rows x into out (row stride `stride`)
+  const int64_t num_panels = (K + kPanelWidth - 1) / kPanelWidth;
+  auto dots = [&](const float* x, int rows, int64_t k0, int64_t k1, int64_t stride, float* out) {
+#ifdef EMOVEC_BF16_DOT
+    if (panels_path) {  // k0, k1 are whole panels here (or K)
+      std::vector<uint32_t> hi, lo;
+      split_rows(x, dp, rows, d, hi, lo);
+      project_bf16x2(hi.data(), lo.data(), (d + 1) / 2, rows, a.probe_panels, K, k0 / kPanelWidth,
+                     (k1 + kPanelWidth - 1) / kPanelWidth, out, stride);
+      return;
+    }
+#endif
+    if (direct_bf16)
+      project_range_dots(x, dp, rows, static_cast<const bfloat16_t*>(a.probes), d, k0, k1, stride, out);
+    else
+      project_range_dots(x, dp, rows, probes.data, probes.stride, k0, k1, stride, out);
+  };
   std::vector<float> clamp_sq(C);  // ‖u_c‖², once per call
   for (int64_t c = 0; c < C; ++c) clamp_sq[c] = dot_lanes(clamp.data + c * d, clamp.data + c * d, d);
-  // packing the probes (a transposing copy of all of them, per call) pays off only over many rows per thread
-  const bool packed_path = a.scores != nullptr && n >= kPackMinRowsPerThread * num_threads;
 #ifdef EMOVEC_BF16_DOT
   // bf16 rows and no center: dot the rows as stored against bf16 probes with vdpbf16ps (half the probe bytes, twice
   // the multiply rate); the probes' rounding to bf16 is the only change against the fp32 path
@@ -428,7 +552,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
     prepare(0, rows, x.data(), coef.data(), centered.data(), false);
     if (a.scores != nullptr) {
       // whole probe blocks per thread, so each score is summed by the same block shape on any thread count
-      const int64_t unit = rows == 1 ? kDotProbesOneRow : kDotProbes;
+      const int64_t unit = panels_path ? kPanelWidth : rows == 1 ? kDotProbesOneRow : kDotProbes;
       const int64_t groups = (K + unit - 1) / unit;
       const bool split = num_threads > 1 && groups > 1 && n * K * d >= kSplitMinWork;
       const int threads = split ? static_cast<int>(std::min<int64_t>(num_threads, groups)) : 1;
@@ -440,7 +564,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
         const int64_t t = 0, T = 1;
 #endif
         const int64_t k0 = std::min(K, groups * t / T * unit), k1 = std::min(K, groups * (t + 1) / T * unit);
-        project_range_dots(x.data(), dp, rows, probes.data, probes.stride, k0, k1, scores_stride, a.scores);
+        dots(x.data(), rows, k0, k1, scores_stride, a.scores);
       }
     }
   } else {
@@ -471,8 +595,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
           project_tile_packed(x.data(), dp, d, rows, packed.data(), K, tile_scores.data());
           copy_rows(tile_scores.data(), rows, K, a.scores + row0 * scores_stride, scores_stride);
         } else {
-          project_range_dots(x.data(), dp, rows, probes.data, probes.stride, 0, K, scores_stride,
-                             a.scores + row0 * scores_stride);
+          dots(x.data(), rows, 0, K, scores_stride, a.scores + row0 * scores_stride);
         }
       }
     }
@@ -509,6 +632,19 @@ void dispatch_weights(const SteerProjectArgs& a, int threads) {
 
 }  // namespace
 
+std::vector<uint16_t> prepare_probe_panels(const SteerProjectArgs& a) {
+#ifdef EMOVEC_BF16_DOT
+  if (a.h_dtype != kFloat32 || a.w_dtype != kBFloat16 || a.probes == nullptr || a.num_probes == 0) return {};
+  std::vector<float> probes(a.num_probes * a.d);
+  const bfloat16_t* src = static_cast<const bfloat16_t*>(a.probes);
+  for (int64_t i = 0; i < a.num_probes * a.d; ++i) probes[i] = to_float(src[i]);  // exact: rounds back to itself
+  return pack_probes_bf16(probes.data(), a.d, a.num_probes, a.d, 1);
+#else
+  (void)a;
+  return {};
+#endif
+}
+
 bool cpu_bf16_dot() {
 #ifdef EMOVEC_BF16_DOT
   return true;
@@ -525,7 +661,10 @@ void steer_project_cpu(const SteerProjectArgs& a, int num_threads) {
   num_threads = 1;
 #endif
   switch (a.h_dtype) {
-    case kFloat32: run<float, float>(a, num_threads); break;
+    case kFloat32:
+      if (a.w_dtype == kBFloat16) run<float, bfloat16_t>(a, num_threads);
+      else run<float, float>(a, num_threads);
+      break;
     case kFloat16: dispatch_weights<half_t>(a, num_threads); break;
     case kBFloat16: dispatch_weights<bfloat16_t>(a, num_threads); break;
     default: throw std::invalid_argument("emovec._C.steer_project: unknown h dtype code");

@@ -111,6 +111,8 @@ void steer_project_cuda(const SteerProjectArgs& a, std::intptr_t stream_handle) 
   check_args(a);
   if (a.scores_row_stride != 0 || a.norms_stride != 0)
     throw std::invalid_argument("emovec._C.steer_project: strided scores / norms are a CPU-only option");
+  if (a.h_dtype == kFloat32 && a.w_dtype != kFloat32)
+    throw std::invalid_argument("emovec._C.steer_project: bf16 probes for fp32 h are a CPU-only option");
   if (a.n == 0) return;
   int count = 0;
   throw_on_error(cudaGetDeviceCount(&count), "cudaGetDeviceCount");

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace emovec {
 
@@ -69,6 +70,10 @@ struct SteerProjectArgs {
   // CPU only (a prepared call writing into a larger record): row i's scores at scores + i * scores_row_stride and its
   // norm at norms[i * norms_stride]; 0 means contiguous (num_probes and 1). The CUDA launcher refuses other values.
   int64_t scores_row_stride = 0, norms_stride = 0;
+  // CPU only, fp32 h with bf16 probes (w_dtype kBFloat16): the probes prepared once by prepare_probe_panels(), or
+  // null. With them (and AVX-512 bf16), each row is split into two bf16 halves (hi + lo: ~16 bits of mantissa) and
+  // dotted with vdpbf16ps against the panels: the probes' bf16 rounding is the only loss that matters.
+  const uint16_t* probe_panels = nullptr;
 
   const int64_t* segments = nullptr;  // [n], -1 = not captured
   float* sums = nullptr;              // [num_segments, d] contiguous, accumulated into
@@ -94,6 +99,9 @@ void steer_project_cpu(const SteerProjectArgs& args, int num_threads);
 void steer_project_cuda(const SteerProjectArgs& args, std::intptr_t stream);
 
 // What this build contains, for `emovec info`.
+// The probes of `a` (fp32 h, bf16 probes) as bf16 pairs in panels of 16, for SteerProjectArgs::probe_panels; empty
+// when the kernel has no AVX-512 bf16 dots (then the probes are read as they are).
+std::vector<uint16_t> prepare_probe_panels(const SteerProjectArgs& a);
 bool cpu_bf16_dot();  // the CPU kernel dots bf16 rows with AVX-512 bf16 instructions (bf16 probes)
 bool cuda_compiled();
 std::string cuda_architectures();

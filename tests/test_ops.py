@@ -390,6 +390,50 @@ def test_prepared_cpu_call_writes_rows_of_a_larger_record(n, dtype, threads):
     assert untouched.isnan().all()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,d", [(1, 576), (5, 576), (24, 64), (40, 576), (300, 576), (3, 580), (40, 100)])
+def test_prepared_call_with_bf16_probes_for_fp32_rows(n, d, threads):
+    """fp32 rows against bf16 probes (a prepared monitoring call keeping its probes in bf16): the scores equal the
+    float64 dots of the rows with the bf16-rounded probes up to fp32 summation, on every kernel path (one row, one
+    tile split among threads, several tiles, the packed kernel from 128 rows per thread, and d not a multiple of 16,
+    where the probes are widened into a padded copy), written through strided outputs; norms are exact as before."""
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    from emovec import _ext
+
+    g = torch.Generator().manual_seed(n * 31 + d)
+    h = torch.randn(n, d + 3, generator=g)[:, :d]  # strided rows
+    probes = torch.nn.functional.normalize(torch.randn(171, d, generator=g), dim=1).to(torch.bfloat16)
+    record = torch.full((n, 2, 180), math.nan)
+    norm_record = torch.full((n, 2), math.nan)
+    call = _ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[torch.float32], w_dtype=_ext.DTYPE_CODES[torch.bfloat16],
+                           probes=probes.data_ptr(), num_probes=171, center=0)
+    call.run(h.data_ptr(), n, h.stride(0), record[:, 1].data_ptr(), norm_record[:, 0].data_ptr(), threads, 360, 2)
+    want = h.double() @ probes.double().T
+    error = (record[:, 1, :171].double() - want).abs().max().item()
+    assert error <= 1e-5 * max(1.0, want.abs().max().item()), error  # fp32 sums of d products
+    torch.testing.assert_close(norm_record[:, 0].double(), h.double().norm(dim=1), rtol=1e-6, atol=0)
+    assert record[:, 0].isnan().all() and record[:, 1, 171:].isnan().all() and norm_record[:, 1].isnan().all()
+    # against fp32 probes, the bf16 rounding moves each unit-norm probe's score by at most 2^-8 of |h| (cosine)
+    exact = h.double() @ probes.float().double().T  # the same probes: identical values
+    assert torch.equal(exact, want)
+
+
+def test_bf16_probes_for_fp32_rows_are_refused_with_other_weights():
+    """The pairing is for monitoring alone: with a steering table the core refuses it clearly."""
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    from emovec import _ext
+
+    h = torch.randn(2, 16)
+    table = torch.randn(1, 16).to(torch.bfloat16)
+    slots = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="bf16 probes alone for fp32 h"):
+        _ext._C.steer_project_cpu(h.data_ptr(), 2, 16, 16, _ext.DTYPE_CODES[torch.float32],
+                                  _ext.DTYPE_CODES[torch.bfloat16], slots.data_ptr(), table.data_ptr(), 1, 0, 0, 0, 0,
+                                  0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, False, 0, 1)
+
+
 @pytest.mark.parametrize("n", [6, 40])  # 40 rows: Triton's tl.dot path, the CPU's packed path
 @pytest.mark.parametrize("backend", list(backend_params()))
 def test_out_of_range_indices_are_memory_safe_and_reported(backend, n, device):

@@ -121,6 +121,31 @@ def test_one_row_decode_steps_write_the_record_directly(tiny, centered):
             torch.testing.assert_close(res.norms[:, :, li], h.norm(dim=-1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_bf16_probes_for_fp32_rows_on_the_cpu(tiny, batch):
+    """monitor(bf16_probes=True): every step (prefill of two sequences into the scratch, one-row steps into the
+    record) reads the probes in bf16. Its scores equal float64 dots of the hidden states with the bf16-rounded unit
+    vectors (the rows themselves are not rounded), and differ from the fp32 probes' scores by at most 2^-8 of the
+    row's norm (the rounding bound; probe_dtype's docstring)."""
+    model, vectors = tiny
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    ids = torch.randint(2, 290, (batch, 4))
+    with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 2], bf16_probes=True) as mon:
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+    assert all(p.dtype == torch.bfloat16 for p in mon._probes.values())
+    res = mon.result()
+    with torch.no_grad():
+        for li, layer in enumerate([0, 2]):
+            h = hidden_at(model, out[:, :-1], layer).double()
+            rounded = vectors.unit[layer].to(torch.bfloat16).double()
+            want = h @ rounded.T
+            torch.testing.assert_close(res.scores[:, :, li].double(), want, rtol=1e-5, atol=1e-5)
+            exact = h @ vectors.unit[layer].double().T
+            assert ((res.scores[:, :, li].double() - exact).abs() <= 2**-8 * h.norm(dim=-1, keepdim=True)).all()
+            torch.testing.assert_close(res.norms[:, :, li].double(), h.norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
 def _pad_batch(seqs, side):
     width = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
