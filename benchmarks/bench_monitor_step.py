@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     token = torch.full((args.batch, 1), 500)
     mask = torch.ones(args.batch, 17, dtype=torch.long)
     monitor = emovec.monitor(model, vectors, layers)
+    monitor_bf16 = emovec.monitor(model, vectors, layers, bf16_probes=True)
 
     def block() -> list[float]:
         times = []
@@ -60,17 +61,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     plain: list[float] = []
     monitored: list[float] = []
+    monitored_bf16: list[float] = []
     with torch.no_grad():
         block()
         for _ in range(args.rounds):
             plain += block()
             with monitor:
                 monitored += block()
-    a, b = statistics.median(plain), statistics.median(monitored)
+            with monitor_bf16:
+                monitored_bf16 += block()
+    a, b, c = statistics.median(plain), statistics.median(monitored), statistics.median(monitored_bf16)
     print(f"batch {args.batch}: plain {a * 1e3:.2f} ms, monitored ({len(layers)} layers x {args.k}) {b * 1e3:.2f} ms "
-          f"per step: x{b / a:.3f}")
+          f"per step: x{b / a:.3f}; with bf16 probes {c * 1e3:.2f} ms: x{c / a:.3f}")
     result = {"model": name, "batch": args.batch, "K": args.k, "layers": len(layers), "threads": torch.get_num_threads(),
               "plain_ms": round(a * 1e3, 3), "monitored_ms": round(b * 1e3, 3), "ratio": round(b / a, 4),
+              "monitored_bf16_probes_ms": round(c * 1e3, 3), "ratio_bf16_probes": round(c / a, 4),
               "steps_each": len(plain), "torch": torch.__version__, "command": command_line()}
     out = atomic_write_text(args.out or Path(__file__).parent / "results" / f"monitor_step_cpu_b{args.batch}.json",
                             json.dumps(result, indent=1))

@@ -410,3 +410,23 @@ def test_probes_in_h_dtype_on_a_gpu_and_their_error_bound():
             bound = unit_roundoff * h.double().norm(dim=1, keepdim=True)
             assert ((scores.double() - exact).abs() <= bound * 1.001 + 1e-6).all()
             assert (scores.double() - exact).abs().max() > bound.max() * 1e-3  # the rounding is really there
+
+
+def test_unit_directions_are_kept_until_the_vectors_change():
+    """VectorSet.unit and unit_on(device, dtype) are computed once and reused (a monitor entered per batch copies
+    nothing), recomputed after an in-place change of the vectors, and work for tensors made in inference mode
+    (which track no version)."""
+    g = torch.Generator().manual_seed(3)
+    vs = VectorSet.from_tensor(torch.randn(2, 3, 8, generator=g), ["a", "b", "c"], layers=[0, 1])
+    first = vs.unit
+    assert vs.unit is first
+    torch.testing.assert_close(first, torch.nn.functional.normalize(vs.vectors, dim=-1), rtol=0, atol=0)
+    half = vs.unit_on("cpu", torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and vs.unit_on("cpu", torch.bfloat16) is half
+    assert torch.equal(half, first.to(torch.bfloat16))
+    vs.vectors.mul_(-1.0)  # in place: the cached directions are stale and must be recomputed
+    torch.testing.assert_close(vs.unit, -first, rtol=0, atol=0)
+    assert vs.unit_on("cpu", torch.bfloat16) is not half
+    with torch.inference_mode():
+        frozen = VectorSet.from_tensor(torch.randn(3, 8, generator=g), ["a", "b", "c"])
+    torch.testing.assert_close(frozen.unit, torch.nn.functional.normalize(frozen.vectors, dim=-1), rtol=0, atol=0)

@@ -399,3 +399,29 @@ def test_graph_safe_way_gives_the_same_results(engine, hf, monkeypatch):
     torch.testing.assert_close(torch.from_numpy(got_readings.scores), torch.from_numpy(want_readings.scores),
                                atol=1e-3, rtol=1e-4)
 
+
+def test_bf16_probes_read_what_the_transformers_monitor_reads_with_them(hf, monkeypatch):
+    """EMOVEC_VLLM_BF16_PROBES=1 (monitor-only layers read bf16 probes, fp32 model on the CPU): the readings equal
+    emovec.monitor(bf16_probes=True) on the same prompt, tokens and layers."""
+    monkeypatch.setenv("EMOVEC_VLLM_BF16_PROBES", "1")  # read in the worker process this engine starts
+    llm = LLM(ev.model_path(), dtype="float32", max_model_len=512, max_num_batched_tokens=64, max_num_seqs=8,
+              block_size=32, enforce_eager=True, seed=0)
+    monkeypatch.delenv("EMOVEC_VLLM_BF16_PROBES")
+    try:
+        assert [w["bf16_probes"] for w in llm.collective_rpc("emovec_status")] == [True]
+        ids = _ids(hf, PROMPTS[1])
+        names = ["afraid", "calm", "happy", "sad"]
+        out = llm.generate([_prompt(ids)], _params(monitor=",".join(names), monitor_layers="3,17"),
+                           use_tqdm=False)[0]
+        readings = ev.readings(llm, [out])[out.request_id]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    loaded, vectors = hf
+    with torch.no_grad(), emovec.monitor(loaded.model, vectors, [3, 17], bf16_probes=True) as mon:
+        tokens = loaded.model.generate(torch.tensor([ids]), max_new_tokens=TOKENS, do_sample=False,
+                                       pad_token_id=loaded.tokenizer.pad_token_id)[0, len(ids):].tolist()
+    assert list(out.outputs[0].token_ids) == tokens
+    result = mon.result(decode=False)
+    want = result.scores[0, readings.positions][:, :, [vectors.index(n) for n in names]]
+    torch.testing.assert_close(torch.from_numpy(readings.scores), want, atol=1e-4 * float(want.abs().max()), rtol=1e-4)
+

@@ -132,7 +132,11 @@ class VectorSet:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        source = (id(self.vectors), self.vectors._version)
+        try:
+            version = self.vectors._version
+        except RuntimeError:  # an inference tensor (made under torch.inference_mode) tracks no version
+            version = None
+        source = (id(self.vectors), version)
         cache = self.__dict__.get("_unit_cache")
         if cache is None or cache[0] != source:
             cache = (source, {})

@@ -49,6 +49,9 @@ MAX_KEPT = int(os.environ.get("EMOVEC_VLLM_MAX_KEPT", "4096"))  # requests whose
 # under CUDA graphs the buffers have fixed sizes: distinct settings running at once, and bounded concepts
 MAX_SETTINGS = int(os.environ.get("EMOVEC_VLLM_MAX_SETTINGS", "32"))
 MAX_CLAMP = int(os.environ.get("EMOVEC_VLLM_MAX_CLAMP", "8"))
+# fp32 models on the CPU: monitor-only layers read their probes in bf16 (half the bytes; a cosine moves by at most
+# 2^-9), as emovec.monitor(bf16_probes=True) does. Off by default: readings would change in their third digit.
+BF16_PROBES = os.environ.get("EMOVEC_VLLM_BF16_PROBES", "0") == "1"
 
 _PLUGINS: list[_Plugin] = []  # one per model runner in this process (the op names its runner's by index)
 
@@ -196,6 +199,7 @@ class _Plugin:
         # only the step's rows and addresses (the general call's Python costs several times more inside a forward
         # pass that streams the weights through the caches)
         self._calls: dict[tuple[int, torch.dtype], Any] = {}
+        self._probes_bf16: dict[int, torch.Tensor] = {}  # with EMOVEC_VLLM_BF16_PROBES=1, kept like the calls
         self._threads = 1
         self.graph_safe = graph_safe
         self.disabled = False
@@ -527,6 +531,8 @@ class _Plugin:
 
     def _prepare_call(self, layer: int, x: torch.Tensor):
         probes = self._probes[layer]  # kept as long as the plugin: the call holds its address
+        if BF16_PROBES and x.dtype == torch.float32:
+            probes = self._probes_bf16.setdefault(layer, probes.to(torch.bfloat16))
         call = _ext._C.CpuCall(d=x.shape[1], h_dtype=_ext.DTYPE_CODES[x.dtype], w_dtype=_ext.DTYPE_CODES[probes.dtype],
                                probes=probes.data_ptr(), num_probes=probes.shape[0], center=0)
         self._calls[(layer, x.dtype)] = call
@@ -676,7 +682,7 @@ def status(worker) -> dict[str, Any]:
     plugin = getattr(getattr(worker, "model_runner", None), "emovec", None)
     if plugin is None:
         return {"installed": False}
-    return {"installed": True, "disabled": plugin.disabled, "graph_safe": plugin.graph_safe,
+    return {"installed": True, "disabled": plugin.disabled, "graph_safe": plugin.graph_safe, "bf16_probes": BF16_PROBES,
             "layers": plugin.num_layers, "settings_running": len(plugin.recipe_rows),
             "bounded_concepts": list(plugin.clamp_names), "readings_waiting": len(plugin.readings)}
 

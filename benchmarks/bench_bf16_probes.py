@@ -1,0 +1,83 @@
+"""fp32 rows against fp32 or bf16 probes in the CPU's prepared call (`emovec._C.CpuCall`, what `emovec.monitor` and
+the vLLM plugin run per layer): one layer warm, 30 layers' probes in turn (L3), and 30 layers after streaming 64 MB
+between calls (what a decode step's weights do to the caches).
+
+    python benchmarks/bench_bf16_probes.py                  # d = 576, K = 171 (the default model), rows 1 and 8
+
+Times are per layer call, medians over repeats; results/bf16_probes_cpu.json with the command that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from emovec import _ext  # noqa: E402
+from emovec.fileio import atomic_write_text  # noqa: E402
+from harness import command_line  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d", type=int, default=576)
+    parser.add_argument("--k", type=int, default=171)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not _ext.has_cpp_library:
+        sys.exit("emovec._C is not built")
+    g = torch.Generator().manual_seed(0)
+    d, k = args.d, args.k
+    big = torch.empty(64 * 2**20 // 4)
+    rows_out = []
+    for n in args.rows:
+        h = torch.randn(n, d, generator=g)
+        scores, norms = torch.empty(n, k), torch.empty(n)
+        for dtype in (torch.float32, torch.bfloat16):
+            probes = [torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1).to(dtype)
+                      for _ in range(args.layers)]
+            calls = [_ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[torch.float32], w_dtype=_ext.DTYPE_CODES[dtype],
+                                     probes=p.data_ptr(), num_probes=k, center=0) for p in probes]
+            run = (h.data_ptr(), n, d, scores.data_ptr(), norms.data_ptr(), 1, 0, 0)
+            result = {"rows": n, "probes": str(dtype).replace("torch.", "")}
+            for _ in range(200):
+                calls[0].run(*run)
+            one = []
+            for _ in range(args.repeats * 10):
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    calls[0].run(*run)
+                one.append((time.perf_counter() - t0) / 20 * 1e6)
+            result["one_layer_warm_us"] = round(statistics.median(one), 3)
+            for label, cold in (("layers_in_turn_us", False), ("after_64mb_stream_us", True)):
+                samples = []
+                for _ in range(args.repeats):
+                    if cold:
+                        big.add_(1.0)
+                    t0 = time.perf_counter()
+                    for call in calls:
+                        call.run(*run)
+                    samples.append((time.perf_counter() - t0) / len(calls) * 1e6)
+                result[label] = round(statistics.median(samples), 3)
+            rows_out.append(result)
+            print(result, flush=True)
+    out = {"d": d, "K": k, "layers": args.layers, "threads": 1, "machine": platform.processor() or platform.machine(),
+           "bf16_dot": bool(_ext._C.cpu_bf16_dot()), "rows": rows_out, "command": command_line()}
+    path = atomic_write_text(args.out or Path(__file__).parent / "results" / "bf16_probes_cpu.json",
+                             json.dumps(out, indent=1))
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
