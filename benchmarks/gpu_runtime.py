@@ -39,6 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import emovec  # noqa: E402
 from emovec.bench.runner import NaiveHooks, emovec_backends, random_vectors  # noqa: E402
+from emovec.bench.runner import _sync as sync  # noqa: E402
+from emovec.bench.runner import _time as timed  # noqa: E402
 from emovec.fileio import atomic_write_text  # noqa: E402
 from emovec.layers import find_decoder_layers, layer_output_hidden, replace_layer_output  # noqa: E402
 from emovec.runtime import steering_vector  # noqa: E402
@@ -50,19 +52,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     if not torch.isfinite(a).all():
         return float("inf")
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def stats(v: list[float]) -> dict[str, float]:

@@ -381,31 +381,28 @@ inline void bf16x2_block(const uint32_t* hi, const uint32_t* lo, int64_t pairs, 
     }
 }
 
+// NR rows x panels [t0, t1): NP panels at a time, then one at a time
+template <int NR, int NP>
+inline void bf16x2_panels(const uint32_t* hi, const uint32_t* lo, int64_t pairs, const uint16_t* panels, int64_t K,
+                          int64_t t0, int64_t t1, float* out, int64_t stride) {
+  const int64_t step = pairs * 32;
+  auto width = [&](int64_t t) { return std::min<int64_t>(kPanelWidth, K - t * kPanelWidth); };
+  int64_t t = t0;
+  for (; t + NP <= t1; t += NP)
+    bf16x2_block<NR, NP>(hi, lo, pairs, panels + t * step, step, out + t * kPanelWidth, stride, width(t + NP - 1));
+  for (; t < t1; ++t)
+    bf16x2_block<NR, 1>(hi, lo, pairs, panels + t * step, step, out + t * kPanelWidth, stride, width(t));
+}
+
 // rows x panels [t0, t1) of bf16x2 dots into out (row stride `stride`): every score summed the same way whatever
 // the split of the panels among threads (a panel's dots do not depend on which panels share its block)
 void project_bf16x2(const uint32_t* hi, const uint32_t* lo, int64_t pairs, int rows, const uint16_t* panels,
                     int64_t K, int64_t t0, int64_t t1, float* out, int64_t stride) {
-  const int64_t step = pairs * 32;
-  auto width = [&](int64_t t) { return std::min<int64_t>(kPanelWidth, K - t * kPanelWidth); };
   int r0 = 0;
-  for (; r0 + 4 <= rows; r0 += 4) {  // 4 rows x 2 panels: 16 accumulators
-    int64_t t = t0;
-    for (; t + 2 <= t1; t += 2)
-      bf16x2_block<4, 2>(hi + r0 * pairs, lo + r0 * pairs, pairs, panels + t * step, step,
-                         out + r0 * stride + t * kPanelWidth, stride, width(t + 1));
-    for (; t < t1; ++t)
-      bf16x2_block<4, 1>(hi + r0 * pairs, lo + r0 * pairs, pairs, panels + t * step, step,
-                         out + r0 * stride + t * kPanelWidth, stride, width(t));
-  }
-  for (; r0 < rows; ++r0) {  // 1 row x 4 panels: 8 accumulators
-    int64_t t = t0;
-    for (; t + 4 <= t1; t += 4)
-      bf16x2_block<1, 4>(hi + r0 * pairs, lo + r0 * pairs, pairs, panels + t * step, step,
-                         out + r0 * stride + t * kPanelWidth, stride, width(t + 3));
-    for (; t < t1; ++t)
-      bf16x2_block<1, 1>(hi + r0 * pairs, lo + r0 * pairs, pairs, panels + t * step, step,
-                         out + r0 * stride + t * kPanelWidth, stride, width(t));
-  }
+  for (; r0 + 4 <= rows; r0 += 4)  // 4 rows x 2 panels: 16 accumulators
+    bf16x2_panels<4, 2>(hi + r0 * pairs, lo + r0 * pairs, pairs, panels, K, t0, t1, out + r0 * stride, stride);
+  for (; r0 < rows; ++r0)  // 1 row x 4 panels: 8 accumulators
+    bf16x2_panels<1, 4>(hi + r0 * pairs, lo + r0 * pairs, pairs, panels, K, t0, t1, out + r0 * stride, stride);
 }
 
 // fp32 rows x (d columns, row stride dp) as bf16 hi and lo halves in pairs of columns (zero past d): pair jp of a

@@ -32,10 +32,23 @@ PROMPTS = ["I just lost my job and I don't know", "The weather today is", "Tell 
            "My best friend moved away last week, and"]
 
 
+def _new_engine():
+    return LLM(ev.model_path(), dtype="float32", max_model_len=512, max_num_batched_tokens=64, max_num_seqs=8,
+               block_size=32, enforce_eager=True, seed=0)
+
+
+def _engine_with(monkeypatch, variable: str):
+    """A second engine whose worker process starts with `variable`=1 (read there, at start-up)."""
+    monkeypatch.setenv(variable, "1")
+    try:
+        return _new_engine()
+    finally:
+        monkeypatch.delenv(variable)
+
+
 @pytest.fixture(scope="module")
 def engine():
-    llm = LLM(ev.model_path(), dtype="float32", max_model_len=512, max_num_batched_tokens=64, max_num_seqs=8,
-              block_size=32, enforce_eager=True, seed=0)
+    llm = _new_engine()
     yield llm
     del llm
 
@@ -369,10 +382,7 @@ def test_graph_safe_way_gives_the_same_results(engine, hf, monkeypatch):
     """The way the plugin runs under CUDA graphs (fixed buffers, the op at every layer in every step), forced on
     the CPU: the same tokens and readings as the normal way, and a plain request as in the same batch with every
     request plain."""
-    monkeypatch.setenv("EMOVEC_VLLM_GRAPH_SAFE", "1")  # read in the worker process this engine starts
-    safe = LLM(ev.model_path(), dtype="float32", max_model_len=512, max_num_batched_tokens=64, max_num_seqs=8,
-               block_size=32, enforce_eager=True, seed=0)
-    monkeypatch.delenv("EMOVEC_VLLM_GRAPH_SAFE")
+    safe = _engine_with(monkeypatch, "EMOVEC_VLLM_GRAPH_SAFE")
     try:
         assert [w["graph_safe"] for w in safe.collective_rpc("emovec_status")] == [True]
         assert [w["graph_safe"] for w in engine.collective_rpc("emovec_status")] == [False]
@@ -403,10 +413,7 @@ def test_graph_safe_way_gives_the_same_results(engine, hf, monkeypatch):
 def test_bf16_probes_read_what_the_transformers_monitor_reads_with_them(hf, monkeypatch):
     """EMOVEC_VLLM_BF16_PROBES=1 (monitor-only layers read bf16 probes, fp32 model on the CPU): the readings equal
     emovec.monitor(bf16_probes=True) on the same prompt, tokens and layers."""
-    monkeypatch.setenv("EMOVEC_VLLM_BF16_PROBES", "1")  # read in the worker process this engine starts
-    llm = LLM(ev.model_path(), dtype="float32", max_model_len=512, max_num_batched_tokens=64, max_num_seqs=8,
-              block_size=32, enforce_eager=True, seed=0)
-    monkeypatch.delenv("EMOVEC_VLLM_BF16_PROBES")
+    llm = _engine_with(monkeypatch, "EMOVEC_VLLM_BF16_PROBES")
     try:
         assert [w["bf16_probes"] for w in llm.collective_rpc("emovec_status")] == [True]
         ids = _ids(hf, PROMPTS[1])
