@@ -6,7 +6,8 @@ ops: the steering add, ``h @ unit.T`` and ``h.norm()``, copying the scores to th
 do); ``emovec-<backend>`` (the fused runtime, once per available backend). Scenarios: generation of N tokens at
 batch 1 and 8 while monitoring every layer x K vectors and steering one recipe at one layer; prefill of ~256-token
 texts while recording every layer x K; the intervention work alone for one decode step (every layer's op on the
-same tensors, timed over many repeats); and op micro-benchmarks. Timing: medians with p20/p80 over interleaved
+same tensors, timed over many repeats; on the CPU, ``emovec-cpu`` runs the calls ``emovec.monitor`` makes there, a
+call prepared once per layer); and op micro-benchmarks. Timing: medians with p20/p80 over interleaved
 rounds (drift on a shared machine hits every provider alike).
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from emovec import _ext
 from emovec.layers import find_decoder_layers, layer_output_hidden, replace_layer_output
 from emovec.ops import backend_status, steer_project, steer_project_trusted
 from emovec.reference import naive_sequence
@@ -275,7 +277,25 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
             table = steer_vector[None].to(dtype)
             slots = torch.zeros(batch, dtype=torch.long, device=device)
 
-            def fused(b):
+            def fused(b, prepared=True):
+                if b == "cpu" and _ext.has_cpp_library and prepared:
+                    # what emovec.monitor runs per layer on the CPU: a call prepared once per layer (the op with
+                    # its probes fixed; only h's and the outputs' addresses cross from Python), and the op for
+                    # the steering
+                    fp32 = [u.float().contiguous() for u in unit]  # the monitor's CPU probes (probe_dtype)
+                    calls = [_ext._C.CpuCall(d=h[i].shape[1], h_dtype=_ext.DTYPE_CODES[dtype],
+                                             w_dtype=_ext.DTYPE_CODES[torch.float32], probes=fp32[i].data_ptr(),
+                                             num_probes=k, center=0) for i in layers]
+                    threads = torch.get_num_threads()
+
+                    def run_prepared(fp32=fp32):  # the probes live as long as the calls
+                        for i in layers:
+                            if i == steer_layer:
+                                steer_project_trusted(h[i], slots=slots, table=table, backend=b)
+                            calls[i].run(h[i].data_ptr(), batch, h[i].stride(0), scores.data_ptr(), norms.data_ptr(),
+                                         threads, 0, 0)
+                    return run_prepared
+
                 def run():  # what the runtime calls per layer: steering at one layer, monitoring at all
                     for i in layers:
                         if i == steer_layer:
@@ -304,6 +324,8 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
                 return run
 
             fns = {"naive": naive_step, **{f"emovec-{b}": fused(b) for b in backends}}
+            if "cpu" in backends and _ext.has_cpp_library:  # the op itself at every layer, for comparison
+                fns["emovec-cpu (op)"] = fused("cpu", prepared=False)
             if backends:
                 fns[f"emovec-{backends[0]}+cap"] = fused_cap(backends[0])
             timings = interleaved(fns, device, rounds=max(3, rounds), repeats=20, warmup=3)
