@@ -43,7 +43,8 @@ emovec::SteerProjectArgs make_args(std::uintptr_t h, int64_t n, int64_t d, int64
 // instead of twenty-seven. The caller keeps every tensor it named alive.
 struct CpuCall {
   emovec::SteerProjectArgs args;
-  std::vector<uint16_t> panels;  // fp32 rows with bf16 probes: the probes packed once for vdpbf16ps
+  std::vector<uint16_t> panels;     // fp32 rows with bf16 probes: the probes packed once for vdpbf16ps
+  std::vector<float> panels_fp32;   // fp32 probes: packed at the first call of kCpuPackedMinRows rows or more
 };
 
 }  // namespace
@@ -83,10 +84,17 @@ PYBIND11_MODULE(_C, m) {
            py::arg("center"))
       .def(
           "run",
-          [](const CpuCall& call, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t scores,
+          [](CpuCall& call, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t scores,
              std::uintptr_t norms, int threads, int64_t scores_stride, int64_t norms_stride) {
             emovec::SteerProjectArgs a = call.args;
+            if (n >= emovec::kCpuPackedMinRows && scores != 0 && call.panels.empty() && call.panels_fp32.empty() &&
+                a.h_dtype == emovec::kFloat32 && a.w_dtype == emovec::kFloat32 && a.num_probes > 0) {
+              // fp32 rows and probes (bf16 rows keep their own vdpbf16ps panels); under the GIL: one thread packs
+              call.panels_fp32.resize(emovec::packed_probes_floats(a.num_probes, a.d));
+              emovec::pack_probes_into(static_cast<const float*>(a.probes), a.num_probes, a.d, call.panels_fp32.data());
+            }
             a.probe_panels = call.panels.empty() ? nullptr : call.panels.data();
+            a.probe_panels_fp32 = call.panels_fp32.empty() ? nullptr : call.panels_fp32.data();
             a.h = as_pointer<void>(h); a.n = n; a.h_row_stride = stride;
             a.scores = as_pointer<float>(scores); a.norms = as_pointer<float>(norms);
             a.scores_row_stride = scores_stride; a.norms_stride = norms_stride;

@@ -33,7 +33,7 @@ constexpr int kRows = 2;        // rows per register block (2 x 4 x 8 accumulato
 constexpr int kProbes = 4;      // probes per register block
 constexpr int kLanes = 8;       // independent accumulators per dot (one AVX2 register of fp32)
 constexpr int kPad = 16;        // rows and probes zero-padded to a multiple of this (one AVX-512 register of fp32)
-constexpr int kRowTile = 24;    // rows prepared together (a multiple of kPanelRows)
+constexpr int kRowTile = kCpuRowTile;  // rows prepared together (a multiple of kPanelRows)
 constexpr int kPanelRows = 6;   // outer-product micro-kernel: 6 rows x 16 probes = 12 AVX2 accumulators
 constexpr int kPanelWidth = 16;
 constexpr int64_t kPackMinRowsPerThread = 128;  // below this many rows per thread, packing costs more than it saves
@@ -452,8 +452,11 @@ void run(const SteerProjectArgs& a, int num_threads) {
   const int64_t norms_stride = a.norms_stride > 0 ? a.norms_stride : 1;
 
   // packing the probes (a transposing copy of all of them, per call) pays off only over many rows per thread
-  const bool packed_path = a.scores != nullptr && n >= kPackMinRowsPerThread * num_threads &&
-                           a.probe_panels == nullptr;
+  // probes packed by the caller once (pack_probes_into), kept across calls: the outer-product kernel pays from the
+  // first multi-tile call on
+  const bool cached_panels = a.probe_panels_fp32 != nullptr && a.scores != nullptr;
+  const bool packed_path = a.scores != nullptr && a.probe_panels == nullptr &&
+                           (n >= kPackMinRowsPerThread * num_threads || (cached_panels && n >= kCpuPackedMinRows));
   // fp32 rows with bf16 probes (a prepared monitoring call that keeps its probes in bf16: half the bytes to read):
   // the dot blocks widen the probes as they load them, with no copy, when their rows need no zero padding; else
   // (d not a multiple of 16, or the packed kernel) they are widened into fp32 rows once per call
@@ -488,14 +491,16 @@ void run(const SteerProjectArgs& a, int num_threads) {
 #ifdef EMOVEC_BF16_DOT
   // bf16 rows and no center: dot the rows as stored against bf16 probes with vdpbf16ps (half the probe bytes, twice
   // the multiply rate); the probes' rounding to bf16 is the only change against the fp32 path
-  const bool bf16_path = packed_path && std::is_same<H, bfloat16_t>::value && a.center == nullptr;
+  const bool bf16_path = packed_path && std::is_same<H, bfloat16_t>::value && a.center == nullptr && !cached_panels;
   const std::vector<uint16_t> packed_bf16 =
       bf16_path ? pack_probes_bf16(probes.data, probes.stride, K, d, num_threads) : std::vector<uint16_t>();
 #else
   constexpr bool bf16_path = false;
 #endif
-  const std::vector<float> packed =
-      packed_path && !bf16_path ? pack_probes(probes.data, probes.stride, K, d, num_threads) : std::vector<float>();
+  const std::vector<float> packed = packed_path && !bf16_path && !cached_panels
+                                       ? pack_probes(probes.data, probes.stride, K, d, num_threads)
+                                       : std::vector<float>();
+  const float* packed_data = cached_panels ? a.probe_panels_fp32 : packed.data();
 
   // one tile of rows: load to fp32, edit and store back (keeping exactly what was stored), center, norms
   // x holds `rows` rows, or kRowTile rows with the ones past `rows` zeroed when `pad_tile` (the packed kernels read
@@ -541,7 +546,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
 
   if (!edits && !projects) {
     // nothing per row
-  } else if (n <= kRowTile) {
+  } else if (n <= kRowTile && !packed_path) {
     // one tile (decode): prepared once on this thread, then its probes split among the threads, each writing its own
     // columns of the scores (no copy, no atomics). With one row tile, splitting rows would leave all but one idle.
     const int rows = static_cast<int>(n);
@@ -589,7 +594,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
         } else
 #endif
         if (packed_path) {
-          project_tile_packed(x.data(), dp, d, rows, packed.data(), K, tile_scores.data());
+          project_tile_packed(x.data(), dp, d, rows, packed_data, K, tile_scores.data());
           copy_rows(tile_scores.data(), rows, K, a.scores + row0 * scores_stride, scores_stride);
         } else {
           dots(x.data(), rows, 0, K, scores_stride, a.scores + row0 * scores_stride);
@@ -628,6 +633,13 @@ void dispatch_weights(const SteerProjectArgs& a, int threads) {
 }
 
 }  // namespace
+
+int64_t packed_probes_floats(int64_t K, int64_t d) { return (K + kPanelWidth - 1) / kPanelWidth * d * kPanelWidth; }
+
+void pack_probes_into(const float* probes, int64_t K, int64_t d, float* out) {
+  const std::vector<float> packed = pack_probes(probes, d, K, d, 1);
+  std::copy(packed.begin(), packed.end(), out);
+}
 
 std::vector<uint16_t> prepare_probe_panels(const SteerProjectArgs& a) {
 #ifdef EMOVEC_BF16_DOT

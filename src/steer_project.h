@@ -13,6 +13,11 @@
 
 namespace emovec {
 
+// rows the CPU kernel prepares together; one tile of rows or fewer splits its probes among the threads
+constexpr int64_t kCpuRowTile = 24;
+// from this many rows, probes packed once by the caller (probe_panels_fp32) take the outer-product kernel
+constexpr int64_t kCpuPackedMinRows = 9;
+
 // dtype codes shared with python/emovec/_ext.py
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
@@ -74,6 +79,9 @@ struct SteerProjectArgs {
   // null. With them (and AVX-512 bf16), each row is split into two bf16 halves (hi + lo: ~16 bits of mantissa) and
   // dotted with vdpbf16ps against the panels: the probes' bf16 rounding is the only loss that matters.
   const uint16_t* probe_panels = nullptr;
+  // CPU only, fp32 probes: the probes packed by pack_probes_into() (the caller keeps them while the probes are
+  // unchanged), or null: from kCpuPackedMinRows rows on they take the outer-product kernel, with no packing per call.
+  const float* probe_panels_fp32 = nullptr;
 
   const int64_t* segments = nullptr;  // [n], -1 = not captured
   float* sums = nullptr;              // [num_segments, d] contiguous, accumulated into
@@ -102,6 +110,9 @@ void steer_project_cuda(const SteerProjectArgs& args, std::intptr_t stream);
 // The probes of `a` (fp32 h, bf16 probes) as bf16 pairs in panels of 16, for SteerProjectArgs::probe_panels; empty
 // when the kernel has no AVX-512 bf16 dots (then the probes are read as they are).
 std::vector<uint16_t> prepare_probe_panels(const SteerProjectArgs& a);
+// fp32 probes [K, d] packed for SteerProjectArgs::probe_panels_fp32, into out (packed_probes_floats(K, d) floats)
+int64_t packed_probes_floats(int64_t K, int64_t d);
+void pack_probes_into(const float* probes, int64_t K, int64_t d, float* out);
 bool cpu_bf16_dot();  // the CPU kernel dots bf16 rows with AVX-512 bf16 instructions (bf16 probes)
 bool cuda_compiled();
 std::string cuda_architectures();

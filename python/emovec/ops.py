@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from emovec import _ext
 from emovec.reference import SEGMENT_OUT_OF_RANGE, SLOT_OUT_OF_RANGE, steer_project_reference
@@ -22,6 +23,9 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 # which promotes to fp32: an fp32 cuBLAS GEMM, on CUDA cores while TF32 is off, torch's default, so no tensor cores
 # either, but a tiled GEMM); only an explicit backend="cuda" sends them to the CUDA kernels
 CUDA_MAX_ROWS = 64
+# from this many rows (kCpuPackedMinRows in src/steer_project.h) a prepared CPU projection packs its probes once for
+# the outer-product kernel; fewer rows dot the probes as they are, split among the threads
+CPU_PACKED_MIN_ROWS = 9
 # ablation directions per call: the kernels keep one coefficient per direction and row in registers/shared memory
 MAX_ABLATE = 64
 # clamp (regulation) directions per call, for the same reason
@@ -409,10 +413,48 @@ def index_error_message(code: int) -> str | None:
             "This is a bug in the caller's index bookkeeping: please report it")
 
 
+# Projection-only CPU calls of CPU_PACKED_MIN_ROWS rows or more with fp32 rows and probes: a call prepared per probes
+# tensor (emovec._C.CpuCall), which packs the probes once for the outer-product kernel instead of once per call.
+# Weak keys: an entry lives as long as its probes tensor; a tensor is prepared at its second sighting, so probes
+# made afresh for every call never pay for packing.
+_PREPARED = WeakIdKeyDictionary()
+
+
+def _version(t: torch.Tensor | None):
+    if t is None:
+        return None
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors track no version
+        return None
+
+
+def _prepared_projection(h, probes, center):
+    key = (_version(probes), probes.data_ptr(), tuple(probes.shape), id(center), _version(center))
+    entry = _PREPARED.get(probes)
+    if entry is None or entry[0] != key:
+        _PREPARED[probes] = (key, None, center)  # seen once: prepared if it comes again unchanged
+        return None
+    if entry[1] is None:
+        call = _ext._C.CpuCall(d=h.shape[1], h_dtype=_ext.DTYPE_CODES[torch.float32],
+                               w_dtype=_ext.DTYPE_CODES[torch.float32], probes=probes.data_ptr(),
+                               num_probes=probes.shape[0], center=_address(center))
+        entry = _PREPARED[probes] = (key, call, center)  # the entry keeps the center alive with the call
+    return entry[1]
+
+
 def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segments, sums, counts, errors, clamp,
                   bounds, relative_bounds, corrections, on_gpu: bool) -> None:
     if h.shape[0] == 0:  # nothing to do, and empty tensors have null data pointers
         return
+    if (not on_gpu and h.shape[0] >= CPU_PACKED_MIN_ROWS and scores is not None and h.dtype == torch.float32
+            and probes.dtype == torch.float32 and table is None and ablate is None and clamp is None and sums is None
+            and h.stride(1) == 1 and not torch.compiler.is_compiling()):
+        call = _prepared_projection(h, probes, center)
+        if call is not None:
+            call.run(h.data_ptr(), h.shape[0], h.stride(0), scores.data_ptr(), _address(norms),
+                     torch.get_num_threads(), 0, 0)
+            return
     weights = [t for t in (table, ablate, probes, center, clamp) if t is not None]
     w_dtype = weights[0].dtype if weights else torch.float32
     slot_rows = table.shape[0] if table is not None else (bounds.shape[0] if bounds is not None else 0)
