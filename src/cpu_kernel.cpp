@@ -88,6 +88,7 @@ inline void dot_block(const float* x, int64_t x_stride, const PT* const* probe, 
 // loads P probe vectors and R row vectors for R x P FMAs (4 x 4: 8 loads per 16 FMAs; 1 x 8 for one row). len is a
 // multiple of 16.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 // 16 bf16 values widened to fp32 (exact: a bf16 is the top half of an fp32)
 inline __m512 load16(const bfloat16_t* p) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -451,23 +452,29 @@ void run(const SteerProjectArgs& a, int num_threads) {
   const int64_t scores_stride = a.scores_row_stride > 0 ? a.scores_row_stride : K;  // rows of a larger record
   const int64_t norms_stride = a.norms_stride > 0 ? a.norms_stride : 1;
 
-  // packing the probes (a transposing copy of all of them, per call) pays off only over many rows per thread
-  // probes packed by the caller once (pack_probes_into), kept across calls: the outer-product kernel pays from the
-  // first multi-tile call on
+  // Packing the probes (a transposing copy of all of them) costs too much per call below many rows per thread; probes
+  // packed by the caller once and kept across calls (a prepared call) pay from kCpuPackedMinRows rows on:
+  // - probe_panels_fp32 (fp32 probes): the outer-product kernel on the prepared fp32 rows;
+  // - probe_panels (bf16 panels) with bf16 rows and no center: vdpbf16ps on the rows as stored (bf16_path below);
+  // - probe_panels with fp32 rows (bf16 probes): each row split into two bf16 halves (panels_path).
   const bool cached_panels = a.probe_panels_fp32 != nullptr && a.scores != nullptr;
-  const bool packed_path = a.scores != nullptr && a.probe_panels == nullptr &&
-                           (n >= kPackMinRowsPerThread * num_threads || (cached_panels && n >= kCpuPackedMinRows));
-  // fp32 rows with bf16 probes (a prepared monitoring call that keeps its probes in bf16: half the bytes to read):
-  // the dot blocks widen the probes as they load them, with no copy, when their rows need no zero padding; else
-  // (d not a multiple of 16, or the packed kernel) they are widened into fp32 rows once per call
+  const bool cached_bf16_rows = std::is_same<H, bfloat16_t>::value && a.probe_panels != nullptr &&
+                                a.scores != nullptr && a.center == nullptr;
+  const bool packed_path = a.scores != nullptr &&
+                           (a.probe_panels == nullptr ? n >= kPackMinRowsPerThread * num_threads ||
+                                                            (cached_panels && n >= kCpuPackedMinRows)
+                                                      : cached_bf16_rows && n >= kCpuPackedMinRows);
 #ifdef EMOVEC_BF16_DOT
   const bool panels_path = std::is_same<H, float>::value && a.probe_panels != nullptr && a.scores != nullptr;
 #else
   constexpr bool panels_path = false;
 #endif
-  const bool direct_bf16 = std::is_same<H, float>::value && std::is_same<W, bfloat16_t>::value && dp == d &&
-                           !packed_path && !panels_path;
-  Fp32Rows<W> probes(direct_bf16 || panels_path ? nullptr : a.probes, K, d, dp), ablate(a.ablate, A, d, d),
+  // 16-bit probes (fp32 rows with bf16 probes, or fp16 / bf16 rows with probes in their dtype) are read as they are
+  // by the dot blocks, widened on load: no fp32 copy of all the probes per call
+  const bool direct_bf16 = !std::is_same<W, float>::value && dp == d && !packed_path && !panels_path;
+  const bool probes_prepacked = packed_path && (cached_panels || cached_bf16_rows);  // no fp32 rows of them needed
+  Fp32Rows<W> probes(direct_bf16 || panels_path || probes_prepacked ? nullptr : a.probes, K, d, dp),
+      ablate(a.ablate, A, d, d),
       table(a.table, a.table_rows, d, d), center(a.center, 1, d, d), clamp(a.clamp, C, d, d);
   // scores of probes [k0, k1) for `rows` prepared rows x into out (row stride `stride`)
   const int64_t num_panels = (K + kPanelWidth - 1) / kPanelWidth;
@@ -482,7 +489,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
     }
 #endif
     if (direct_bf16)
-      project_range_dots(x, dp, rows, static_cast<const bfloat16_t*>(a.probes), d, k0, k1, stride, out);
+      project_range_dots(x, dp, rows, static_cast<const W*>(a.probes), d, k0, k1, stride, out);
     else
       project_range_dots(x, dp, rows, probes.data, probes.stride, k0, k1, stride, out);
   };
@@ -492,8 +499,10 @@ void run(const SteerProjectArgs& a, int num_threads) {
   // bf16 rows and no center: dot the rows as stored against bf16 probes with vdpbf16ps (half the probe bytes, twice
   // the multiply rate); the probes' rounding to bf16 is the only change against the fp32 path
   const bool bf16_path = packed_path && std::is_same<H, bfloat16_t>::value && a.center == nullptr && !cached_panels;
-  const std::vector<uint16_t> packed_bf16 =
-      bf16_path ? pack_probes_bf16(probes.data, probes.stride, K, d, num_threads) : std::vector<uint16_t>();
+  const std::vector<uint16_t> packed_bf16 = bf16_path && !cached_bf16_rows
+                                                ? pack_probes_bf16(probes.data, probes.stride, K, d, num_threads)
+                                                : std::vector<uint16_t>();
+  const uint16_t* bf16_panels = cached_bf16_rows ? a.probe_panels : packed_bf16.data();
 #else
   constexpr bool bf16_path = false;
 #endif
@@ -589,7 +598,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
 #ifdef EMOVEC_BF16_DOT
         if (bf16_path) {
           project_tile_bf16(reinterpret_cast<const bfloat16_t*>(h) + row0 * a.h_row_stride, a.h_row_stride, d, rows,
-                            packed_bf16.data(), K, tile_scores.data());
+                            bf16_panels, K, tile_scores.data());
           copy_rows(tile_scores.data(), rows, K, a.scores + row0 * scores_stride, scores_stride);
         } else
 #endif
@@ -643,10 +652,15 @@ void pack_probes_into(const float* probes, int64_t K, int64_t d, float* out) {
 
 std::vector<uint16_t> prepare_probe_panels(const SteerProjectArgs& a) {
 #ifdef EMOVEC_BF16_DOT
-  if (a.h_dtype != kFloat32 || a.w_dtype != kBFloat16 || a.probes == nullptr || a.num_probes == 0) return {};
+  // fp32 rows with bf16 probes (split rows), or bf16 rows and probes without a center (rows as stored); fp32 probes
+  // are never rounded here (a prepared call with them keeps the exact dots below the per-call packing's threshold)
+  const bool split_rows = a.h_dtype == kFloat32 && a.w_dtype == kBFloat16;
+  const bool stored_rows = a.h_dtype == kBFloat16 && a.w_dtype == kBFloat16 && a.center == nullptr;
+  if (!(split_rows || stored_rows) || a.probes == nullptr || a.num_probes == 0) return {};
   std::vector<float> probes(a.num_probes * a.d);
-  const bfloat16_t* src = static_cast<const bfloat16_t*>(a.probes);
-  for (int64_t i = 0; i < a.num_probes * a.d; ++i) probes[i] = to_float(src[i]);  // exact: rounds back to itself
+  for (int64_t i = 0; i < a.num_probes * a.d; ++i)  // bf16 probes: exact (they round back to themselves)
+    probes[i] = a.w_dtype == kBFloat16 ? to_float(static_cast<const bfloat16_t*>(a.probes)[i])
+                                       : static_cast<const float*>(a.probes)[i];
   return pack_probes_bf16(probes.data(), a.d, a.num_probes, a.d, 1);
 #else
   (void)a;

@@ -16,7 +16,7 @@ namespace emovec {
 // rows the CPU kernel prepares together; one tile of rows or fewer splits its probes among the threads
 constexpr int64_t kCpuRowTile = 24;
 // from this many rows, probes packed once by the caller (probe_panels_fp32) take the outer-product kernel
-constexpr int64_t kCpuPackedMinRows = 9;
+constexpr int64_t kCpuPackedMinRows = 4;
 
 // dtype codes shared with python/emovec/_ext.py
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -75,9 +75,10 @@ struct SteerProjectArgs {
   // CPU only (a prepared call writing into a larger record): row i's scores at scores + i * scores_row_stride and its
   // norm at norms[i * norms_stride]; 0 means contiguous (num_probes and 1). The CUDA launcher refuses other values.
   int64_t scores_row_stride = 0, norms_stride = 0;
-  // CPU only, fp32 h with bf16 probes (w_dtype kBFloat16): the probes prepared once by prepare_probe_panels(), or
-  // null. With them (and AVX-512 bf16), each row is split into two bf16 halves (hi + lo: ~16 bits of mantissa) and
-  // dotted with vdpbf16ps against the panels: the probes' bf16 rounding is the only loss that matters.
+  // CPU only: bf16 probes packed once by prepare_probe_panels() (kept by the caller while the probes are unchanged),
+  // or null. fp32 h with bf16 probes: each row is split into two bf16 halves (hi + lo, ~16 bits of mantissa) dotted
+  // with vdpbf16ps, so the probes' bf16 rounding is the only loss that matters; bf16 h and probes, no center: from
+  // kCpuPackedMinRows rows, vdpbf16ps on the rows as stored.
   const uint16_t* probe_panels = nullptr;
   // CPU only, fp32 probes: the probes packed by pack_probes_into() (the caller keeps them while the probes are
   // unchanged), or null: from kCpuPackedMinRows rows on they take the outer-product kernel, with no packing per call.
@@ -107,8 +108,8 @@ void steer_project_cpu(const SteerProjectArgs& args, int num_threads);
 void steer_project_cuda(const SteerProjectArgs& args, std::intptr_t stream);
 
 // What this build contains, for `emovec info`.
-// The probes of `a` (fp32 h, bf16 probes) as bf16 pairs in panels of 16, for SteerProjectArgs::probe_panels; empty
-// when the kernel has no AVX-512 bf16 dots (then the probes are read as they are).
+// The probes of `a` (fp32 h and bf16 probes, or bf16 h and probes without a center) as bf16 pairs in panels of 16,
+// for SteerProjectArgs::probe_panels; empty otherwise, or when the kernel has no AVX-512 bf16 dots.
 std::vector<uint16_t> prepare_probe_panels(const SteerProjectArgs& a);
 // fp32 probes [K, d] packed for SteerProjectArgs::probe_panels_fp32, into out (packed_probes_floats(K, d) floats)
 int64_t packed_probes_floats(int64_t K, int64_t d);

@@ -419,32 +419,35 @@ def test_prepared_call_with_bf16_probes_for_fp32_rows(n, d, threads):
     assert torch.equal(exact, want)
 
 
-@pytest.mark.parametrize("n", [9, 12, 24, 40, 300])
-def test_repeated_cpu_projection_packs_its_probes_once_and_follows_their_changes(n):
-    """Projection-only fp32 calls on the CPU with the same probes tensor: from the second call a prepared call packs
-    the probes once (the outer-product kernel, from 9 rows). Every call equals the float64 oracle, with a center and
-    strided rows; changing the probes in place is seen by the next call (no stale packing), and so is a new center."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [4, 9, 24, 40, 300])
+def test_repeated_cpu_projection_packs_its_probes_once_and_follows_their_changes(n, dtype):
+    """Projection-only calls on the CPU with the same probes tensor: from the second call a prepared call packs the
+    probes once (fp32: the outer-product kernel; bf16 rows and probes: vdpbf16ps on the rows as stored; from 4 rows).
+    Every call equals float64 dots of the values given, with strided rows (and a center in fp32); changing the probes
+    in place is seen by the next call (no stale packing), and so is a new center."""
     if not emovec.has_cpp_library:
         pytest.skip("emovec._C not built")
     import emovec.ops as ops
 
     g = torch.Generator().manual_seed(n)
-    h = torch.randn(n, 580, generator=g)[:, :576]  # strided rows
-    probes = torch.randn(171, 576, generator=g)
-    center = torch.randn(576, generator=g)
+    h = torch.randn(n, 580, generator=g).to(dtype)[:, :576]  # strided rows
+    probes = torch.randn(171, 576, generator=g).to(dtype)
+    center = torch.randn(576, generator=g) if dtype == torch.float32 else None
     for step in range(6):
         if step == 2:
             probes.mul_(-0.5)  # in place: the packed copy must be refreshed
-        if step == 4:
+        if step == 4 and center is not None:
             center = torch.randn(576, generator=g)
         scores, norms = torch.full((n, 171), math.nan), torch.full((n,), math.nan)
         emovec.steer_project(h, probes=probes, center=center, scores=scores, norms=norms, backend="cpu",
                              validate=False)
-        x = h.double() - center.double()
+        x = h.double() - (center.double() if center is not None else 0.0)
         torch.testing.assert_close(scores.double(), x @ probes.double().T, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(norms.double(), x.norm(dim=1), rtol=1e-6, atol=1e-5)
         entry = ops._PREPARED.get(probes)
-        assert (entry[1] is not None) == (step % 2 == 1)  # prepared at the second call with unchanged inputs
+        # prepared from the second call with unchanged inputs (bf16 has no center to change at step 4)
+        assert (entry[1] is not None) == (step % 2 == 1 or (center is None and step >= 3))
 
 
 def test_bf16_probes_for_fp32_rows_are_refused_with_other_weights():

@@ -25,7 +25,7 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 CUDA_MAX_ROWS = 64
 # from this many rows (kCpuPackedMinRows in src/steer_project.h) a prepared CPU projection packs its probes once for
 # the outer-product kernel; fewer rows dot the probes as they are, split among the threads
-CPU_PACKED_MIN_ROWS = 9
+CPU_PACKED_MIN_ROWS = 4
 # ablation directions per call: the kernels keep one coefficient per direction and row in registers/shared memory
 MAX_ABLATE = 64
 # clamp (regulation) directions per call, for the same reason
@@ -418,6 +418,9 @@ def index_error_message(code: int) -> str | None:
 # Weak keys: an entry lives as long as its probes tensor; a tensor is prepared at its second sighting, so probes
 # made afresh for every call never pay for packing.
 _PREPARED = WeakIdKeyDictionary()
+# (h, probes) dtypes with probes packed once: fp32 (the outer-product kernel) and bf16 without a center (vdpbf16ps on
+# the rows as stored, where the CPU has AVX-512 bf16; elsewhere the probes are read as they are)
+_PREPARED_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16))
 
 
 def _version(t: torch.Tensor | None):
@@ -430,14 +433,14 @@ def _version(t: torch.Tensor | None):
 
 
 def _prepared_projection(h, probes, center):
-    key = (_version(probes), probes.data_ptr(), tuple(probes.shape), id(center), _version(center))
+    key = (_version(probes), probes.data_ptr(), tuple(probes.shape), h.dtype, id(center), _version(center))
     entry = _PREPARED.get(probes)
     if entry is None or entry[0] != key:
         _PREPARED[probes] = (key, None, center)  # seen once: prepared if it comes again unchanged
         return None
     if entry[1] is None:
-        call = _ext._C.CpuCall(d=h.shape[1], h_dtype=_ext.DTYPE_CODES[torch.float32],
-                               w_dtype=_ext.DTYPE_CODES[torch.float32], probes=probes.data_ptr(),
+        call = _ext._C.CpuCall(d=h.shape[1], h_dtype=_ext.DTYPE_CODES[h.dtype],
+                               w_dtype=_ext.DTYPE_CODES[probes.dtype], probes=probes.data_ptr(),
                                num_probes=probes.shape[0], center=_address(center))
         entry = _PREPARED[probes] = (key, call, center)  # the entry keeps the center alive with the call
     return entry[1]
@@ -447,9 +450,9 @@ def _run_compiled(h, slots, table, ablate, probes, center, scores, norms, segmen
                   bounds, relative_bounds, corrections, on_gpu: bool) -> None:
     if h.shape[0] == 0:  # nothing to do, and empty tensors have null data pointers
         return
-    if (not on_gpu and h.shape[0] >= CPU_PACKED_MIN_ROWS and scores is not None and h.dtype == torch.float32
-            and probes.dtype == torch.float32 and table is None and ablate is None and clamp is None and sums is None
-            and h.stride(1) == 1 and not torch.compiler.is_compiling()):
+    if (not on_gpu and h.shape[0] >= CPU_PACKED_MIN_ROWS and scores is not None and table is None and ablate is None
+            and clamp is None and sums is None and h.stride(1) == 1 and not torch.compiler.is_compiling()
+            and (h.dtype, probes.dtype) in _PREPARED_DTYPES and (h.dtype == torch.float32 or center is None)):
         call = _prepared_projection(h, probes, center)
         if call is not None:
             call.run(h.data_ptr(), h.shape[0], h.stride(0), scores.data_ptr(), _address(norms),
