@@ -292,57 +292,75 @@ std::vector<uint16_t> pack_probes_bf16(const float* probes, int64_t probe_stride
   return packed;
 }
 
-// NR rows x 16 probes of one panel: acc[r] += x-pair . panel-pair with vdpbf16ps (products exact, fp32 accumulation).
-// NR is a template argument so the accumulators stay in registers.
-template <int NR>
-inline void bf16_block(const bfloat16_t* h, int64_t row_stride, int64_t d, const uint16_t* panel, float* out,
-                       int64_t out_stride, int64_t width) {
+// NR rows x NP panels of 16 probes: acc[r][p] += x-pair . panel-pair with vdpbf16ps (products exact, fp32
+// accumulation); each row pair is broadcast once for NP panels. NR, NP are template arguments so the accumulators
+// stay in registers.
+template <int NR, int NP>
+inline void bf16_block(const bfloat16_t* h, int64_t row_stride, int64_t d, const uint16_t* panel, int64_t panel_step,
+                       float* out, int64_t out_stride, int64_t last_width) {
   const int64_t full = d / 2;
-  __m512 acc[NR];
-  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[NR][NP];
+  for (int r = 0; r < NR; ++r)
+    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
   const bfloat16_t* row[NR];
   for (int r = 0; r < NR; ++r) row[r] = h + r * row_stride;
-  for (int64_t jp = 0; jp < full; ++jp) {
-    const __m512bh b = (__m512bh)_mm512_loadu_si512(panel + jp * 32);
+  uint32_t pairs[NR];
+  auto step = [&](int64_t jp) {
+    __m512bh b[NP];
+    for (int p = 0; p < NP; ++p) b[p] = (__m512bh)_mm512_loadu_si512(panel + p * panel_step + jp * 32);
     for (int r = 0; r < NR; ++r) {
-      uint32_t pair;
-      std::memcpy(&pair, row[r] + 2 * jp, 4);
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), b);
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[r]));
+      for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], x, b[p]);
     }
+  };
+  for (int64_t jp = 0; jp < full; ++jp) {
+    for (int r = 0; r < NR; ++r) std::memcpy(&pairs[r], row[r] + 2 * jp, 4);
+    step(jp);
   }
   if (full * 2 < d) {  // odd d: the last column pairs with a zero (never read past the row)
-    const __m512bh b = (__m512bh)_mm512_loadu_si512(panel + full * 32);
-    for (int r = 0; r < NR; ++r) {
-      const uint32_t pair = row[r][d - 1].bits;
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)), b);
-    }
+    for (int r = 0; r < NR; ++r) pairs[r] = row[r][d - 1].bits;
+    step(full);
   }
   alignas(64) float lanes[kPanelWidth];
-  for (int r = 0; r < NR; ++r) {
-    _mm512_store_ps(lanes, acc[r]);
-    std::copy(lanes, lanes + width, out + r * out_stride);
-  }
+  for (int r = 0; r < NR; ++r)
+    for (int p = 0; p < NP; ++p) {
+      float* o = out + r * out_stride + p * kPanelWidth;
+      if (p + 1 < NP || last_width == kPanelWidth) {
+        _mm512_storeu_ps(o, acc[r][p]);
+      } else {
+        _mm512_store_ps(lanes, acc[r][p]);
+        std::copy(lanes, lanes + last_width, o);
+      }
+    }
 }
 
-// scores of a tile of bf16 rows (as stored in h, no center) against the bf16-pair panels, 6 rows x 16 probes at a time.
+// NR bf16 rows (as stored) x every panel, two panels at a time
+template <int NR>
+inline void bf16_rows(const bfloat16_t* h, int64_t row_stride, int64_t d, const uint16_t* packed, int64_t K,
+                      float* out) {
+  const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth, step = (d + 1) / 2 * 32;
+  auto width = [&](int64_t t) { return std::min<int64_t>(kPanelWidth, K - t * kPanelWidth); };
+  int64_t t = 0;
+  for (; t + 2 <= panels; t += 2)
+    bf16_block<NR, 2>(h, row_stride, d, packed + t * step, step, out + t * kPanelWidth, K, width(t + 1));
+  for (; t < panels; ++t)
+    bf16_block<NR, 1>(h, row_stride, d, packed + t * step, step, out + t * kPanelWidth, K, width(t));
+}
+
+// scores of a tile of bf16 rows (as stored in h, no center) against the bf16-pair panels, 6 rows x 32 probes at a time
 void project_tile_bf16(const bfloat16_t* h, int64_t row_stride, int64_t d, int rows, const uint16_t* packed, int64_t K,
                        float* tile_scores) {
-  const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth, pairs = (d + 1) / 2;
   for (int r0 = 0; r0 < rows; r0 += kPanelRows) {
     const int nr = std::min(kPanelRows, rows - r0);
     const bfloat16_t* rows_h = h + r0 * row_stride;
-    for (int64_t t = 0; t < panels; ++t) {
-      const uint16_t* panel = packed + t * pairs * 32;
-      const int64_t width = std::min<int64_t>(kPanelWidth, K - t * kPanelWidth);
-      float* out = tile_scores + r0 * K + t * kPanelWidth;
-      switch (nr) {
-        case 6: bf16_block<6>(rows_h, row_stride, d, panel, out, K, width); break;
-        case 5: bf16_block<5>(rows_h, row_stride, d, panel, out, K, width); break;
-        case 4: bf16_block<4>(rows_h, row_stride, d, panel, out, K, width); break;
-        case 3: bf16_block<3>(rows_h, row_stride, d, panel, out, K, width); break;
-        case 2: bf16_block<2>(rows_h, row_stride, d, panel, out, K, width); break;
-        default: bf16_block<1>(rows_h, row_stride, d, panel, out, K, width); break;
-      }
+    float* out = tile_scores + r0 * K;
+    switch (nr) {
+      case 6: bf16_rows<6>(rows_h, row_stride, d, packed, K, out); break;
+      case 5: bf16_rows<5>(rows_h, row_stride, d, packed, K, out); break;
+      case 4: bf16_rows<4>(rows_h, row_stride, d, packed, K, out); break;
+      case 3: bf16_rows<3>(rows_h, row_stride, d, packed, K, out); break;
+      case 2: bf16_rows<2>(rows_h, row_stride, d, packed, K, out); break;
+      default: bf16_rows<1>(rows_h, row_stride, d, packed, K, out); break;
     }
   }
 }
