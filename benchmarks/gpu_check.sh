@@ -9,7 +9,10 @@
 #
 # MODEL: a saved model folder, or a folder with only config.json + tokenizer files (random weights of that shape are
 # made on the device: timings depend on shapes, and the checks compare emovec with references on the same model).
-# Default: .gpu/smol (copy the default model's config and tokenizer there; .gpu/ is ignored by git, carry it).
+# Default: .gpu/smol, the default model's config and tokenizer (3.5 MB; its weights, 98 MB, cannot travel), made here:
+#   echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/smol; python -c "import emovec; emovec.load_model()"
+#   cp ~/.cache/emovec/models/SmolLM2-135M-Instruct-*/{config.json,generation_config.json,tokenizer*.json,*.jinja} .gpu/smol/
+# and carried with the call (carry: [".gpu"]).
 # Stage limits (seconds): build 240, tests 150, runtime 230, runtime8b 90, kernels 3 x 30; on an H200 on 2026-11-30 the
 # build took 10 s, the default model's compiled generation ~60 s of compiling per provider and batch size.
 # Uses only what the machine has (python3 with torch, triton, transformers, pybind11, cmake, ninja, pytest and
