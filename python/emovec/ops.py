@@ -413,10 +413,10 @@ def index_error_message(code: int) -> str | None:
             "This is a bug in the caller's index bookkeeping: please report it")
 
 
-# Projection-only CPU calls of CPU_PACKED_MIN_ROWS rows or more with fp32 rows and probes: a call prepared per probes
-# tensor (emovec._C.CpuCall), which packs the probes once for the outer-product kernel instead of once per call.
-# Weak keys: an entry lives as long as its probes tensor; a tensor is prepared at its second sighting, so probes
-# made afresh for every call never pay for packing.
+# Projection-only CPU calls of CPU_PACKED_MIN_ROWS rows or more (the dtypes below): a call prepared per probes tensor
+# (emovec._C.CpuCall), which packs the probes once instead of once per call. Weak keys: an entry lives as long as its
+# probes tensor; a tensor is prepared at its second sighting with the same version, center and h dtype, so probes made
+# afresh for every call never pay for packing.
 _PREPARED = WeakIdKeyDictionary()
 # (h, probes) dtypes with probes packed once: fp32 (the outer-product kernel) and bf16 without a center (vdpbf16ps on
 # the rows as stored, where the CPU has AVX-512 bf16; elsewhere the probes are read as they are)
