@@ -10,7 +10,6 @@ Times are per layer call, medians over repeats; results/bf16_probes_cpu.json wit
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -21,8 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from emovec import _ext  # noqa: E402
-from emovec.fileio import atomic_write_text  # noqa: E402
-from harness import command_line  # noqa: E402
+from harness import command_line, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,9 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(result, flush=True)
     out = {"d": d, "K": k, "layers": args.layers, "threads": 1, "machine": platform.processor() or platform.machine(),
            "bf16_dot": bool(_ext._C.cpu_bf16_dot()), "rows": rows_out, "command": command_line()}
-    path = atomic_write_text(args.out or Path(__file__).parent / "results" / "bf16_probes_cpu.json",
-                             json.dumps(out, indent=1))
-    print(f"wrote {path}")
+    write_json(args.out or Path(__file__).parent / "results" / "bf16_probes_cpu.json", out)
     return out
 
 

@@ -12,7 +12,6 @@ for the eager providers). Results go to results/compiled_<device>.json with the 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -24,9 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import emovec  # noqa: E402
 from emovec.bench.runner import random_vectors  # noqa: E402
-from emovec.fileio import atomic_write_text  # noqa: E402
 from emovec.layers import find_decoder_layers  # noqa: E402
-from harness import command_line  # noqa: E402
+from harness import command_line, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,9 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
               "K": args.k, "layers": layers, "steer_layer": steer_layer, "rounds": args.rounds,
               "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "rows": rows, "command": command_line()}
-    out = atomic_write_text(args.out or Path(__file__).parent / "results" / f"compiled_{device.type}_b{args.batch}.json",
-                            json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_json(args.out or Path(__file__).parent / "results" / f"compiled_{device.type}_b{args.batch}.json", result)
     return result
 
 

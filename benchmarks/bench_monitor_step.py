@@ -12,7 +12,6 @@ block). Reports the median step time of each and their ratio; results/monitor_st
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,9 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import emovec  # noqa: E402
 from emovec.bench.runner import random_vectors  # noqa: E402
-from emovec.fileio import atomic_write_text  # noqa: E402
 from emovec.layers import find_decoder_layers  # noqa: E402
-from harness import command_line  # noqa: E402
+from harness import command_line, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,9 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
               "plain_ms": round(a * 1e3, 3), "monitored_ms": round(b * 1e3, 3), "ratio": round(b / a, 4),
               "monitored_bf16_probes_ms": round(c * 1e3, 3), "ratio_bf16_probes": round(c / a, 4),
               "steps_each": len(plain), "torch": torch.__version__, "command": command_line()}
-    out = atomic_write_text(args.out or Path(__file__).parent / "results" / f"monitor_step_cpu_b{args.batch}.json",
-                            json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_json(args.out or Path(__file__).parent / "results" / f"monitor_step_cpu_b{args.batch}.json", result)
     return result
 
 

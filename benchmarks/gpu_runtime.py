@@ -27,7 +27,6 @@ prefill throughput with recording at least 95% of plain.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -41,10 +40,9 @@ import emovec  # noqa: E402
 from emovec.bench.runner import NaiveHooks, emovec_backends, random_vectors  # noqa: E402
 from emovec.bench.runner import _sync as sync  # noqa: E402
 from emovec.bench.runner import _time as timed  # noqa: E402
-from emovec.fileio import atomic_write_text  # noqa: E402
 from emovec.layers import find_decoder_layers, layer_output_hidden, replace_layer_output  # noqa: E402
 from emovec.runtime import steering_vector  # noqa: E402
-from harness import command_line  # noqa: E402
+from harness import command_line, write_json  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -140,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "command": command_line(), "checks": {}}
 
     def save(section: str) -> None:
-        atomic_write_text(out_path, json.dumps(result, indent=1))
+        write_json(out_path, result, quiet=True)
         print(f"[{section}] saved to {out_path}", flush=True)
 
     def check(section: str, name: str, value: float, limit: float) -> None:

@@ -6,6 +6,7 @@ On CUDA it times with events after a synchronize; on the CPU with perf_counter. 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shlex
 import statistics
@@ -74,6 +75,16 @@ def write_csv(path: str | Path, rows: list[dict]) -> Path:
         for row in rows:
             writer.writerow({**row, "command": command_line()})
     os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, result: dict, *, quiet: bool = False) -> Path:
+    """Write a result (which carries its "command") atomically as indented JSON, and say where."""
+    from emovec.fileio import atomic_write_text
+
+    path = atomic_write_text(path, json.dumps(result, indent=1))
+    if not quiet:
+        print(f"wrote {path}")
     return path
 
 

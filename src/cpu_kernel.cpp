@@ -495,7 +495,6 @@ void run(const SteerProjectArgs& a, int num_threads) {
       ablate(a.ablate, A, d, d),
       table(a.table, a.table_rows, d, d), center(a.center, 1, d, d), clamp(a.clamp, C, d, d);
   // scores of probes [k0, k1) for `rows` prepared rows x into out (row stride `stride`)
-  const int64_t num_panels = (K + kPanelWidth - 1) / kPanelWidth;
   auto dots = [&](const float* x, int rows, int64_t k0, int64_t k1, int64_t stride, float* out) {
 #ifdef EMOVEC_BF16_DOT
     if (panels_path) {  // k0, k1 are whole panels here (or K)

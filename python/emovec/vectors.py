@@ -136,19 +136,16 @@ class VectorSet:
             version = self.vectors._version
         except RuntimeError:  # an inference tensor (made under torch.inference_mode) tracks no version
             version = None
-        source = (id(self.vectors), version)
-        cache = self.__dict__.get("_unit_cache")
-        if cache is None or cache[0] != source:
-            cache = (source, {})
-            self.__dict__["_unit_cache"] = cache
-        key = (device, dtype)
-        if key not in cache[1]:
-            unit = cache[1].get((self.vectors.device, torch.float32))
+        cache = self.__dict__.get("_unit_cache")  # (the vectors tensor itself, its version, {(device, dtype): unit})
+        if cache is None or cache[0] is not self.vectors or cache[1] != version:
+            cache = self.__dict__["_unit_cache"] = (self.vectors, version, {})
+        units = cache[2]
+        if (device, dtype) not in units:
+            unit = units.get((self.vectors.device, torch.float32))
             if unit is None:
-                unit = torch.nn.functional.normalize(self.vectors, dim=-1)
-                cache[1][(self.vectors.device, torch.float32)] = unit
-            cache[1][key] = unit.to(device=device, dtype=dtype).contiguous()
-        return cache[1][key]
+                unit = units[(self.vectors.device, torch.float32)] = torch.nn.functional.normalize(self.vectors, dim=-1)
+            units[(device, dtype)] = unit.to(device=device, dtype=dtype).contiguous()
+        return units[(device, dtype)]
 
     def covers(self, layer: int) -> bool:
         return not self.layers or layer in self.layers

@@ -282,13 +282,13 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
                     # what emovec.monitor runs per layer on the CPU: a call prepared once per layer (the op with
                     # its probes fixed; only h's and the outputs' addresses cross from Python), and the op for
                     # the steering
-                    fp32 = [u.float().contiguous() for u in unit]  # the monitor's CPU probes (probe_dtype)
+                    # the monitor's CPU probes are the fp32 unit vectors (probe_dtype), contiguous per layer
                     calls = [_ext._C.CpuCall(d=h[i].shape[1], h_dtype=_ext.DTYPE_CODES[dtype],
-                                             w_dtype=_ext.DTYPE_CODES[torch.float32], probes=fp32[i].data_ptr(),
+                                             w_dtype=_ext.DTYPE_CODES[torch.float32], probes=unit[i].data_ptr(),
                                              num_probes=k, center=0) for i in layers]
                     threads = torch.get_num_threads()
 
-                    def run_prepared(fp32=fp32):  # the probes live as long as the calls
+                    def run_prepared(unit=unit):  # the probes live as long as the calls
                         for i in layers:
                             if i == steer_layer:
                                 steer_project_trusted(h[i], slots=slots, table=table, backend=b)

@@ -190,7 +190,6 @@ class _Plugin:
         self._norms: dict[int, torch.Tensor] = {}
         self._monitored: list[tuple[str, RequestSpec, int, int, int]] = []
         self._row_cache: dict[str, dict[int, torch.Tensor]] = {}
-        self._unit_cache: torch.Tensor | None = None
         self.layer_full = [False] * self.num_layers  # every row of the step is edited at this layer
         self._rows = 0
         self._copied = 0  # columns of the device slot buffer written last step
@@ -405,9 +404,7 @@ class _Plugin:
         return rows
 
     def _unit(self) -> torch.Tensor:
-        if self._unit_cache is None:
-            self._unit_cache = self.vectors().unit
-        return self._unit_cache
+        return self.vectors().unit  # normalised once: the VectorSet keeps it
 
     def _write_row(self, row: int, spec: RequestSpec) -> None:
         steering = self._steering_rows(spec)
