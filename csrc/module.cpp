@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
+
 #include "../src/steer_project.h"
 
 namespace py = pybind11;
@@ -45,6 +47,48 @@ struct CpuCall {
   emovec::SteerProjectArgs args;
   std::vector<uint16_t> panels;     // fp32 rows with bf16 probes: the probes packed once for vdpbf16ps
   std::vector<float> panels_fp32;   // fp32 probes: packed at the first call of kCpuPackedMinRows rows or more
+
+  // the arguments of a run of n rows; packs the fp32 panels at the first run of kCpuPackedMinRows rows or more (fp32
+  // rows and probes; bf16 rows keep their own vdpbf16ps panels). Called under the GIL: one thread packs.
+  emovec::SteerProjectArgs with(std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t scores,
+                                std::uintptr_t norms, int64_t scores_stride, int64_t norms_stride) {
+    emovec::SteerProjectArgs a = args;
+    if (n >= emovec::kCpuPackedMinRows && scores != 0 && panels.empty() && panels_fp32.empty() &&
+        a.h_dtype == emovec::kFloat32 && a.w_dtype == emovec::kFloat32 && a.num_probes > 0) {
+      panels_fp32.resize(emovec::packed_probes_floats(a.num_probes, a.d));
+      emovec::pack_probes_into(static_cast<const float*>(a.probes), a.num_probes, a.d, panels_fp32.data());
+    }
+    a.probe_panels = panels.empty() ? nullptr : panels.data();
+    a.probe_panels_fp32 = panels_fp32.empty() ? nullptr : panels_fp32.data();
+    a.h = as_pointer<void>(h); a.n = n; a.h_row_stride = stride;
+    a.scores = as_pointer<float>(scores); a.norms = as_pointer<float>(norms);
+    a.scores_row_stride = scores_stride; a.norms_stride = norms_stride;
+    return a;
+  }
+};
+
+// The prepared calls of a monitor's layers at a decode step, run together. Each layer's call copies its few rows
+// (and remembers where its scores go); the last layer's call runs every layer's dots in one parallel region, a layer
+// per thread (steer_project_cpu_many). One call per layer per step costs a fork and a join of the threads each time,
+// about what a layer's dots cost at one row; the copies cost a few hundred bytes per layer.
+struct CpuLayers {
+  std::vector<py::object> owners;  // the CpuCall objects: their panels must outlive this group
+  std::vector<CpuCall*> calls;
+  std::vector<std::vector<unsigned char>> rows;  // each layer's rows, copied contiguously
+  std::vector<emovec::SteerProjectArgs> staged;
+  std::vector<bool> is_staged;
+  int threads = 0;  // of the last run, for a flush without its own
+
+  void flush(int num_threads) {
+    std::vector<emovec::SteerProjectArgs> ready;
+    for (size_t i = 0; i < calls.size(); ++i)
+      if (is_staged[i]) ready.push_back(staged[i]);
+    is_staged.assign(calls.size(), false);
+    if (ready.empty()) return;
+    py::gil_scoped_release release;
+    emovec::steer_project_cpu_many(ready.data(), static_cast<int64_t>(ready.size()),
+                                   num_threads > 0 ? num_threads : threads);
+  }
 };
 
 }  // namespace
@@ -86,19 +130,8 @@ PYBIND11_MODULE(_C, m) {
           "run",
           [](CpuCall& call, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t scores,
              std::uintptr_t norms, int threads, int64_t scores_stride, int64_t norms_stride) {
-            emovec::SteerProjectArgs a = call.args;
-            if (n >= emovec::kCpuPackedMinRows && scores != 0 && call.panels.empty() && call.panels_fp32.empty() &&
-                a.h_dtype == emovec::kFloat32 && a.w_dtype == emovec::kFloat32 && a.num_probes > 0) {
-              // fp32 rows and probes (bf16 rows keep their own vdpbf16ps panels); under the GIL: one thread packs
-              call.panels_fp32.resize(emovec::packed_probes_floats(a.num_probes, a.d));
-              emovec::pack_probes_into(static_cast<const float*>(a.probes), a.num_probes, a.d, call.panels_fp32.data());
-            }
-            a.probe_panels = call.panels.empty() ? nullptr : call.panels.data();
-            a.probe_panels_fp32 = call.panels_fp32.empty() ? nullptr : call.panels_fp32.data();
-            a.h = as_pointer<void>(h); a.n = n; a.h_row_stride = stride;
-            a.scores = as_pointer<float>(scores); a.norms = as_pointer<float>(norms);
-            a.scores_row_stride = scores_stride; a.norms_stride = norms_stride;
             if (n == 0) return;
+            const emovec::SteerProjectArgs a = call.with(h, n, stride, scores, norms, scores_stride, norms_stride);
             py::gil_scoped_release release;
             emovec::steer_project_cpu(a, threads);
           },
@@ -106,6 +139,60 @@ PYBIND11_MODULE(_C, m) {
           "floats and its norm at norms + i * norms_stride floats (0: contiguous).",
           py::arg("h"), py::arg("n"), py::arg("stride"), py::arg("scores"), py::arg("norms"), py::arg("threads"),
           py::arg("scores_stride") = 0, py::arg("norms_stride") = 0);
+
+  py::class_<CpuLayers>(m, "CpuLayers",
+                        "Prepared CPU calls of several layers, run together when the last layer's rows arrive.")
+      .def(py::init([](py::list calls) {
+             CpuLayers group;
+             for (py::handle item : calls) {
+               group.owners.push_back(py::reinterpret_borrow<py::object>(item));
+               group.calls.push_back(item.cast<CpuCall*>());
+             }
+             if (group.calls.empty()) throw std::invalid_argument("emovec._C.CpuLayers: no calls");
+             group.rows.resize(group.calls.size());
+             group.staged.resize(group.calls.size());
+             group.is_staged.assign(group.calls.size(), false);
+             return group;
+           }),
+           py::arg("calls"))
+      .def(
+          "run",
+          [](CpuLayers& group, int64_t position, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t scores,
+             std::uintptr_t norms, int threads, int64_t scores_stride, int64_t norms_stride) {
+            const int64_t count = static_cast<int64_t>(group.calls.size());
+            if (position < 0 || position >= count)
+              throw std::invalid_argument("emovec._C.CpuLayers.run: position " + std::to_string(position) +
+                                          " outside [0, " + std::to_string(count) + ")");
+            group.threads = threads;
+            if (n > 0) {
+              emovec::SteerProjectArgs a =
+                  group.calls[position]->with(h, n, stride, scores, norms, scores_stride, norms_stride);
+              if (position + 1 < count) {  // copy the rows: the model may reuse their memory before the last layer
+                const int64_t width = a.d * (a.h_dtype == emovec::kFloat32 ? 4 : 2);
+                std::vector<unsigned char>& copy = group.rows[position];
+                copy.resize(n * width);
+                const int64_t row_bytes = stride * (a.h_dtype == emovec::kFloat32 ? 4 : 2);
+                for (int64_t r = 0; r < n; ++r)
+                  std::memcpy(copy.data() + r * width, as_pointer<unsigned char>(h) + r * row_bytes, width);
+                a.h = copy.data();
+                a.h_row_stride = a.d;
+              }
+              group.staged[position] = a;
+              group.is_staged[position] = true;
+            }
+            if (position + 1 == count) group.flush(threads);
+          },
+          "Layer `position`'s rows (CpuCall.run's arguments): copied and kept, except at the last position, whose "
+          "call runs every kept layer's projection together.",
+          py::arg("position"), py::arg("h"), py::arg("n"), py::arg("stride"), py::arg("scores"), py::arg("norms"),
+          py::arg("threads"), py::arg("scores_stride") = 0, py::arg("norms_stride") = 0)
+      .def("flush", &CpuLayers::flush, py::arg("threads") = 0,
+           "Run the kept layers now (a step that stopped before the last layer): their outputs must still exist.")
+      .def_property_readonly("pending", [](const CpuLayers& group) {
+        int64_t count = 0;
+        for (bool staged : group.is_staged) count += staged;
+        return count;
+      }, "Layers whose rows are kept, waiting for the last layer.");
 
   m.def(
       "steer_project_cuda",

@@ -365,31 +365,39 @@ void project_tile_bf16(const bfloat16_t* h, int64_t row_stride, int64_t d, int r
   }
 }
 
-// NR fp32 rows, each given as two bf16 halves (hi + lo, pairs of columns, zero-padded to an even length), x NP
-// panels of 16 probes: acc += hi-pair . panel-pair and lo-pair . panel-pair (vdpbf16ps: exact products, fp32 sums),
-// 2 x NR x NP independent accumulators so the dot instructions' latency is hidden
+// NR fp32 rows (row stride x_stride, zero from column d to an even length) x NP panels of 16 probes: the panel's
+// bf16 pairs widened exactly to fp32 (a pair's even column is its low half shifted up, its odd column its high half
+// masked), then fp32 FMAs with the row's columns broadcast: exact products of fp32 rows and bf16 probes, fp32 sums,
+// as with fp32 probes of those values. One load, a shift and a mask per pair and panel serve all NR rows; even and
+// odd columns accumulate apart, 2 x NR x NP accumulators, so the FMAs' latency is hidden. (vdpbf16ps would need
+// the rows in bf16 too: splitting them into hi + lo halves took two dots per pair at half the FMA rate on Zen 4.)
 template <int NR, int NP>
-inline void bf16x2_block(const uint32_t* hi, const uint32_t* lo, int64_t pairs, const uint16_t* panel,
-                         int64_t panel_step, float* out, int64_t out_stride, int64_t last_width) {
-  __m512 acc_hi[NR][NP], acc_lo[NR][NP];
+inline void widen_block(const float* x, int64_t x_stride, int64_t pairs, const uint16_t* panel, int64_t panel_step,
+                        float* out, int64_t out_stride, int64_t last_width) {
+  __m512 even[NR][NP], odd[NR][NP];
   for (int r = 0; r < NR; ++r)
-    for (int p = 0; p < NP; ++p) acc_hi[r][p] = acc_lo[r][p] = _mm512_setzero_ps();
+    for (int p = 0; p < NP; ++p) even[r][p] = odd[r][p] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t jp = 0; jp < pairs; ++jp) {
-    __m512bh b[NP];
-    for (int p = 0; p < NP; ++p) b[p] = (__m512bh)_mm512_loadu_si512(panel + p * panel_step + jp * 32);
+    __m512 pe[NP], po[NP];
+    for (int p = 0; p < NP; ++p) {
+      const __m512i b = _mm512_loadu_si512(panel + p * panel_step + jp * 32);
+      pe[p] = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
+      po[p] = _mm512_castsi512_ps(_mm512_and_si512(b, high));
+    }
     for (int r = 0; r < NR; ++r) {
-      const __m512bh xh = (__m512bh)_mm512_set1_epi32(static_cast<int>(hi[r * pairs + jp]));
-      const __m512bh xl = (__m512bh)_mm512_set1_epi32(static_cast<int>(lo[r * pairs + jp]));
+      const __m512 xe = _mm512_set1_ps(x[r * x_stride + 2 * jp]);
+      const __m512 xo = _mm512_set1_ps(x[r * x_stride + 2 * jp + 1]);
       for (int p = 0; p < NP; ++p) {
-        acc_hi[r][p] = _mm512_dpbf16_ps(acc_hi[r][p], xh, b[p]);
-        acc_lo[r][p] = _mm512_dpbf16_ps(acc_lo[r][p], xl, b[p]);
+        even[r][p] = _mm512_fmadd_ps(xe, pe[p], even[r][p]);
+        odd[r][p] = _mm512_fmadd_ps(xo, po[p], odd[r][p]);
       }
     }
   }
   alignas(64) float lanes[kPanelWidth];
   for (int r = 0; r < NR; ++r)
     for (int p = 0; p < NP; ++p) {
-      const __m512 sum = _mm512_add_ps(acc_hi[r][p], acc_lo[r][p]);
+      const __m512 sum = _mm512_add_ps(even[r][p], odd[r][p]);
       float* o = out + r * out_stride + p * kPanelWidth;
       if (p + 1 < NP || last_width == kPanelWidth) {
         _mm512_storeu_ps(o, sum);
@@ -400,54 +408,36 @@ inline void bf16x2_block(const uint32_t* hi, const uint32_t* lo, int64_t pairs, 
     }
 }
 
-// NR rows x panels [t0, t1): NP panels at a time, then one at a time
+// NR rows x panels [t0, t1): NP panels at a time, the rest in one narrower block (one row x one panel would leave
+// two FMA chains, half the FMA rate at their latency: with K = 171, 3 of 11 panels)
 template <int NR, int NP>
-inline void bf16x2_panels(const uint32_t* hi, const uint32_t* lo, int64_t pairs, const uint16_t* panels, int64_t K,
-                          int64_t t0, int64_t t1, float* out, int64_t stride) {
+inline void widen_panels(const float* x, int64_t x_stride, int64_t pairs, const uint16_t* panels, int64_t K,
+                         int64_t t0, int64_t t1, float* out, int64_t stride) {
   const int64_t step = pairs * 32;
   auto width = [&](int64_t t) { return std::min<int64_t>(kPanelWidth, K - t * kPanelWidth); };
   int64_t t = t0;
   for (; t + NP <= t1; t += NP)
-    bf16x2_block<NR, NP>(hi, lo, pairs, panels + t * step, step, out + t * kPanelWidth, stride, width(t + NP - 1));
-  for (; t < t1; ++t)
-    bf16x2_block<NR, 1>(hi, lo, pairs, panels + t * step, step, out + t * kPanelWidth, stride, width(t));
+    widen_block<NR, NP>(x, x_stride, pairs, panels + t * step, step, out + t * kPanelWidth, stride, width(t + NP - 1));
+  const int64_t rest = t1 - t;
+  const uint16_t* panel = panels + t * step;
+  float* o = out + t * kPanelWidth;
+  if (rest >= 3 && NP > 3) widen_block<NR, 3>(x, x_stride, pairs, panel, step, o, stride, width(t1 - 1));
+  else if (rest == 2 && NP > 2) widen_block<NR, 2>(x, x_stride, pairs, panel, step, o, stride, width(t1 - 1));
+  else
+    for (; t < t1; ++t)
+      widen_block<NR, 1>(x, x_stride, pairs, panels + t * step, step, out + t * kPanelWidth, stride, width(t));
 }
 
-// rows x panels [t0, t1) of bf16x2 dots into out (row stride `stride`): every score summed the same way whatever
-// the split of the panels among threads (a panel's dots do not depend on which panels share its block)
-void project_bf16x2(const uint32_t* hi, const uint32_t* lo, int64_t pairs, int rows, const uint16_t* panels,
-                    int64_t K, int64_t t0, int64_t t1, float* out, int64_t stride) {
+// fp32 rows x (row stride x_stride, zero from column d to an even length) x panels [t0, t1) of bf16 probes into out
+// (row stride `stride`): every score summed the same way whatever the split of the panels among threads (a panel's
+// dots do not depend on which panels share its block)
+void project_widened(const float* x, int64_t x_stride, int64_t pairs, int rows, const uint16_t* panels, int64_t K,
+                     int64_t t0, int64_t t1, float* out, int64_t stride) {
   int r0 = 0;
-  for (; r0 + 4 <= rows; r0 += 4)  // 4 rows x 2 panels: 16 accumulators
-    bf16x2_panels<4, 2>(hi + r0 * pairs, lo + r0 * pairs, pairs, panels, K, t0, t1, out + r0 * stride, stride);
-  for (; r0 < rows; ++r0)  // 1 row x 4 panels: 8 accumulators
-    bf16x2_panels<1, 4>(hi + r0 * pairs, lo + r0 * pairs, pairs, panels, K, t0, t1, out + r0 * stride, stride);
-}
-
-// fp32 rows x (d columns, row stride dp) as bf16 hi and lo halves in pairs of columns (zero past d): pair jp of a
-// row holds columns 2jp (low half) and 2jp + 1, so a row's pairs are its bf16 values in column order
-void split_rows(const float* x, int64_t dp, int rows, int64_t d, std::vector<uint32_t>& hi, std::vector<uint32_t>& lo) {
-  const int64_t pairs = (d + 1) / 2;
-  hi.assign(rows * pairs, 0u);
-  lo.assign(rows * pairs, 0u);
-  for (int r = 0; r < rows; ++r) {
-    const float* xr = x + r * dp;
-    uint16_t* h16 = reinterpret_cast<uint16_t*>(hi.data() + r * pairs);
-    uint16_t* l16 = reinterpret_cast<uint16_t*>(lo.data() + r * pairs);
-    int64_t j = 0;
-    for (; j + 16 <= d; j += 16) {  // vcvtneps2bf16 rounds to nearest even, like from_float
-      const __m512 v = _mm512_loadu_ps(xr + j);
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-      const __m512 hv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(h16 + j), h);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(l16 + j), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hv)));
-    }
-    for (; j < d; ++j) {
-      const bfloat16_t h = from_float<bfloat16_t>(xr[j]);
-      h16[j] = h.bits;
-      l16[j] = from_float<bfloat16_t>(xr[j] - to_float(h)).bits;
-    }
-  }
+  for (; r0 + 4 <= rows; r0 += 4)  // 4 rows x 2 panels: 16 accumulators, 4 widened panels
+    widen_panels<4, 2>(x + r0 * x_stride, x_stride, pairs, panels, K, t0, t1, out + r0 * stride, stride);
+  for (; r0 < rows; ++r0)  // 1 row x 4 panels: 8 accumulators, 8 widened panels
+    widen_panels<1, 4>(x + r0 * x_stride, x_stride, pairs, panels, K, t0, t1, out + r0 * stride, stride);
 }
 #endif
 
@@ -474,7 +464,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
   // packed by the caller once and kept across calls (a prepared call) pay from kCpuPackedMinRows rows on:
   // - probe_panels_fp32 (fp32 probes): the outer-product kernel on the prepared fp32 rows;
   // - probe_panels (bf16 panels) with bf16 rows and no center: vdpbf16ps on the rows as stored (bf16_path below);
-  // - probe_panels with fp32 rows (bf16 probes): each row split into two bf16 halves (panels_path).
+  // - probe_panels with fp32 rows (bf16 probes): the panels widened exactly to fp32 as they load (panels_path).
   const bool cached_panels = a.probe_panels_fp32 != nullptr && a.scores != nullptr;
   const bool cached_bf16_rows = std::is_same<H, bfloat16_t>::value && a.probe_panels != nullptr &&
                                 a.scores != nullptr && a.center == nullptr;
@@ -497,11 +487,9 @@ void run(const SteerProjectArgs& a, int num_threads) {
   // scores of probes [k0, k1) for `rows` prepared rows x into out (row stride `stride`)
   auto dots = [&](const float* x, int rows, int64_t k0, int64_t k1, int64_t stride, float* out) {
 #ifdef EMOVEC_BF16_DOT
-    if (panels_path) {  // k0, k1 are whole panels here (or K)
-      std::vector<uint32_t> hi, lo;
-      split_rows(x, dp, rows, d, hi, lo);
-      project_bf16x2(hi.data(), lo.data(), (d + 1) / 2, rows, a.probe_panels, K, k0 / kPanelWidth,
-                     (k1 + kPanelWidth - 1) / kPanelWidth, out, stride);
+    if (panels_path) {  // k0, k1 are whole panels here (or K); x's padding columns are zero (dp >= 2 pairs)
+      project_widened(x, dp, (d + 1) / 2, rows, a.probe_panels, K, k0 / kPanelWidth,
+                      (k1 + kPanelWidth - 1) / kPanelWidth, out, stride);
       return;
     }
 #endif
@@ -584,7 +572,10 @@ void run(const SteerProjectArgs& a, int num_threads) {
       const int64_t groups = (K + unit - 1) / unit;
       const bool split = num_threads > 1 && groups > 1 && n * K * d >= kSplitMinWork;
       const int threads = split ? static_cast<int>(std::min<int64_t>(num_threads, groups)) : 1;
-#pragma omp parallel num_threads(threads) if (split)
+      if (!split) {  // no parallel region at all: even an inactive one costs a team's set-up
+        dots(x.data(), rows, 0, K, scores_stride, a.scores);
+      } else
+#pragma omp parallel num_threads(threads)
       {
 #ifdef _OPENMP
         const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
@@ -600,14 +591,14 @@ void run(const SteerProjectArgs& a, int num_threads) {
     // threads on 64 rows get 36 and 28, not 48 and 16
     const int64_t blocks = round_up((n + kRowTile - 1) / kRowTile, num_threads);  // a whole number per thread
     const int64_t tile = std::min<int64_t>(kRowTile, round_up((n + blocks - 1) / blocks, packed_path ? kPanelRows : 4));
-#pragma omp parallel num_threads(num_threads)
-    {
+    const int64_t num_tiles = (n + tile - 1) / tile;
+    // tiles [b0, b1) on this thread, with its own scratch
+    auto tiles = [&](int64_t b0, int64_t b1) {
       std::vector<float> x(kRowTile * dp, 0.0f);  // this tile's rows, fp32, centered, zero-padded
       std::vector<float> tile_scores(a.scores ? kRowTile * K : 0);
       std::vector<float> coef(A);
       std::vector<float> centered(C > 0 ? d : 0);  // scratch of the regulation
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < (n + tile - 1) / tile; ++b) {
+      for (int64_t b = b0; b < b1; ++b) {
         const int64_t row0 = b * tile;
         const int rows = static_cast<int>(std::min<int64_t>(tile, n - row0));
         prepare(row0, rows, x.data(), coef.data(), centered.data(), packed_path);
@@ -625,6 +616,19 @@ void run(const SteerProjectArgs& a, int num_threads) {
         } else {
           dots(x.data(), rows, 0, K, scores_stride, a.scores + row0 * scores_stride);
         }
+      }
+    };
+    if (num_threads == 1) {  // no parallel region at all: even an inactive one costs a team's set-up
+      tiles(0, num_tiles);
+    } else {
+#pragma omp parallel num_threads(num_threads)
+      {
+#ifdef _OPENMP
+        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        const int64_t t = 0, T = 1;
+#endif
+        tiles(num_tiles * t / T, num_tiles * (t + 1) / T);  // contiguous shares, as schedule(static)
       }
     }
   }
@@ -669,11 +673,11 @@ void pack_probes_into(const float* probes, int64_t K, int64_t d, float* out) {
 
 std::vector<uint16_t> prepare_probe_panels(const SteerProjectArgs& a) {
 #ifdef EMOVEC_BF16_DOT
-  // fp32 rows with bf16 probes (split rows), or bf16 rows and probes without a center (rows as stored); fp32 probes
+  // fp32 rows with bf16 probes (widened as they load), or bf16 rows and probes without a center (rows as stored); fp32 probes
   // are never rounded here (a prepared call with them keeps the exact dots below the per-call packing's threshold)
-  const bool split_rows = a.h_dtype == kFloat32 && a.w_dtype == kBFloat16;
+  const bool fp32_rows = a.h_dtype == kFloat32 && a.w_dtype == kBFloat16;
   const bool stored_rows = a.h_dtype == kBFloat16 && a.w_dtype == kBFloat16 && a.center == nullptr;
-  if (!(split_rows || stored_rows) || a.probes == nullptr || a.num_probes == 0) return {};
+  if (!(fp32_rows || stored_rows) || a.probes == nullptr || a.num_probes == 0) return {};
   std::vector<float> probes(a.num_probes * a.d);
   for (int64_t i = 0; i < a.num_probes * a.d; ++i)  // bf16 probes: exact (they round back to themselves)
     probes[i] = a.w_dtype == kBFloat16 ? to_float(static_cast<const bfloat16_t*>(a.probes)[i])
@@ -693,21 +697,55 @@ bool cpu_bf16_dot() {
 #endif
 }
 
-void steer_project_cpu(const SteerProjectArgs& a, int num_threads) {
-  check_args(a);
+namespace {
+
+int resolve_threads(int num_threads) {
 #ifdef _OPENMP
-  if (num_threads <= 0) num_threads = omp_get_max_threads();
+  return num_threads <= 0 ? omp_get_max_threads() : num_threads;
 #else
-  num_threads = 1;
+  (void)num_threads;
+  return 1;
 #endif
+}
+
+// on checked arguments (dtype codes included): never throws for a bad argument
+void dispatch(const SteerProjectArgs& a, int num_threads) {
   switch (a.h_dtype) {
     case kFloat32:
       if (a.w_dtype == kBFloat16) run<float, bfloat16_t>(a, num_threads);
       else run<float, float>(a, num_threads);
       break;
     case kFloat16: dispatch_weights<half_t>(a, num_threads); break;
-    case kBFloat16: dispatch_weights<bfloat16_t>(a, num_threads); break;
-    default: throw std::invalid_argument("emovec._C.steer_project: unknown h dtype code");
+    default: dispatch_weights<bfloat16_t>(a, num_threads); break;
+  }
+}
+
+void check_h_dtype(const SteerProjectArgs& a) {
+  if (a.h_dtype != kFloat32 && a.h_dtype != kFloat16 && a.h_dtype != kBFloat16)
+    throw std::invalid_argument("emovec._C.steer_project: unknown h dtype code");
+}
+
+}  // namespace
+
+void steer_project_cpu(const SteerProjectArgs& a, int num_threads) {
+  check_args(a);
+  check_h_dtype(a);
+  dispatch(a, resolve_threads(num_threads));
+}
+
+void steer_project_cpu_many(const SteerProjectArgs* calls, int64_t count, int num_threads) {
+  for (int64_t i = 0; i < count; ++i) {  // all checked before any runs: nothing throws inside the parallel region
+    check_args(calls[i]);
+    check_h_dtype(calls[i]);
+  }
+  num_threads = resolve_threads(num_threads);
+  // a call per thread when the calls share out evenly enough; each call then runs the one-thread path, which sums
+  // every score exactly as the call on any number of threads would (whole probe blocks per thread)
+  if (num_threads > 1 && (count >= 2 * num_threads || (count >= num_threads && count % num_threads == 0))) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < count; ++i) dispatch(calls[i], 1);
+  } else {
+    for (int64_t i = 0; i < count; ++i) dispatch(calls[i], num_threads);
   }
 }
 

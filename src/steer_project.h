@@ -76,9 +76,9 @@ struct SteerProjectArgs {
   // norm at norms[i * norms_stride]; 0 means contiguous (num_probes and 1). The CUDA launcher refuses other values.
   int64_t scores_row_stride = 0, norms_stride = 0;
   // CPU only: bf16 probes packed once by prepare_probe_panels() (kept by the caller while the probes are unchanged),
-  // or null. fp32 h with bf16 probes: each row is split into two bf16 halves (hi + lo, ~16 bits of mantissa) dotted
-  // with vdpbf16ps, so the probes' bf16 rounding is the only loss that matters; bf16 h and probes, no center: from
-  // kCpuPackedMinRows rows, vdpbf16ps on the rows as stored.
+  // or null. fp32 h with bf16 probes: the panels are widened exactly to fp32 as they load and meet the fp32 rows in
+  // fp32 FMAs, so the probes' bf16 rounding is the only loss; bf16 h and probes, no center: from kCpuPackedMinRows
+  // rows, vdpbf16ps on the rows as stored.
   const uint16_t* probe_panels = nullptr;
   // CPU only, fp32 probes: the probes packed by pack_probes_into() (the caller keeps them while the probes are
   // unchanged), or null: from kCpuPackedMinRows rows on they take the outer-product kernel, with no packing per call.
@@ -101,6 +101,10 @@ struct SteerProjectArgs {
 
 // CPU kernel (OpenMP). Throws std::invalid_argument on inconsistent arguments.
 void steer_project_cpu(const SteerProjectArgs& args, int num_threads);
+// `count` independent calls (a monitor's layers at one decode step) in one parallel region, a call per thread when
+// they share out evenly, else one after the other on all the threads; each call's results are bit-identical to
+// steer_project_cpu's. Every call is checked first (std::invalid_argument), so none runs if one is inconsistent.
+void steer_project_cpu_many(const SteerProjectArgs* calls, int64_t count, int num_threads);
 
 // CUDA launcher: on `stream` (a cudaStream_t passed as an integer), the edit kernel when the call edits, then the
 // projection kernel when it scores, takes norms or captures (two launches at most). Throws std::runtime_error

@@ -419,6 +419,61 @@ def test_prepared_call_with_bf16_probes_for_fp32_rows(n, d, threads):
     assert torch.equal(exact, want)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [1, 3, 8, 24])
+@pytest.mark.parametrize("probe_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layers_run_together_equal_their_calls_one_by_one(probe_dtype, n, threads):
+    """A decode step's layers kept until the last one and then run together (emovec._C.CpuLayers, what the monitor
+    does at a few rows) write exactly the bits each layer's own prepared call writes, into a strided record: the rows
+    are copied when kept (the test overwrites them before the last layer), nothing is written before the last layer
+    or a flush, and a flush runs what a step that stopped early kept."""
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    from emovec import _ext
+
+    g = torch.Generator().manual_seed(n * 7 + threads)
+    layers, d, k = 5, 100, 37
+    probes = [torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1).to(probe_dtype)
+              for _ in range(layers)]
+    hs = [torch.randn(n, d + 3, generator=g)[:, :d] for _ in range(layers)]  # strided rows
+
+    def calls():
+        return [_ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[torch.float32], w_dtype=_ext.DTYPE_CODES[probe_dtype],
+                                probes=p.data_ptr(), num_probes=k, center=0) for p in probes]
+
+    want, want_norms = torch.full((n, layers, k), math.nan), torch.full((n, layers), math.nan)
+    for i, call in enumerate(calls()):
+        call.run(hs[i].data_ptr(), n, hs[i].stride(0), want[:, i].data_ptr(), want_norms[:, i].data_ptr(), threads,
+                 layers * k, layers)
+    exact = torch.stack([h.double() @ p.double().T for h, p in zip(hs, probes)], dim=1)
+    torch.testing.assert_close(want.double(), exact, rtol=1e-5, atol=1e-5)
+
+    group = _ext._C.CpuLayers(calls())
+    got, got_norms = torch.full((n, layers, k), math.nan), torch.full((n, layers), math.nan)
+    originals = [h.clone() for h in hs]
+    for i in range(layers):
+        group.run(i, hs[i].data_ptr(), n, hs[i].stride(0), got[:, i].data_ptr(), got_norms[:, i].data_ptr(), threads,
+                  layers * k, layers)
+        if i + 1 < layers:
+            assert got.isnan().all() and group.pending == i + 1  # kept, not yet run
+            hs[i].fill_(1e6)  # the model may reuse the memory: the kept rows are a copy
+    assert group.pending == 0
+    assert torch.equal(got, want) and torch.equal(got_norms, want_norms)
+
+    # a step that stops after two layers: a flush runs them, and only them
+    hs = [h.clone() for h in originals]
+    got.fill_(math.nan)
+    got_norms.fill_(math.nan)
+    for i in range(2):
+        group.run(i, hs[i].data_ptr(), n, hs[i].stride(0), got[:, i].data_ptr(), got_norms[:, i].data_ptr(), threads,
+                  layers * k, layers)
+    group.flush()
+    assert torch.equal(got[:, :2], want[:, :2]) and torch.equal(got_norms[:, :2], want_norms[:, :2])
+    assert got[:, 2:].isnan().all() and group.pending == 0
+    with pytest.raises(ValueError, match="position 5 outside"):
+        group.run(5, hs[0].data_ptr(), n, hs[0].stride(0), got.data_ptr(), got_norms.data_ptr(), threads, 0, 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n", [4, 9, 24, 40, 300])
 def test_repeated_cpu_projection_packs_its_probes_once_and_follows_their_changes(n, dtype):

@@ -121,6 +121,52 @@ def test_one_row_decode_steps_write_the_record_directly(tiny, centered):
             torch.testing.assert_close(res.norms[:, :, li], h.norm(dim=-1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bf16_probes", [False, True])
+def test_decode_layers_run_together_record_the_same_bits(tiny, monkeypatch, bf16_probes):
+    """On the CPU a decode step's layers are projected together when the last monitored layer's rows arrive: the
+    record is bit-identical to one call per layer (batch 2, one row per sequence per step, and the prefill of a single
+    sequence), and a forward that fails before the last layer still records the layers it passed."""
+    import emovec.runtime as runtime
+
+    model, vectors = tiny
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    ids = torch.randint(2, 290, (2, 4))
+
+    def record(defer_rows):
+        monkeypatch.setattr(runtime, "DEFER_MAX_ROWS", defer_rows)
+        with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 1, 2], bf16_probes=bf16_probes) as mon:
+            model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+            model(input_ids=ids[:1])  # one sequence: its 4 rows go through the record directly too
+        return mon, mon.result()
+
+    defer_rows = runtime.DEFER_MAX_ROWS
+    mon, together = record(defer_rows)
+    assert list(mon._groups) == [torch.float32]
+    alone_mon, alone = record(0)
+    assert not alone_mon._groups
+    monkeypatch.setattr(runtime, "DEFER_MAX_ROWS", defer_rows)
+    assert torch.equal(together.scores, alone.scores) and torch.equal(together.norms, alone.norms)
+
+    def fail(module, args):
+        raise ZeroDivisionError
+
+    handle = model.model.layers[2].register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 1, 2]) as mon:
+                model(input_ids=ids[:1])
+    finally:
+        handle.remove()
+    assert list(mon._groups) == [torch.float32]  # the failed step's two layers were kept for the third
+    res = mon.result()
+    with torch.no_grad():
+        for li in (0, 1):
+            torch.testing.assert_close(res.scores[0, :, li], hidden_at(model, ids[:1], li)[0] @ vectors.unit[li].T,
+                                       rtol=1e-4, atol=1e-4)
+    assert (res.scores[:, :, 2] == 0).all()
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_bf16_probes_for_fp32_rows_on_the_cpu(tiny, batch):
     """monitor(bf16_probes=True): every step (prefill of two sequences into the scratch, one-row steps into the

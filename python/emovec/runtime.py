@@ -307,6 +307,7 @@ class Monitor(_LayerRuntime):
         self.scores = self.norms = self.real = self.ids = None
         self._scratch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._calls: dict[tuple[int, torch.dtype], Any] = {}  # prepared CPU calls, per layer position and h dtype
+        self._groups: dict[torch.dtype, Any] = {}  # every layer's prepared call, run together at decode steps
         self._fast: tuple[int, ...] | None = None  # this step's record addresses and strides, for CPU steps
 
     def enter(self) -> None:
@@ -329,7 +330,13 @@ class Monitor(_LayerRuntime):
             self._probes[key] = self.vectors.unit_on(device, dtype)[self._slices[position]]
         return self._probes[key]
 
+    def _flush(self) -> None:
+        """Run the layers a decode step kept for its last layer, had it stopped before (their record is intact)."""
+        for group in self._groups.values():
+            group.flush()
+
     def begin_step(self, step: _Step) -> None:
+        self._flush()
         device = step.input_ids.device if step.input_ids is not None else (step.real.device if step.real is not None else None)
         if device is None:
             device = next(self.model.parameters()).device
@@ -373,6 +380,15 @@ class Monitor(_LayerRuntime):
             if call is None:
                 call = self._prepare_call(position, flat)
             scores_at, width, norms_at, threads, scores_stride, norms_stride, rows = fast
+            if rows <= DEFER_MAX_ROWS and len(self.layer_indices) > 1:
+                # a few rows (decode): the layers' calls run together when the last layer's rows arrive, one
+                # parallel region per step instead of one per layer; the scores are the same bits
+                group = self._groups.get(flat.dtype)
+                if group is None:
+                    group = self._prepare_group(flat)
+                group.run(position, flat.data_ptr(), rows, flat.stride(0), scores_at + position * width,
+                          norms_at + position * 4, threads, scores_stride, norms_stride)
+                return
             call.run(flat.data_ptr(), rows, flat.stride(0), scores_at + position * width, norms_at + position * 4,
                      threads, scores_stride, norms_stride)
             return
@@ -405,8 +421,19 @@ class Monitor(_LayerRuntime):
         self._calls[(position, flat.dtype)] = call
         return call
 
+    def _prepare_group(self, flat: torch.Tensor):
+        calls = [self._calls.get((position, flat.dtype)) or self._prepare_call(position, flat)
+                 for position in range(len(self.layer_indices))]
+        group = self._groups[flat.dtype] = _ext._C.CpuLayers(calls)  # positions run in layer order
+        return group
+
+    def _restore(self) -> None:
+        self._flush()  # a forward that stopped between layers: its kept rows still go to the record
+        super()._restore()
+
     def result(self, decode: bool = True) -> MonitorResult:
         """Everything recorded so far (copied to the CPU); ``decode`` turns token ids into strings."""
+        self._flush()
         if self.scores is None:
             raise RuntimeError("nothing was recorded: run the model inside the `with emovec.monitor(...)` block")
         w = self._width
@@ -420,6 +447,11 @@ class Monitor(_LayerRuntime):
             tokens = [self.tokenizer.convert_ids_to_tokens(ids[b][mask[b]].tolist()) for b in range(ids.shape[0])]
             tokens = [[_readable(t, self.tokenizer) for t in seq] for seq in tokens]
         return MonitorResult(list(self.vectors.names), list(self.layer_indices), scores, norms, mask, ids, positions, tokens)
+
+
+# decode steps of at most this many rows defer each layer's projection to the last monitored layer (kCpuRowTile in
+# src/steer_project.h: one tile of rows, whose probes the kernel splits among threads)
+DEFER_MAX_ROWS = 24
 
 
 def probe_dtype(device: torch.device, h_dtype: torch.dtype, has_center: bool) -> torch.dtype:

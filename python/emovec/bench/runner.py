@@ -24,7 +24,7 @@ from emovec import _ext
 from emovec.layers import find_decoder_layers, layer_output_hidden, replace_layer_output
 from emovec.ops import backend_status, steer_project, steer_project_trusted
 from emovec.reference import naive_sequence
-from emovec.runtime import monitor, regulate, steer
+from emovec.runtime import DEFER_MAX_ROWS, monitor, regulate, steer
 from emovec.vectors import VectorSet
 
 
@@ -287,13 +287,23 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
                                              w_dtype=_ext.DTYPE_CODES[torch.float32], probes=unit[i].data_ptr(),
                                              num_probes=k, center=0) for i in layers]
                     threads = torch.get_num_threads()
+                    # and at a decode step's few rows, the layers' calls kept until the last layer's rows arrive and
+                    # run together (emovec.runtime.DEFER_MAX_ROWS)
+                    group = (_ext._C.CpuLayers(calls) if batch <= DEFER_MAX_ROWS and len(calls) > 1 else None)
+                    # each layer its own outputs, as in the monitor's record (the layers run on several threads)
+                    layer_scores = torch.empty(len(calls), batch, k, device=device)
+                    layer_norms = torch.empty(len(calls), batch, device=device)
 
                     def run_prepared(unit=unit):  # the probes live as long as the calls
                         for i in layers:
                             if i == steer_layer:
                                 steer_project_trusted(h[i], slots=slots, table=table, backend=b)
-                            calls[i].run(h[i].data_ptr(), batch, h[i].stride(0), scores.data_ptr(), norms.data_ptr(),
-                                         threads, 0, 0)
+                            if group is not None:
+                                group.run(i, h[i].data_ptr(), batch, h[i].stride(0), layer_scores[i].data_ptr(),
+                                          layer_norms[i].data_ptr(), threads, 0, 0)
+                            else:
+                                calls[i].run(h[i].data_ptr(), batch, h[i].stride(0), scores.data_ptr(),
+                                             norms.data_ptr(), threads, 0, 0)
                     return run_prepared
 
                 def run():  # what the runtime calls per layer: steering at one layer, monitoring at all
