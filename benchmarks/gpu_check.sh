@@ -13,7 +13,8 @@
 #   echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/smol; python -c "import emovec; emovec.load_model()"
 #   cp ~/.cache/emovec/models/SmolLM2-135M-Instruct-*/{config.json,generation_config.json,tokenizer*.json,*.jinja} .gpu/smol/
 # and carried with the call (carry: [".gpu"]).
-# Stage limits (seconds): build 240, tests 150, runtime 230, runtime8b 90, kernels 3 x 30; on an H200 on 2026-11-30 the
+# Stage limits (seconds): build 240, tests 150, runtime 230, runtime8b 90, kernels 3 x 30 + 90 (every Triton projection
+# candidate; CANDIDATES_LIMIT); on an H200 on 2026-11-30 the
 # build took 10 s, the default model's compiled generation ~60 s of compiling per provider and batch size.
 # Uses only what the machine has (python3 with torch, triton, transformers, pybind11, cmake, ninja, pytest and
 # pytest-xdist).
@@ -75,7 +76,10 @@ stage "kernels: decode (CUDA graphs, d = 4096), op shapes"
 timeout 30 python3 benchmarks/bench_decode.py --out "$OUT/decode_cuda.csv" > /tmp/bench_decode.txt 2>&1
 timeout 30 python3 benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend cuda --n 1 16 256 --d 576 4096 --k 171 --out "$OUT/op_cuda_cuda.csv" > /tmp/bench_cuda.txt 2>&1
 timeout 30 python3 benchmarks/bench_op.py --device cuda --dtype bfloat16 --backend triton --n 256 4096 32768 --d 576 4096 --k 171 --out "$OUT/op_cuda_triton.csv" > /tmp/bench_triton.txt 2>&1
+# every Triton projection candidate at prefill shapes: which tile wins, and its share of the copy bandwidth
+timeout ${CANDIDATES_LIMIT:-90} python3 benchmarks/bench_triton_candidates.py --out "$OUT/triton_candidates_cuda.csv" > /tmp/bench_candidates.txt 2>&1
 for f in /tmp/bench_decode.txt /tmp/bench_cuda.txt /tmp/bench_triton.txt; do echo "-- $f"; tail -n 14 "$f"; done
+echo "-- /tmp/bench_candidates.txt"; grep -E "fastest|torch|copy bandwidth|Error" /tmp/bench_candidates.txt
 fi
 
 stage "summary"

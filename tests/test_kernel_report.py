@@ -1,5 +1,6 @@
 """benchmarks/kernel_report.py in CI: every kernel configuration the dispatcher can choose compiles for sm_90 and
-sm_80 (no GPU needed) without spilling, and the monitoring projection uses tensor-core instructions."""
+sm_80 (no GPU needed) without spilling, and the monitoring projection uses tensor-core instructions and pipelines its
+loads through shared memory."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def test_no_dispatched_kernel_spills_and_prefill_uses_tensor_cores(tmp_path):
     for r in report["triton"]:
         if "monitor prefill" in r["config"]:
             assert r["tensor_cores"] == ("wgmma" if r["arch"] == "sm_90" else "mma.sync"), r
+            # compiled as the device's JIT would (aligned pointers, strides of 16): loads pipelined (cp.async)
+            assert r["async_copies"] > 0, r
     assert report["roofline"] and all(r["H200 bound_us"] > 0 for r in report["roofline"])
     assert [r["blocks"] for r in report["decode"] if r["N"] == 1] == [171, 171]  # every SM busy at N = 1
 
