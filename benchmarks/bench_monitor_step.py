@@ -5,8 +5,10 @@ costs per step inside the forward pass, without generate()'s own per-call work a
     python benchmarks/bench_monitor_step.py --batch 8
 
 A 16-token prompt fills a KV cache; each step feeds one token and crops the cache back, so every step sees the same
-shapes. Rounds alternate a block of plain steps and a block inside one `emovec.monitor` context (entered once per
-block). Reports the median step time of each and their ratio; results/monitor_step_<device>_b<B>.json.
+shapes. Rounds alternate a block of plain steps and blocks inside one `emovec.monitor` context each (entered once
+per block): fp32 probes, bf16 probes, and fp32 probes with a call per layer (as before 2026-11-30) instead of every
+layer's projection run together at the last layer. Reports the median step time of each and their ratio to plain;
+results/monitor_step_<device>_b<B>.json.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import emovec  # noqa: E402
+import emovec.runtime as runtime  # noqa: E402
 from emovec.bench.runner import random_vectors  # noqa: E402
 from emovec.layers import find_decoder_layers  # noqa: E402
 from harness import command_line, write_json  # noqa: E402
@@ -57,9 +60,21 @@ def main(argv: list[str] | None = None) -> dict:
             times.append(time.perf_counter() - t0)
         return times
 
+    monitor_each = emovec.monitor(model, vectors, layers)
+
+    def layer_by_layer() -> list[float]:  # each layer's projection in its own call, as before 2026-11-30
+        kept = runtime.DEFER_MAX_ROWS
+        runtime.DEFER_MAX_ROWS = 0
+        try:
+            with monitor_each:
+                return block()
+        finally:
+            runtime.DEFER_MAX_ROWS = kept
+
     plain: list[float] = []
     monitored: list[float] = []
     monitored_bf16: list[float] = []
+    monitored_each: list[float] = []
     with torch.no_grad():
         block()
         for _ in range(args.rounds):
@@ -68,12 +83,16 @@ def main(argv: list[str] | None = None) -> dict:
                 monitored += block()
             with monitor_bf16:
                 monitored_bf16 += block()
+            monitored_each += layer_by_layer()
     a, b, c = statistics.median(plain), statistics.median(monitored), statistics.median(monitored_bf16)
+    e = statistics.median(monitored_each)
     print(f"batch {args.batch}: plain {a * 1e3:.2f} ms, monitored ({len(layers)} layers x {args.k}) {b * 1e3:.2f} ms "
-          f"per step: x{b / a:.3f}; with bf16 probes {c * 1e3:.2f} ms: x{c / a:.3f}")
+          f"per step: x{b / a:.3f}; with bf16 probes {c * 1e3:.2f} ms: x{c / a:.3f}; layer by layer (a call per "
+          f"layer) {e * 1e3:.2f} ms: x{e / a:.3f}")
     result = {"model": name, "batch": args.batch, "K": args.k, "layers": len(layers), "threads": torch.get_num_threads(),
               "plain_ms": round(a * 1e3, 3), "monitored_ms": round(b * 1e3, 3), "ratio": round(b / a, 4),
               "monitored_bf16_probes_ms": round(c * 1e3, 3), "ratio_bf16_probes": round(c / a, 4),
+              "monitored_layer_by_layer_ms": round(e * 1e3, 3), "ratio_layer_by_layer": round(e / a, 4),
               "steps_each": len(plain), "torch": torch.__version__, "command": command_line()}
     write_json(args.out or Path(__file__).parent / "results" / f"monitor_step_cpu_b{args.batch}.json", result)
     return result
