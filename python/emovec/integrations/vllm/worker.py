@@ -40,7 +40,7 @@ import torch
 from emovec import _ext
 from emovec.integrations.vllm.spec import RequestSpec, SpecError, has_emovec, parse
 from emovec.ops import steer_project_trusted
-from emovec.runtime import steering_vector
+from emovec.runtime import DEFER_MAX_ROWS, steering_vector
 from emovec.vectors import VectorSet, config_hash
 
 log = logging.getLogger("emovec.vllm")
@@ -199,6 +199,11 @@ class _Plugin:
         # pass that streams the weights through the caches)
         self._calls: dict[tuple[int, torch.dtype], Any] = {}
         self._probes_bf16: dict[int, torch.Tensor] = {}  # with EMOVEC_VLLM_BF16_PROBES=1, kept like the calls
+        # a decode step's monitor-only layers run together when the last one's rows arrive (emovec._C.CpuLayers, as
+        # emovec.monitor does): per step, the position of each such layer in its group, or None
+        self._groups: dict[tuple[tuple[int, ...], torch.dtype], Any] = {}
+        self._group_layers: tuple[int, ...] = ()
+        self._group: Any = None
         self._threads = 1
         self.graph_safe = graph_safe
         self.disabled = False
@@ -463,6 +468,12 @@ class _Plugin:
                     self.layer_monitor[layer] = True
                 self._monitored.append((req_ids[i], spec, start, end, int(computed[i])))
         self._rows = n
+        # a few rows (decode) and several monitor-only layers on the CPU: their projections run together at the last
+        watch_only = tuple(layer for layer in range(self.num_layers)
+                           if self.layer_monitor[layer] and not self.layer_edit[layer])
+        self._group_layers = (watch_only if self.device.type == "cpu" and not self.graph_safe and len(watch_only) > 1
+                              and n <= DEFER_MAX_ROWS and _ext.has_cpp_library else ())
+        self._group = None
         # the in-place path for fully edited layers is a Python decision per step: never under CUDA graphs
         self.layer_full = [not self.graph_safe and bool(e) and bool((slots[layer, :n] >= 0).all())
                            for layer, e in enumerate(self.layer_edit)]
@@ -500,6 +511,13 @@ class _Plugin:
                 self._x = torch.empty(self.max_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
             x = torch.add(hidden, residual, out=self._x[:rows])
         if watch and not edit and self._prepared(x):  # monitoring alone on the CPU: the call prepared for this layer
+            if self._group_layers:
+                group = self._group
+                if group is None:
+                    group = self._group = self._prepare_group(x)
+                group.run(self._group_layers.index(layer), x.data_ptr(), rows, x.stride(0),
+                          self._scores[layer].data_ptr(), self._norms[layer].data_ptr(), self._threads)
+                return
             call = self._calls.get((layer, x.dtype))
             if call is None:
                 call = self._prepare_call(layer, x)
@@ -535,9 +553,22 @@ class _Plugin:
         self._calls[(layer, x.dtype)] = call
         return call
 
+    def _prepare_group(self, x: torch.Tensor):
+        key = (self._group_layers, x.dtype)
+        group = self._groups.get(key)
+        if group is None:
+            if len(self._groups) >= 16:  # sets of monitored layers come and go with the requests: keep a few
+                self._groups.clear()
+            calls = [self._calls.get((layer, x.dtype)) or self._prepare_call(layer, x) for layer in self._group_layers]
+            group = self._groups[key] = _ext._C.CpuLayers(calls)
+        return group
+
     def end_step(self) -> None:
         if not self.active:
             return
+        if self._group is not None:
+            self._group.flush()  # nothing kept unless the forward pass stopped before the last monitor-only layer
+            self._group = None
         self.active = self.graph_safe
         if not self._monitored:
             return
@@ -681,5 +712,6 @@ def status(worker) -> dict[str, Any]:
         return {"installed": False}
     return {"installed": True, "disabled": plugin.disabled, "graph_safe": plugin.graph_safe, "bf16_probes": BF16_PROBES,
             "layers": plugin.num_layers, "settings_running": len(plugin.recipe_rows),
-            "bounded_concepts": list(plugin.clamp_names), "readings_waiting": len(plugin.readings)}
+            "bounded_concepts": list(plugin.clamp_names), "readings_waiting": len(plugin.readings),
+            "layers_run_together": [list(layers) for layers, _ in plugin._groups]}
 
