@@ -127,6 +127,8 @@ def triton_configs() -> list[dict]:
         {"name": "steer prefill bf16 (table, no probes)", "h": "bf16", "w": "bf16", "k": 0, "table": True, **base},
         {"name": "extraction capture bf16 (segments)", "h": "bf16", "w": "bf16", "k": 0, "capture": True, **base},
         {"name": "regulate prefill bf16 (1 clamp)", "h": "bf16", "w": "fp32", "k": 0, "clamp": 1, **base},
+        {"name": "steer + ablate 3 + regulate 2, fp32", "h": "fp32", "w": "fp32", "k": 0, "table": True, "ablate": 3,
+         "clamp": 2, **base},
         {"name": "monitor decode bf16 N=8 (no CUDA ext)", "h": "bf16", "w": "fp32", "k": 171, "scores": True,
          "n": 8, "d": 4096},
     ]
@@ -179,8 +181,9 @@ def _triton_compile(config: dict, arch: int) -> list:
                                     options={"num_warps": plan["num_warps"], "num_stages": plan["num_stages"]})
             compiled.append((kernel, plan))
         return compiled
-    plan = sp.plan(n, d, k, 0, c, h_dtype, scores=config.get("scores", False), norms=config.get("scores", False),
-                   capture=config.get("capture", False), edits=config.get("table", False) or c > 0)
+    a = config.get("ablate", 0)
+    plan = sp.plan(n, d, k, a, c, h_dtype, scores=config.get("scores", False), norms=config.get("scores", False),
+                   capture=config.get("capture", False), edits=config.get("table", False) or a > 0 or c > 0)
     hp, wp = f"*{tname[h_dtype]}", f"*{tname[w_dtype]}"
     signature = {
         "h_ptr": hp, "h_row_stride": "i64", "slots_ptr": "*i64", "table_ptr": wp, "ablate_ptr": wp, "probes_ptr": wp,
@@ -190,12 +193,12 @@ def _triton_compile(config: dict, arch: int) -> list:
     }
     flags = dict(plan["flags"])
     flags.update(HAS_SLOTS=config.get("table", False) or c > 0, HAS_TABLE=config.get("table", False),
-                 HAS_ABLATE=False, HAS_CENTER=False, HAS_ERRORS=True, HAS_CLAMP=c > 0, RELATIVE_BOUNDS=c > 0,
+                 HAS_ABLATE=a > 0, HAS_CENTER=False, HAS_ERRORS=True, HAS_CLAMP=c > 0, RELATIVE_BOUNDS=c > 0,
                  HAS_CORRECTIONS=c > 0, HAS_SCORES=plan["scores"], HAS_NORMS=plan["norms"],
                  HAS_CAPTURE=config.get("capture", False))
     for key in flags:
         signature[key] = "constexpr"
-    attrs = _jit_attrs(signature, {"h_row_stride": d, "N": n, "D": d, "K": k, "A": 0, "R": 4 if config.get("table")
+    attrs = _jit_attrs(signature, {"h_row_stride": d, "N": n, "D": d, "K": k, "A": a, "R": 4 if config.get("table")
                                    else 0, "S": 0, "C": c})
     source = ASTSource(fn=sp._steer_project_kernel, signature=signature, constexprs=flags, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -259,6 +262,9 @@ def triton_report(arch: int) -> list[dict]:
             if re.search(r"\bmma\.sync", ptx):
                 kinds.append("mma.sync")
             row["tensor_cores"] = ", ".join(kinds) or "none"
+            # matrix products in the kernel's IR: the broadcast-sum kernel must have none (Triton rewrites a sum over
+            # the middle axis of a broadcast product into a TF32 tt.dot, ~1e-3 relative error on fp32 rows)
+            row["dot_ops"] = len(re.findall(r"\btt\.dot\b", kernel.asm["ttir"]))
             # loads pipelined through shared memory (cp.async on sm_80 / sm_90, or TMA), as the device would run them
             row["async_copies"] = ptx.count("cp.async.cg") + ptx.count("cp.async.ca") + ptx.count("cp.async.bulk")
             rows.append(row)

@@ -55,6 +55,18 @@ def _probe_tile_dot(x, probes_ptr, k_offsets, cols, K, D, col_mask):
 
 
 @triton.jit
+def _combine(coef, directions_ptr, offsets, cols, count, D, col_mask):
+    """coef (BLOCK_N, B) times the directions' columns ``cols`` (B directions of length D): sum_b coef[:, b] u_b, in
+    fp32. The directions are loaded transposed, (BLOCK_D, B), so the sum runs over the last axis: Triton rewrites a
+    broadcast product summed over its middle axis into ``tt.dot``, which on a GPU runs fp32 operands in TF32 (13
+    mantissa bits dropped, ~1e-3 relative error; the interpreter computes it exactly, so only a GPU showed it).
+    benchmarks/kernel_report.py checks that this kernel compiles without any ``tt.dot``."""
+    ut = tl.load(directions_ptr + offsets[None, :] * D + cols[:, None], mask=(offsets[None, :] < count) & col_mask[:, None],
+                 other=0.0).to(tl.float32)
+    return tl.sum(coef[:, None, :] * ut[None, :, :], axis=2)
+
+
+@triton.jit
 def _cosine_bound(b, r2):
     """A cosine bound as a projection for rows whose orthogonal part has squared norm r2 (±inf for |b| >= 1)."""
     inside = tl.abs(b) < 1.0
@@ -123,8 +135,7 @@ def _steer_project_kernel(
             if HAS_TABLE:
                 x += tl.load(table_ptr + slot[:, None] * D + cols[None, :], mask=active[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
             if HAS_ABLATE:
-                u = tl.load(ablate_ptr + a_offsets[:, None] * D + cols[None, :], mask=(a_offsets[:, None] < A) & col_mask[None, :], other=0.0).to(tl.float32)
-                x -= tl.sum(coef[:, :, None] * u[None, :, :], axis=1)
+                x -= _combine(coef, ablate_ptr, a_offsets, cols, A, D, col_mask)
             if HAS_CENTER:
                 x -= tl.load(center_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             w = tl.load(clamp_ptr + c_offsets[:, None] * D + cols[None, :], mask=(c_offsets[:, None] < C) & col_mask[None, :], other=0.0).to(tl.float32)
@@ -176,11 +187,9 @@ def _steer_project_kernel(
                 if HAS_TABLE:
                     x += tl.load(table_ptr + slot[:, None] * D + cols[None, :], mask=active[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
                 if HAS_ABLATE:
-                    u = tl.load(ablate_ptr + a_offsets[:, None] * D + cols[None, :], mask=(a_offsets[:, None] < A) & col_mask[None, :], other=0.0).to(tl.float32)
-                    x -= tl.sum(coef[:, :, None] * u[None, :, :], axis=1)
+                    x -= _combine(coef, ablate_ptr, a_offsets, cols, A, D, col_mask)
                 if HAS_CLAMP:  # rows within every bound are left bit-identical
-                    w = tl.load(clamp_ptr + c_offsets[:, None] * D + cols[None, :], mask=(c_offsets[:, None] < C) & col_mask[None, :], other=0.0).to(tl.float32)
-                    x = tl.where(changed[:, None], x - tl.sum(delta[:, :, None] * w[None, :, :], axis=1), x)
+                    x = tl.where(changed[:, None], x - _combine(delta, clamp_ptr, c_offsets, cols, C, D, col_mask), x)
                 stored = x.to(h_ptr.dtype.element_ty)
                 tl.store(h_rows + cols[None, :], stored, mask=active[:, None] & col_mask[None, :])
                 x = tl.where(active[:, None], stored.to(tl.float32), x)
