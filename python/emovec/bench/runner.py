@@ -7,7 +7,9 @@ do); ``emovec-<backend>`` (the fused runtime, once per available backend). Scena
 batch 1 and 8 while monitoring every layer x K vectors and steering one recipe at one layer; prefill of ~256-token
 texts while recording every layer x K; the intervention work alone for one decode step (every layer's op on the
 same tensors, timed over many repeats; on the CPU, ``emovec-cpu`` runs the calls ``emovec.monitor`` makes there, a
-call prepared once per layer); and op micro-benchmarks. Timing: medians with p20/p80 over interleaved
+call prepared once per layer and, at a decode step's few rows, the layers run together at the last one;
+``emovec-cpu bf16 probes`` the same with ``bf16_probes=True``, where the CPU has AVX-512 bf16); and op
+micro-benchmarks. Timing: medians with p20/p80 over interleaved
 rounds (drift on a shared machine hits every provider alike).
 """
 
@@ -277,14 +279,16 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
             table = steer_vector[None].to(dtype)
             slots = torch.zeros(batch, dtype=torch.long, device=device)
 
-            def fused(b, prepared=True):
+            def fused(b, prepared=True, probe_dtype=torch.float32):
                 if b == "cpu" and _ext.has_cpp_library and prepared:
                     # what emovec.monitor runs per layer on the CPU: a call prepared once per layer (the op with
                     # its probes fixed; only h's and the outputs' addresses cross from Python), and the op for
                     # the steering
                     # the monitor's CPU probes are the fp32 unit vectors (probe_dtype), contiguous per layer
+                    # (with bf16_probes=True, fp32 rows: the probes in bf16, as emovec.monitor keeps them then)
+                    kept = [u if probe_dtype == torch.float32 else u.to(probe_dtype).contiguous() for u in unit]
                     calls = [_ext._C.CpuCall(d=h[i].shape[1], h_dtype=_ext.DTYPE_CODES[dtype],
-                                             w_dtype=_ext.DTYPE_CODES[torch.float32], probes=unit[i].data_ptr(),
+                                             w_dtype=_ext.DTYPE_CODES[probe_dtype], probes=kept[i].data_ptr(),
                                              num_probes=k, center=0) for i in layers]
                     threads = torch.get_num_threads()
                     # and at a decode step's few rows, the layers' calls kept until the last layer's rows arrive and
@@ -294,7 +298,7 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
                     layer_scores = torch.empty(len(calls), batch, k, device=device)
                     layer_norms = torch.empty(len(calls), batch, device=device)
 
-                    def run_prepared(unit=unit):  # the probes live as long as the calls
+                    def run_prepared(kept=kept):  # the probes live as long as the calls
                         for i in layers:
                             if i == steer_layer:
                                 steer_project_trusted(h[i], slots=slots, table=table, backend=b)
@@ -336,6 +340,8 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
             fns = {"naive": naive_step, **{f"emovec-{b}": fused(b) for b in backends}}
             if "cpu" in backends and _ext.has_cpp_library:  # the op itself at every layer, for comparison
                 fns["emovec-cpu (op)"] = fused("cpu", prepared=False)
+                if dtype == torch.float32 and _ext._C.cpu_bf16_dot():  # emovec.monitor(..., bf16_probes=True)
+                    fns["emovec-cpu bf16 probes"] = fused("cpu", probe_dtype=torch.bfloat16)
             if backends:
                 fns[f"emovec-{backends[0]}+cap"] = fused_cap(backends[0])
             timings = interleaved(fns, device, rounds=max(3, rounds), repeats=20, warmup=3)
