@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -441,6 +442,15 @@ void project_widened(const float* x, int64_t x_stride, int64_t pairs, int rows, 
 }
 #endif
 
+// this thread's index in its OpenMP team and the team's size (0 and 1 without OpenMP)
+inline std::pair<int64_t, int64_t> team_position() {
+#ifdef _OPENMP
+  return {omp_get_thread_num(), omp_get_num_threads()};
+#else
+  return {0, 1};
+#endif
+}
+
 // rows x K scores of a tile (row stride K) into out (row stride `stride`)
 inline void copy_rows(const float* tile, int rows, int64_t K, float* out, int64_t stride) {
   for (int r = 0; r < rows; ++r) std::copy(tile + r * K, tile + (r + 1) * K, out + r * stride);
@@ -577,11 +587,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
       } else
 #pragma omp parallel num_threads(threads)
       {
-#ifdef _OPENMP
-        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        const int64_t t = 0, T = 1;
-#endif
+        const auto [t, T] = team_position();
         const int64_t k0 = std::min(K, groups * t / T * unit), k1 = std::min(K, groups * (t + 1) / T * unit);
         dots(x.data(), rows, k0, k1, scores_stride, a.scores);
       }
@@ -623,11 +629,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
     } else {
 #pragma omp parallel num_threads(num_threads)
       {
-#ifdef _OPENMP
-        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        const int64_t t = 0, T = 1;
-#endif
+        const auto [t, T] = team_position();
         tiles(num_tiles * t / T, num_tiles * (t + 1) / T);  // contiguous shares, as schedule(static)
       }
     }
