@@ -168,10 +168,10 @@ PYBIND11_MODULE(_C, m) {
               emovec::SteerProjectArgs a =
                   group.calls[position]->with(h, n, stride, scores, norms, scores_stride, norms_stride);
               if (position + 1 < count) {  // copy the rows: the model may reuse their memory before the last layer
-                const int64_t width = a.d * (a.h_dtype == emovec::kFloat32 ? 4 : 2);
+                const int64_t element = a.h_dtype == emovec::kFloat32 ? 4 : 2;
+                const int64_t width = a.d * element, row_bytes = stride * element;
                 std::vector<unsigned char>& copy = group.rows[position];
                 copy.resize(n * width);
-                const int64_t row_bytes = stride * (a.h_dtype == emovec::kFloat32 ? 4 : 2);
                 for (int64_t r = 0; r < n; ++r)
                   std::memcpy(copy.data() + r * width, as_pointer<unsigned char>(h) + r * row_bytes, width);
                 a.h = copy.data();

@@ -376,9 +376,6 @@ class Monitor(_LayerRuntime):
         step = self.step
         fast = self._fast
         if fast is not None and flat.shape[0] == fast[6] and flat.device.type == "cpu":
-            call = self._calls.get((position, flat.dtype))
-            if call is None:
-                call = self._prepare_call(position, flat)
             scores_at, width, norms_at, threads, scores_stride, norms_stride, rows = fast
             if rows <= DEFER_MAX_ROWS and len(self.layer_indices) > 1:
                 # a few rows (decode): the layers' calls run together when the last layer's rows arrive, one
@@ -389,6 +386,9 @@ class Monitor(_LayerRuntime):
                 group.run(position, flat.data_ptr(), rows, flat.stride(0), scores_at + position * width,
                           norms_at + position * 4, threads, scores_stride, norms_stride)
                 return
+            call = self._calls.get((position, flat.dtype))
+            if call is None:
+                call = self._prepare_call(position, flat)
             call.run(flat.data_ptr(), rows, flat.stride(0), scores_at + position * width, norms_at + position * 4,
                      threads, scores_stride, norms_stride)
             return
