@@ -2,8 +2,9 @@
 //
 // Per row: load h[i] to fp32, add table[slot[i]], project out the ablation directions, store back in h's
 // dtype, then project the stored value (minus center) onto the probes: dot-product register blocks (AVX-512
-// intrinsics, or kRows x kProbes x kLanes blocks the compiler vectorises without -ffast-math), or from 128 rows per
-// thread an outer-product kernel on packed probes.
+// intrinsics, or kRows x kProbes x kLanes blocks the compiler vectorises without -ffast-math), or an outer-product
+// kernel on probes packed in panels of 16: from 128 rows per thread packed per call, from kCpuPackedMinRows rows
+// packed once by a prepared call (up to kPanelSplitMaxRows rows, the panels are split among the threads).
 // Capture runs as a second, column-parallel pass, so repeated segments need no atomics and sums are
 // deterministic (rows are always added in order).
 #include <algorithm>
@@ -38,6 +39,7 @@ constexpr int kRowTile = kCpuRowTile;  // rows prepared together (a multiple of 
 constexpr int kPanelRows = 6;   // outer-product micro-kernel: 6 rows x 16 probes = 12 AVX2 accumulators
 constexpr int kPanelWidth = 16;
 constexpr int64_t kPackMinRowsPerThread = 128;  // below this many rows per thread, packing costs more than it saves
+constexpr int64_t kPanelSplitMaxRows = 8;  // up to this many rows the panel kernels split panels, not rows, among threads
 constexpr int64_t kSplitMinWork = 32768;  // rows x probes x d of one tile worth splitting among threads
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -230,6 +232,71 @@ inline void project_tile_packed(const float* x, int64_t dp, int64_t d, int rows,
   }
 }
 
+#ifdef EMOVEC_AVX512
+// NR rows x NP fp32 panels of 16 probes: acc[r][p] += x[r][j] * panel[j] over j in order, one FMA chain per (row,
+// panel), so a score is summed exactly as the portable kernel above sums it. Each panel row is loaded once for NR
+// rows and each row value broadcast once for NP panels; the last panel of the block is stored masked to its width
+// straight into the scores (row stride `stride`).
+template <int NR, int NP>
+inline void packed_block(const float* x, int64_t x_stride, int64_t d, const float* panel, int64_t panel_step,
+                         float* out, int64_t stride, int64_t last_width) {
+  __m512 acc[NR][NP];
+  for (int r = 0; r < NR; ++r)
+    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < d; ++j) {
+    __m512 pv[NP];
+    for (int p = 0; p < NP; ++p) pv[p] = _mm512_loadu_ps(panel + p * panel_step + j * kPanelWidth);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * x_stride + j]);
+      for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_fmadd_ps(xv, pv[p], acc[r][p]);
+    }
+  }
+  const __mmask16 last = static_cast<__mmask16>((1u << last_width) - 1u);
+  for (int r = 0; r < NR; ++r)
+    for (int p = 0; p < NP; ++p)
+      _mm512_mask_storeu_ps(out + r * stride + p * kPanelWidth, p + 1 < NP ? __mmask16(0xFFFF) : last, acc[r][p]);
+}
+
+// NR rows x panels [t0, panels), NP at a time, the rest in one narrower block
+template <int NR, int NP>
+inline void packed_panels(const float* x, int64_t x_stride, int64_t d, const float* packed, int64_t K, int64_t t0,
+                          int64_t panels, float* out, int64_t stride) {
+  const int64_t step = d * kPanelWidth;
+  auto width = [&](int64_t t) { return std::min<int64_t>(kPanelWidth, K - t * kPanelWidth); };
+  int64_t t = t0;
+  for (; t + NP <= panels; t += NP)
+    packed_block<NR, NP>(x, x_stride, d, packed + t * step, step, out + t * kPanelWidth, stride, width(t + NP - 1));
+  const int64_t rest = panels - t;
+  const float* panel = packed + t * step;
+  float* o = out + t * kPanelWidth;
+  if (rest == 3) packed_block<NR, 3>(x, x_stride, d, panel, step, o, stride, width(panels - 1));
+  else if (rest == 2) packed_block<NR, 2>(x, x_stride, d, panel, step, o, stride, width(panels - 1));
+  else if (rest == 1) packed_block<NR, 1>(x, x_stride, d, panel, step, o, stride, width(panels - 1));
+}
+
+// scores of `rows` rows (exactly: no padding rows computed) against packed fp32 panels [t0, t1), into out (row stride
+// `stride`): 8 rows x 2 panels (16 accumulators, 2 loads and 8 broadcasts per 16 FMAs), fewer rows x 4 panels. A
+// score is summed the same way whatever the rows and panels around it.
+void project_rows_packed(const float* x, int64_t dp, int64_t d, int rows, const float* packed, int64_t K, int64_t t0,
+                         int64_t t1, float* out, int64_t stride) {
+  int r0 = 0;
+  for (; r0 + 8 <= rows; r0 += 8)
+    packed_panels<8, 2>(x + r0 * dp, dp, d, packed, K, t0, t1, out + r0 * stride, stride);
+  const float* xr = x + r0 * dp;
+  float* o = out + r0 * stride;
+  switch (rows - r0) {
+    case 7: packed_panels<7, 2>(xr, dp, d, packed, K, t0, t1, o, stride); break;
+    case 6: packed_panels<6, 2>(xr, dp, d, packed, K, t0, t1, o, stride); break;
+    case 5: packed_panels<5, 2>(xr, dp, d, packed, K, t0, t1, o, stride); break;
+    case 4: packed_panels<4, 4>(xr, dp, d, packed, K, t0, t1, o, stride); break;
+    case 3: packed_panels<3, 4>(xr, dp, d, packed, K, t0, t1, o, stride); break;
+    case 2: packed_panels<2, 4>(xr, dp, d, packed, K, t0, t1, o, stride); break;
+    case 1: packed_panels<1, 4>(xr, dp, d, packed, K, t0, t1, o, stride); break;
+    default: break;
+  }
+}
+#endif
+
 // dot product of two fp32 rows with kLanes independent accumulators (vectorised without -ffast-math).
 inline float dot_lanes(const float* a, const float* b, int64_t d) {
   float acc[kLanes] = {};
@@ -335,33 +402,34 @@ inline void bf16_block(const bfloat16_t* h, int64_t row_stride, int64_t d, const
     }
 }
 
-// NR bf16 rows (as stored) x every panel, two panels at a time
+// NR bf16 rows (as stored) x panels [t0, panels), two panels at a time
 template <int NR>
 inline void bf16_rows(const bfloat16_t* h, int64_t row_stride, int64_t d, const uint16_t* packed, int64_t K,
-                      float* out) {
-  const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth, step = (d + 1) / 2 * 32;
+                      int64_t t0, int64_t panels, float* out, int64_t stride) {
+  const int64_t step = (d + 1) / 2 * 32;
   auto width = [&](int64_t t) { return std::min<int64_t>(kPanelWidth, K - t * kPanelWidth); };
-  int64_t t = 0;
+  int64_t t = t0;
   for (; t + 2 <= panels; t += 2)
-    bf16_block<NR, 2>(h, row_stride, d, packed + t * step, step, out + t * kPanelWidth, K, width(t + 1));
+    bf16_block<NR, 2>(h, row_stride, d, packed + t * step, step, out + t * kPanelWidth, stride, width(t + 1));
   for (; t < panels; ++t)
-    bf16_block<NR, 1>(h, row_stride, d, packed + t * step, step, out + t * kPanelWidth, K, width(t));
+    bf16_block<NR, 1>(h, row_stride, d, packed + t * step, step, out + t * kPanelWidth, stride, width(t));
 }
 
-// scores of a tile of bf16 rows (as stored in h, no center) against the bf16-pair panels, 6 rows x 32 probes at a time
+// scores of a tile of bf16 rows (as stored in h, no center) against bf16-pair panels [t0, t1), 6 rows x 32 probes
+// at a time, into out (row stride `stride`)
 void project_tile_bf16(const bfloat16_t* h, int64_t row_stride, int64_t d, int rows, const uint16_t* packed, int64_t K,
-                       float* tile_scores) {
+                       int64_t t0, int64_t t1, float* scores, int64_t stride) {
   for (int r0 = 0; r0 < rows; r0 += kPanelRows) {
     const int nr = std::min(kPanelRows, rows - r0);
     const bfloat16_t* rows_h = h + r0 * row_stride;
-    float* out = tile_scores + r0 * K;
+    float* out = scores + r0 * stride;
     switch (nr) {
-      case 6: bf16_rows<6>(rows_h, row_stride, d, packed, K, out); break;
-      case 5: bf16_rows<5>(rows_h, row_stride, d, packed, K, out); break;
-      case 4: bf16_rows<4>(rows_h, row_stride, d, packed, K, out); break;
-      case 3: bf16_rows<3>(rows_h, row_stride, d, packed, K, out); break;
-      case 2: bf16_rows<2>(rows_h, row_stride, d, packed, K, out); break;
-      default: bf16_rows<1>(rows_h, row_stride, d, packed, K, out); break;
+      case 6: bf16_rows<6>(rows_h, row_stride, d, packed, K, t0, t1, out, stride); break;
+      case 5: bf16_rows<5>(rows_h, row_stride, d, packed, K, t0, t1, out, stride); break;
+      case 4: bf16_rows<4>(rows_h, row_stride, d, packed, K, t0, t1, out, stride); break;
+      case 3: bf16_rows<3>(rows_h, row_stride, d, packed, K, t0, t1, out, stride); break;
+      case 2: bf16_rows<2>(rows_h, row_stride, d, packed, K, t0, t1, out, stride); break;
+      default: bf16_rows<1>(rows_h, row_stride, d, packed, K, t0, t1, out, stride); break;
     }
   }
 }
@@ -525,6 +593,34 @@ void run(const SteerProjectArgs& a, int num_threads) {
                                        ? pack_probes(probes.data, probes.stride, K, d, num_threads)
                                        : std::vector<float>();
   const float* packed_data = cached_panels ? a.probe_panels_fp32 : packed.data();
+#ifdef EMOVEC_AVX512
+  // the AVX-512 packed kernel computes exactly the tile's rows, straight into the scores (so one tile of rows splits
+  // its panels among the threads); the portable one reads whole blocks of kPanelRows rows (zero past the tile's)
+  // into a tile of scores
+  constexpr bool pad_rows = false;
+#else
+  const bool pad_rows = packed_path;
+#endif
+  // scores of probes [k0, k1) (whole panels on the panel kernels) for the `rows` rows from row0, prepared in x, into
+  // out (row stride scores_stride); the portable packed kernel (pad_rows) is called by the tiles below instead
+  auto tile_dots = [&](int64_t row0, const float* x, int rows, int64_t k0, int64_t k1, float* out) {
+    const int64_t t0 = k0 / kPanelWidth, t1 = (k1 + kPanelWidth - 1) / kPanelWidth;
+    (void)row0, (void)t0, (void)t1;
+#ifdef EMOVEC_BF16_DOT
+    if (bf16_path) {
+      project_tile_bf16(reinterpret_cast<const bfloat16_t*>(h) + row0 * a.h_row_stride, a.h_row_stride, d, rows,
+                        bf16_panels, K, t0, t1, out, scores_stride);
+      return;
+    }
+#endif
+#ifdef EMOVEC_AVX512
+    if (packed_path) {
+      project_rows_packed(x, dp, d, rows, packed_data, K, t0, t1, out, scores_stride);
+      return;
+    }
+#endif
+    dots(x, rows, k0, k1, scores_stride, out);
+  };
 
   // one tile of rows: load to fp32, edit and store back (keeping exactly what was stored), center, norms
   // x holds `rows` rows, or kRowTile rows with the ones past `rows` zeroed when `pad_tile` (the packed kernels read
@@ -570,7 +666,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
 
   if (!edits && !projects) {
     // nothing per row
-  } else if (n <= kRowTile && !packed_path) {
+  } else if (n <= kRowTile && (!packed_path || (!pad_rows && n <= kPanelSplitMaxRows))) {
     // one tile (decode): prepared once on this thread, then its probes split among the threads, each writing its own
     // columns of the scores (no copy, no atomics). With one row tile, splitting rows would leave all but one idle.
     const int rows = static_cast<int>(n);
@@ -578,49 +674,42 @@ void run(const SteerProjectArgs& a, int num_threads) {
     prepare(0, rows, x.data(), coef.data(), centered.data(), false);
     if (a.scores != nullptr) {
       // whole probe blocks per thread, so each score is summed by the same block shape on any thread count
-      const int64_t unit = panels_path ? kPanelWidth : rows == 1 ? kDotProbesOneRow : kDotProbes;
+      const int64_t unit = panels_path || packed_path ? kPanelWidth : rows == 1 ? kDotProbesOneRow : kDotProbes;
       const int64_t groups = (K + unit - 1) / unit;
       const bool split = num_threads > 1 && groups > 1 && n * K * d >= kSplitMinWork;
       const int threads = split ? static_cast<int>(std::min<int64_t>(num_threads, groups)) : 1;
       if (!split) {  // no parallel region at all: even an inactive one costs a team's set-up
-        dots(x.data(), rows, 0, K, scores_stride, a.scores);
+        tile_dots(0, x.data(), rows, 0, K, a.scores);
       } else
 #pragma omp parallel num_threads(threads)
       {
         const auto [t, T] = team_position();
         const int64_t k0 = std::min(K, groups * t / T * unit), k1 = std::min(K, groups * (t + 1) / T * unit);
-        dots(x.data(), rows, k0, k1, scores_stride, a.scores);
+        tile_dots(0, x.data(), rows, k0, k1, a.scores);
       }
     }
   } else {
-    // tiles of about equal size (a multiple of the micro-kernel's rows), as many as a multiple of the threads: two
-    // threads on 64 rows get 36 and 28, not 48 and 16
+    // tiles of about equal size (a multiple of the micro-kernel's rows; the AVX-512 panel kernels take any number),
+    // as many as a multiple of the threads: two threads on 64 rows get 36 and 28, not 48 and 16
     const int64_t blocks = round_up((n + kRowTile - 1) / kRowTile, num_threads);  // a whole number per thread
-    const int64_t tile = std::min<int64_t>(kRowTile, round_up((n + blocks - 1) / blocks, packed_path ? kPanelRows : 4));
+    const int64_t tile = std::min<int64_t>(kRowTile, round_up((n + blocks - 1) / blocks, pad_rows ? kPanelRows : packed_path ? 1 : 4));
     const int64_t num_tiles = (n + tile - 1) / tile;
     // tiles [b0, b1) on this thread, with its own scratch
     auto tiles = [&](int64_t b0, int64_t b1) {
-      std::vector<float> x(kRowTile * dp, 0.0f);  // this tile's rows, fp32, centered, zero-padded
-      std::vector<float> tile_scores(a.scores ? kRowTile * K : 0);
+      std::vector<float> x((pad_rows ? kRowTile : tile) * dp, 0.0f);  // this tile's rows, fp32, centered, zero-padded
+      std::vector<float> tile_scores(a.scores && pad_rows ? kRowTile * K : 0);
       std::vector<float> coef(A);
       std::vector<float> centered(C > 0 ? d : 0);  // scratch of the regulation
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t row0 = b * tile;
         const int rows = static_cast<int>(std::min<int64_t>(tile, n - row0));
-        prepare(row0, rows, x.data(), coef.data(), centered.data(), packed_path);
+        prepare(row0, rows, x.data(), coef.data(), centered.data(), pad_rows);
         if (a.scores == nullptr) continue;
-#ifdef EMOVEC_BF16_DOT
-        if (bf16_path) {
-          project_tile_bf16(reinterpret_cast<const bfloat16_t*>(h) + row0 * a.h_row_stride, a.h_row_stride, d, rows,
-                            bf16_panels, K, tile_scores.data());
-          copy_rows(tile_scores.data(), rows, K, a.scores + row0 * scores_stride, scores_stride);
-        } else
-#endif
-        if (packed_path) {
+        if (pad_rows && !bf16_path) {  // the portable packed kernel: whole blocks of kPanelRows rows
           project_tile_packed(x.data(), dp, d, rows, packed_data, K, tile_scores.data());
           copy_rows(tile_scores.data(), rows, K, a.scores + row0 * scores_stride, scores_stride);
         } else {
-          dots(x.data(), rows, 0, K, scores_stride, a.scores + row0 * scores_stride);
+          tile_dots(row0, x.data(), rows, 0, K, a.scores + row0 * scores_stride);
         }
       }
     };

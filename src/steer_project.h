@@ -15,8 +15,9 @@ namespace emovec {
 
 // rows the CPU kernel prepares together; one tile of rows or fewer splits its probes among the threads
 constexpr int64_t kCpuRowTile = 24;
-// from this many rows, probes packed once by the caller (probe_panels_fp32) take the outer-product kernel
-constexpr int64_t kCpuPackedMinRows = 4;
+// from this many rows, probes packed once by the caller (probe_panels_fp32, probe_panels with bf16 rows) take the
+// outer-product kernels (one row keeps the dot blocks: their probes split among threads, and lane-wise fp32 sums)
+constexpr int64_t kCpuPackedMinRows = 2;
 
 // dtype codes shared with python/emovec/_ext.py
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

@@ -364,7 +364,9 @@ def test_cpu_kernel_gives_the_same_bits_on_any_number_of_threads(n):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("n", [1, 7, 40, 300])  # one row; one tile; tiles; the packed path (128 rows per thread)
+# one row (dots); 2, 3, 5, 7, 8 rows (the packed panels split among threads); 13, 24, 40 (tiles of rows); 300 (the
+# packed path without a prepared call's panels too)
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 8, 13, 24, 40, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepared_cpu_call_writes_rows_of_a_larger_record(n, dtype, threads):
     """emovec._C.CpuCall (the runtime's prepared call) writes row i's scores at scores + i * stride and its norm at
@@ -388,6 +390,34 @@ def test_prepared_cpu_call_writes_rows_of_a_larger_record(n, dtype, threads):
     untouched = torch.cat([record[:, 0].flatten(), record[:, 2].flatten(), record[:, 1, 171:].flatten(),
                            norm_record[:, :2].flatten()])
     assert untouched.isnan().all()
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 9, 13, 24, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_cpu_call_gives_the_same_bits_on_any_number_of_threads(n, dtype):
+    """A prepared call's packed panels are split among the threads up to a few rows, and tiles of rows above: each
+    score is summed over the columns in order by one accumulator whatever the split, so 1, 2 and 3 threads write the
+    same bits (K = 171: 11 panels, the last 11 wide, so the splits and the narrow last block all occur)."""
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    from emovec import _ext
+
+    g = torch.Generator().manual_seed(n * 13)
+    d, k = 576, 171
+    h = torch.randn(n, d, generator=g).to(dtype)
+    probes = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1).to(dtype)
+    call = _ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[dtype], w_dtype=_ext.DTYPE_CODES[dtype],
+                           probes=probes.data_ptr(), num_probes=k, center=0)
+    results = []
+    for threads in (1, 2, 3):
+        scores, norms = torch.full((n, k), math.nan), torch.full((n,), math.nan)
+        call.run(h.data_ptr(), n, d, scores.data_ptr(), norms.data_ptr(), threads, 0, 0)
+        results.append(scores)
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+    want = h.double() @ probes.double().T
+    error = (results[0].double() - want).abs().max().item()
+    assert error <= 1e-5 * max(1.0, want.abs().max().item()), error  # fp32 sums of d exact products
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -24,8 +24,8 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 # either, but a tiled GEMM); only an explicit backend="cuda" sends them to the CUDA kernels
 CUDA_MAX_ROWS = 64
 # from this many rows (kCpuPackedMinRows in src/steer_project.h) a prepared CPU projection packs its probes once for
-# the outer-product kernel; fewer rows dot the probes as they are, split among the threads
-CPU_PACKED_MIN_ROWS = 4
+# the outer-product kernel; one row dots the probes as they are, split among the threads
+CPU_PACKED_MIN_ROWS = 2
 # ablation directions per call: the kernels keep one coefficient per direction and row in registers/shared memory
 MAX_ABLATE = 64
 # clamp (regulation) directions per call, for the same reason
