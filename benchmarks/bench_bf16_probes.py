@@ -1,6 +1,7 @@
 """fp32 rows against fp32 or bf16 probes in the CPU's prepared call (`emovec._C.CpuCall`, what `emovec.monitor` and
 the vLLM plugin run per layer): one layer warm, 30 layers' probes in turn (L3), and 30 layers after streaming 64 MB
-between calls (what a decode step's weights do to the caches).
+between calls (what a decode step's weights do to the caches); and the bound of each: one read of the same probe bytes
+(`emovec._C.cpu_read_seconds`, warm from L2, and the 30 layers' in turn from L3), with the call's time over it.
 
     python benchmarks/bench_bf16_probes.py                  # d = 576, K = 171 (the default model), rows 1 and 8
 
@@ -57,6 +58,15 @@ def main(argv: list[str] | None = None) -> dict:
                     calls[0].run(*run)
                 one.append((time.perf_counter() - t0) / 20 * 1e6)
             result["one_layer_warm_us"] = round(statistics.median(one), 3)
+            # the bound: reading the same probe bytes once, warm (one layer's, from L2) and in turn (30 layers', L3)
+            size = probes[0].numel() * probes[0].element_size()
+            read_warm = _ext._C.cpu_read_seconds(probes[0].data_ptr(), size, 2000) * 1e6
+            read_turn = statistics.median(
+                sum(_ext._C.cpu_read_seconds(p.data_ptr(), size, 1) for p in probes) / len(probes) * 1e6
+                for _ in range(args.repeats))
+            result["read_probes_warm_us"] = round(read_warm, 3)
+            result["one_layer_warm / read"] = round(result["one_layer_warm_us"] / read_warm, 2)
+            result["read_probes_in_turn_us"] = round(read_turn, 3)
             for label, cold in (("layers_in_turn_us", False), ("after_64mb_stream_us", True)):
                 samples = []
                 for _ in range(args.repeats):
@@ -67,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
                         call.run(*run)
                     samples.append((time.perf_counter() - t0) / len(calls) * 1e6)
                 result[label] = round(statistics.median(samples), 3)
+            result["layers_in_turn / read"] = round(result["layers_in_turn_us"] / read_turn, 2)
             rows_out.append(result)
             print(result, flush=True)
     out = {"d": d, "K": k, "layers": args.layers, "threads": 1, "machine": platform.processor() or platform.machine(),

@@ -213,6 +213,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_architectures", &emovec::cuda_architectures, "CUDA architectures compiled, e.g. '80,90'.");
   m.def("cpu_bf16_dot", &emovec::cpu_bf16_dot,
         "Whether the CPU kernel dots bf16 rows with AVX-512 bf16 instructions (probes rounded to bf16).");
+  m.def(
+      "cpu_read_seconds",
+      [](std::uintptr_t data, int64_t bytes, int64_t repeats) {
+        if (data == 0 || bytes < 8 || repeats < 1)
+          throw std::invalid_argument("emovec._C.cpu_read_seconds: needs an address, at least 8 bytes, 1 repeat");
+        py::gil_scoped_release release;
+        return emovec::cpu_read_seconds(as_pointer<const void>(data), bytes, repeats);
+      },
+      "Best of `repeats` timed reads of `bytes` bytes at address `data` on this thread, in seconds (benchmarks: the "
+      "time to read a kernel's operands once).",
+      py::arg("data"), py::arg("bytes"), py::arg("repeats"));
   m.def("cuda_device_count", &emovec::cuda_device_count, "CUDA devices visible (0 without a driver).");
 #ifdef _OPENMP
   m.attr("openmp") = true;

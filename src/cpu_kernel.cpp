@@ -8,7 +8,9 @@
 // Capture runs as a second, column-parallel pass, so repeated segments need no atomics and sums are
 // deterministic (rows are always added in order).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -780,6 +782,25 @@ std::vector<uint16_t> prepare_probe_panels(const SteerProjectArgs& a) {
   (void)a;
   return {};
 #endif
+}
+
+double cpu_read_seconds(const void* data, int64_t bytes, int64_t repeats) {
+  const uint64_t* words = static_cast<const uint64_t*>(data);
+  const int64_t count = bytes / 8;
+  double best = std::numeric_limits<double>::infinity();
+  uint64_t seen = 0;
+  for (int64_t r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    uint64_t x = 0;
+#pragma omp simd reduction(^ : x)
+    for (int64_t i = 0; i < count; ++i) x ^= words[i];
+    const auto t1 = std::chrono::steady_clock::now();
+    seen ^= x;
+    best = std::min(best, std::chrono::duration<double>(t1 - t0).count());
+  }
+  volatile uint64_t keep = seen;  // the reads must happen
+  (void)keep;
+  return best;
 }
 
 bool cpu_bf16_dot() {

@@ -120,6 +120,9 @@ std::vector<uint16_t> prepare_probe_panels(const SteerProjectArgs& a);
 int64_t packed_probes_floats(int64_t K, int64_t d);
 void pack_probes_into(const float* probes, int64_t K, int64_t d, float* out);
 bool cpu_bf16_dot();  // the CPU kernel dots bf16 rows with AVX-512 bf16 instructions (bf16 probes)
+// For benchmarks: the best of `repeats` timed reads of `bytes` bytes at `data` (a vectorised XOR of every 8 bytes, on
+// this thread), in seconds: what reading a kernel's operands once from wherever they sit costs on this machine.
+double cpu_read_seconds(const void* data, int64_t bytes, int64_t repeats);
 bool cuda_compiled();
 std::string cuda_architectures();
 int cuda_device_count();  // 0 when there is no driver or no device (never throws)
