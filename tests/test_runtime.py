@@ -43,6 +43,34 @@ def test_monitor_forward_matches_hidden_states(tiny):
     torch.testing.assert_close(res.cosine, res.scores / res.norms[..., None])
 
 
+@pytest.mark.parametrize("length", [9, 70])  # 70 >= 64 tokens fill the record's columns: rows evenly spaced in it
+def test_monitor_prefill_of_a_padded_batch_matches_hidden_states(tiny, length):
+    """A batch of left-padded sequences: every real token's scores and norms equal the hidden states' (taken with the
+    same positions), padded places read 0. From 64 tokens the rows are evenly spaced in the record and each layer's
+    call writes straight into it (on the CPU kernel); below, through a scratch buffer: both checked."""
+    model, vectors = tiny
+    g = torch.Generator().manual_seed(length)
+    ids = torch.randint(2, 290, (3, length), generator=g)
+    mask = torch.ones(3, length, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :length // 2] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 2]) as mon:
+        model(input_ids=ids, attention_mask=mask)
+        direct = mon._fast is not None
+    assert direct == (length >= 64 and emovec.has_cpp_library)
+    res = mon.result()
+    real = mask.bool()
+    assert torch.equal(res.mask, real)
+    with torch.no_grad():
+        for li, layer in enumerate([0, 2]):
+            h = hidden_at(model, ids, layer, attention_mask=mask, position_ids=positions)
+            torch.testing.assert_close(res.scores[:, :, li][real], (h @ vectors.unit[layer].T)[real],
+                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(res.norms[:, :, li][real], h.norm(dim=-1)[real], rtol=1e-4, atol=1e-4)
+    assert (res.scores[~real] == 0).all() and (res.norms[~real] == 0).all()
+
+
 def test_strength_zero_is_bit_identical(tiny):
     model, vectors = tiny
     ids = torch.randint(2, 290, (3, 7))

@@ -360,26 +360,31 @@ class Monitor(_LayerRuntime):
         if step.input_ids is not None:
             self.ids[:, cols] = step.input_ids
         self._width = end
-        # on the CPU with the compiled kernel, a decode step (one token per sequence) or a single sequence: each
-        # layer's call writes its scores and norms straight into the record (rows of the record are evenly spaced
-        # then: cap x L x K floats apart at one token per sequence, L x K for one sequence), through a call prepared
-        # once per layer. Inside a forward pass that streams the weights through the caches, the general path's
-        # Python (a scratch buffer, two indexed copies, the argument list) costs several times what it costs warm.
+        # on the CPU with the compiled kernel, whenever the step's rows are evenly spaced in the record: a decode step
+        # (one token per sequence: cap x L x K floats apart), a single sequence, or a first step that fills the
+        # record's columns exactly (a prefill of 64 tokens or more: L x K apart), each layer's call writes its scores
+        # and norms straight into the record, through a call prepared once per layer. Inside a forward pass that
+        # streams the weights through the caches, the general path's Python (a scratch buffer, two indexed copies,
+        # the argument list) costs several times what it costs warm; at a prefill, the copy of every layer's scores.
         self._fast = None
-        if ((step.batch == 1 or step.length == 1) and device.type == "cpu" and self.backend in (None, "cpu")
-                and _ext.has_cpp_library and not torch.compiler.is_compiling()):
+        evenly = step.batch == 1 or step.length == 1 or self._capacity == step.length
+        if (evenly and device.type == "cpu" and self.backend in (None, "cpu") and _ext.has_cpp_library
+                and not torch.compiler.is_compiling()):
             per_column = self._capacity * L if step.length == 1 else L  # floats between rows' norms
+            rows = step.batch * step.length
+            # a few rows (decode): the layers' calls run together when the last layer's rows arrive, one parallel
+            # region per step instead of one per layer; the scores are the same bits
+            together = rows <= DEFER_MAX_ROWS and L > 1
             self._fast = (self.scores.data_ptr() + step.past * L * K * 4, K * 4, self.norms.data_ptr() + step.past * L * 4,
-                          torch.get_num_threads(), per_column * K, per_column, step.batch * step.length)
+                          torch.get_num_threads(), per_column * K, per_column, rows, together)
 
     def apply(self, position: int, flat: torch.Tensor) -> None:
-        step = self.step
         fast = self._fast
-        if fast is not None and flat.shape[0] == fast[6] and flat.device.type == "cpu":
-            scores_at, width, norms_at, threads, scores_stride, norms_stride, rows = fast
-            if rows <= DEFER_MAX_ROWS and len(self.layer_indices) > 1:
-                # a few rows (decode): the layers' calls run together when the last layer's rows arrive, one
-                # parallel region per step instead of one per layer; the scores are the same bits
+        # (inside a forward pass that streams the weights through the caches each attribute read here can miss:
+        # is_cpu and size(0) make no objects, where device.type and shape cost ~7 us a layer more at a decode step)
+        if fast is not None and flat.is_cpu and flat.size(0) == fast[6]:
+            scores_at, width, norms_at, threads, scores_stride, norms_stride, rows, together = fast
+            if together:
                 group = self._groups.get(flat.dtype)
                 if group is None:
                     group = self._prepare_group(flat)
@@ -408,6 +413,7 @@ class Monitor(_LayerRuntime):
             center = self._center(flat.device)
             steer_project_trusted(flat, probes=self._probe(position, flat.device, flat.dtype), center=center,
                                   scores=scores, norms=norms, backend=self.backend)
+        step = self.step
         cols = slice(step.past, step.past + step.length)
         self.scores[:, cols, position] = scores.view(step.batch, step.length, -1)
         self.norms[:, cols, position] = norms.view(step.batch, step.length)
@@ -438,8 +444,13 @@ class Monitor(_LayerRuntime):
             raise RuntimeError("nothing was recorded: run the model inside the `with emovec.monitor(...)` block")
         w = self._width
         mask = self.real[:, :w].cpu()
-        scores = torch.where(mask[:, :, None, None], self.scores[:, :w].cpu(), 0.0)
-        norms = torch.where(mask[:, :, None], self.norms[:, :w].cpu(), 0.0)
+        # a copy (the record's columns can be written again by a later step), zero where there is no real token
+        # (padding): zeroing the few padded places costs a fraction of a masked copy of everything
+        scores = self.scores[:, :w].to("cpu", copy=True)
+        norms = self.norms[:, :w].to("cpu", copy=True)
+        if not bool(mask.all()):
+            scores[~mask] = 0.0
+            norms[~mask] = 0.0
         ids = self.ids[:, :w].cpu()
         positions = torch.where(mask, mask.long().cumsum(1) - 1, -1)
         tokens = None
