@@ -71,6 +71,42 @@ def test_monitor_prefill_of_a_padded_batch_matches_hidden_states(tiny, length):
     assert (res.scores[~real] == 0).all() and (res.norms[~real] == 0).all()
 
 
+def test_a_layer_with_a_non_contiguous_output_is_steered_and_read(tiny):
+    """A layer whose output tensor is not contiguous (the same values, another memory order): the edits go to a
+    contiguous copy, which becomes the layer's output, so steering there equals a manual add, and the monitor reads
+    the steered values."""
+    model, vectors = tiny
+    ids = torch.randint(2, 290, (3, 5), generator=torch.Generator().manual_seed(3))
+    layer, strength = 2, 0.5
+    block = model.model.layers[layer]
+    add = strength * vectors.mean_norm(layer) * vectors.unit[vectors.slice_of(layer), vectors.index("afraid")]
+    with torch.no_grad():
+        handle = block.register_forward_hook(lambda m, a, o: (o[0] + add, *o[1:]) if isinstance(o, tuple) else o + add)
+        try:
+            want = model(input_ids=ids).logits
+            want_h = hidden_at(model, ids, layer)
+        finally:
+            handle.remove()
+    plain_forward = block.forward
+
+    def non_contiguous(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out
+        h = h.transpose(0, 1).contiguous().transpose(0, 1)  # (batch, tokens, d) in token-major memory order
+        assert not h.is_contiguous()
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    block.forward = non_contiguous
+    try:
+        with torch.no_grad(), emovec.steer(model, vectors, {"afraid": strength}, layers=layer), \
+                emovec.monitor(model, vectors, layers=[layer]) as mon:
+            got = model(input_ids=ids).logits
+    finally:
+        del block.forward
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mon.result().scores[:, :, 0], want_h @ vectors.unit[layer].T, rtol=1e-4, atol=1e-4)
+
+
 def test_strength_zero_is_bit_identical(tiny):
     model, vectors = tiny
     ids = torch.randint(2, 290, (3, 7))

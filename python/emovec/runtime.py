@@ -39,10 +39,13 @@ class _Step:
     input_ids: torch.Tensor | None
 
 
-def _hidden_2d(hidden: torch.Tensor) -> torch.Tensor:
-    if hidden.ndim != 3:
+def _hidden_2d(hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(rows, whether they are a copy): a view of a contiguous residual stream, else a contiguous copy of it."""
+    if hidden.dim() != 3:
         raise RuntimeError(f"emovec expected a (batch, tokens, hidden) residual stream, got shape {tuple(hidden.shape)}")
-    return hidden.view(-1, hidden.shape[-1]) if hidden.is_contiguous() else hidden.reshape(-1, hidden.shape[-1])
+    if hidden.is_contiguous():
+        return hidden.view(-1, hidden.size(2)), False
+    return hidden.reshape(-1, hidden.size(2)), True
 
 
 class _LayerSlot:
@@ -57,16 +60,15 @@ class _LayerSlot:
     def __call__(self, *args, **kwargs):
         output = self.inner(*args, **kwargs)
         hidden = flat = None
+        copied = False
         for runtime, position in self.entries:  # kept in order: steering before monitoring
             if runtime.step is None:
                 continue
             if flat is None:
                 hidden = layer_output_hidden(output)
-                flat = _hidden_2d(hidden)
+                flat, copied = _hidden_2d(hidden)
             runtime.apply(position, flat)
-        if flat is None:
-            return output
-        if flat.data_ptr() != hidden.data_ptr() or not hidden.is_contiguous():
+        if copied:  # the edits went to a copy: it becomes the layer's output
             output = replace_layer_output(output, flat.view_as(hidden))
         return output
 
