@@ -259,21 +259,32 @@ inline void packed_block(const float* x, int64_t x_stride, int64_t d, const floa
       _mm512_mask_storeu_ps(out + r * stride + p * kPanelWidth, p + 1 < NP ? __mmask16(0xFFFF) : last, acc[r][p]);
 }
 
-// NR rows x panels [t0, panels), NP at a time, the rest in one narrower block
+// panels [t0, t1) in blocks of NP, the rest in one block of 3 or 2 (when narrower than NP) or single panels:
+// block(std::integral_constant<int, W>(), t) runs panels [t, t + W) (fewer panels at once leave fewer FMA chains)
+template <int NP, typename Block>
+inline void for_panel_blocks(int64_t t0, int64_t t1, Block&& block) {
+  int64_t t = t0;
+  for (; t + NP <= t1; t += NP) block(std::integral_constant<int, NP>(), t);
+  const int64_t rest = t1 - t;
+  if constexpr (NP > 3) {
+    if (rest == 3) return block(std::integral_constant<int, 3>(), t);
+  }
+  if constexpr (NP > 2) {
+    if (rest == 2) return block(std::integral_constant<int, 2>(), t);
+  }
+  for (; t < t1; ++t) block(std::integral_constant<int, 1>(), t);
+}
+
+// NR rows x panels [t0, t1), NP at a time
 template <int NR, int NP>
 inline void packed_panels(const float* x, int64_t x_stride, int64_t d, const float* packed, int64_t K, int64_t t0,
-                          int64_t panels, float* out, int64_t stride) {
+                          int64_t t1, float* out, int64_t stride) {
   const int64_t step = d * kPanelWidth;
-  auto width = [&](int64_t t) { return std::min<int64_t>(kPanelWidth, K - t * kPanelWidth); };
-  int64_t t = t0;
-  for (; t + NP <= panels; t += NP)
-    packed_block<NR, NP>(x, x_stride, d, packed + t * step, step, out + t * kPanelWidth, stride, width(t + NP - 1));
-  const int64_t rest = panels - t;
-  const float* panel = packed + t * step;
-  float* o = out + t * kPanelWidth;
-  if (rest == 3) packed_block<NR, 3>(x, x_stride, d, panel, step, o, stride, width(panels - 1));
-  else if (rest == 2) packed_block<NR, 2>(x, x_stride, d, panel, step, o, stride, width(panels - 1));
-  else if (rest == 1) packed_block<NR, 1>(x, x_stride, d, panel, step, o, stride, width(panels - 1));
+  for_panel_blocks<NP>(t0, t1, [&](auto width, int64_t t) {
+    constexpr int W = decltype(width)::value;
+    packed_block<NR, W>(x, x_stride, d, packed + t * step, step, out + t * kPanelWidth, stride,
+                        std::min<int64_t>(kPanelWidth, K - (t + W - 1) * kPanelWidth));
+  });
 }
 
 // scores of `rows` rows (exactly: no padding rows computed) against packed fp32 panels [t0, t1), into out (row stride
@@ -479,24 +490,17 @@ inline void widen_block(const float* x, int64_t x_stride, int64_t pairs, const u
     }
 }
 
-// NR rows x panels [t0, t1): NP panels at a time, the rest in one narrower block (one row x one panel would leave
-// two FMA chains, half the FMA rate at their latency: with K = 171, 3 of 11 panels)
+// NR rows x panels [t0, t1), NP at a time (one row x one panel would leave two FMA chains, half the FMA rate at their
+// latency: with K = 171, 3 of 11 panels)
 template <int NR, int NP>
 inline void widen_panels(const float* x, int64_t x_stride, int64_t pairs, const uint16_t* panels, int64_t K,
                          int64_t t0, int64_t t1, float* out, int64_t stride) {
   const int64_t step = pairs * 32;
-  auto width = [&](int64_t t) { return std::min<int64_t>(kPanelWidth, K - t * kPanelWidth); };
-  int64_t t = t0;
-  for (; t + NP <= t1; t += NP)
-    widen_block<NR, NP>(x, x_stride, pairs, panels + t * step, step, out + t * kPanelWidth, stride, width(t + NP - 1));
-  const int64_t rest = t1 - t;
-  const uint16_t* panel = panels + t * step;
-  float* o = out + t * kPanelWidth;
-  if (rest >= 3 && NP > 3) widen_block<NR, 3>(x, x_stride, pairs, panel, step, o, stride, width(t1 - 1));
-  else if (rest == 2 && NP > 2) widen_block<NR, 2>(x, x_stride, pairs, panel, step, o, stride, width(t1 - 1));
-  else
-    for (; t < t1; ++t)
-      widen_block<NR, 1>(x, x_stride, pairs, panels + t * step, step, out + t * kPanelWidth, stride, width(t));
+  for_panel_blocks<NP>(t0, t1, [&](auto width, int64_t t) {
+    constexpr int W = decltype(width)::value;
+    widen_block<NR, W>(x, x_stride, pairs, panels + t * step, step, out + t * kPanelWidth, stride,
+                       std::min<int64_t>(kPanelWidth, K - (t + W - 1) * kPanelWidth));
+  });
 }
 
 // fp32 rows x (row stride x_stride, zero from column d to an even length) x panels [t0, t1) of bf16 probes into out
