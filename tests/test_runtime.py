@@ -81,10 +81,12 @@ def test_a_layer_with_a_non_contiguous_output_is_steered_and_read(tiny):
     block = model.model.layers[layer]
     add = strength * vectors.mean_norm(layer) * vectors.unit[vectors.slice_of(layer), vectors.index("afraid")]
     with torch.no_grad():
+        # the steered layer's output: its plain output plus the add (output_hidden_states may be captured by hooks of
+        # its own, before or after one added here, so the reference does not go through them)
+        want_h = hidden_at(model, ids, layer) + add
         handle = block.register_forward_hook(lambda m, a, o: (o[0] + add, *o[1:]) if isinstance(o, tuple) else o + add)
         try:
             want = model(input_ids=ids).logits
-            want_h = hidden_at(model, ids, layer)
         finally:
             handle.remove()
     plain_forward = block.forward
