@@ -8,8 +8,9 @@ Timed with perf_counter, per forward pass: every call of the wrapper emovec inst
 forward inside it (so the monitoring, the steering, the layers run together at the last one, and the wrapper's own
 bookkeeping), and the model's pre-hook (each forward's set-up); after each block, `result()` (the record read back
 into a MonitorResult), spread over the block's forward passes. The forward passes with the contexts and plain ones
-alternate in blocks. What the share misses: the model's weights evicted from the caches by the probes (a decode step's
-weights stream from DRAM anyway: bench_monitor_step.py times whole steps, with the noise). results/monitor_share_cpu.json.
+alternate in blocks. What the share misses: the model's weights evicted from the caches by the probes (a decode
+step's weights stream from DRAM anyway: bench_monitor_step.py times whole steps, with the noise).
+results/monitor_share_cpu.json.
 """
 
 from __future__ import annotations

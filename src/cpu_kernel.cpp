@@ -41,7 +41,7 @@ constexpr int kRowTile = kCpuRowTile;  // rows prepared together (a multiple of 
 constexpr int kPanelRows = 6;   // outer-product micro-kernel: 6 rows x 16 probes = 12 AVX2 accumulators
 constexpr int kPanelWidth = 16;
 constexpr int64_t kPackMinRowsPerThread = 128;  // below this many rows per thread, packing costs more than it saves
-constexpr int64_t kPanelSplitMaxRows = 8;  // up to this many rows the panel kernels split panels, not rows, among threads
+constexpr int64_t kPanelSplitMaxRows = 8;  // up to this many rows, the panel kernels split panels among threads
 constexpr int64_t kSplitMinWork = 32768;  // rows x probes x d of one tile worth splitting among threads
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -700,7 +700,8 @@ void run(const SteerProjectArgs& a, int num_threads) {
     // tiles of about equal size (a multiple of the micro-kernel's rows; the AVX-512 panel kernels take any number),
     // as many as a multiple of the threads: two threads on 64 rows get 36 and 28, not 48 and 16
     const int64_t blocks = round_up((n + kRowTile - 1) / kRowTile, num_threads);  // a whole number per thread
-    const int64_t tile = std::min<int64_t>(kRowTile, round_up((n + blocks - 1) / blocks, pad_rows ? kPanelRows : packed_path ? 1 : 4));
+    const int64_t multiple = pad_rows ? kPanelRows : packed_path ? 1 : 4;
+    const int64_t tile = std::min<int64_t>(kRowTile, round_up((n + blocks - 1) / blocks, multiple));
     const int64_t num_tiles = (n + tile - 1) / tile;
     // tiles [b0, b1) on this thread, with its own scratch
     auto tiles = [&](int64_t b0, int64_t b1) {
