@@ -99,6 +99,15 @@ inline __m512 load16(const bfloat16_t* p) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
+// the sum of 16 lanes in exactly the order the four-at-once reduction below sums each of its four (a probe's score is
+// then the same bits whether its block reduced four probes at once or one: block shapes vary with rows and threads)
+inline float reduce_as_four(__m512 a) {
+  const __m256 q =
+      _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  const __m256 pairs = _mm256_hadd_ps(q, q);
+  const __m256 h = _mm256_hadd_ps(pairs, pairs);
+  return _mm_cvtss_f32(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
 template <int R, int P, typename PT = float>
 inline void dot_block_512(const float* x, int64_t x_stride, const PT* const* probe, int64_t len, float* out,
                           int64_t out_stride) {
@@ -124,7 +133,7 @@ inline void dot_block_512(const float* x, int64_t x_stride, const PT* const* pro
       const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
       _mm_storeu_ps(out + r * out_stride + p, _mm_add_ps(_mm_loadu_ps(out + r * out_stride + p), sums));
     }
-    for (; p < P; ++p) out[r * out_stride + p] += _mm512_reduce_add_ps(acc[r][p]);
+    for (; p < P; ++p) out[r * out_stride + p] += reduce_as_four(acc[r][p]);
   }
 }
 constexpr int kDotRows = 4, kDotProbes = 4, kDotProbesOneRow = 8;
@@ -554,10 +563,15 @@ void run(const SteerProjectArgs& a, int num_threads) {
   const bool cached_panels = a.probe_panels_fp32 != nullptr && a.scores != nullptr;
   const bool cached_bf16_rows = std::is_same<H, bfloat16_t>::value && a.probe_panels != nullptr &&
                                 a.scores != nullptr && a.center == nullptr;
+#ifdef EMOVEC_AVX512
+  constexpr int64_t packed_min_rows = kCpuPackedMinRows;
+#else
+  constexpr int64_t packed_min_rows = 4;  // the portable kernel pads to blocks of 6 rows on one thread: dots below
+#endif
   const bool packed_path = a.scores != nullptr &&
                            (a.probe_panels == nullptr ? n >= kPackMinRowsPerThread * num_threads ||
-                                                            (cached_panels && n >= kCpuPackedMinRows)
-                                                      : cached_bf16_rows && n >= kCpuPackedMinRows);
+                                                            (cached_panels && n >= packed_min_rows)
+                                                      : cached_bf16_rows && n >= packed_min_rows);
 #ifdef EMOVEC_BF16_DOT
   const bool panels_path = std::is_same<H, float>::value && a.probe_panels != nullptr && a.scores != nullptr;
 #else

@@ -16,7 +16,8 @@ namespace emovec {
 // rows the CPU kernel prepares together; one tile of rows or fewer splits its probes among the threads
 constexpr int64_t kCpuRowTile = 24;
 // from this many rows, probes packed once by the caller (probe_panels_fp32, probe_panels with bf16 rows) take the
-// outer-product kernels (one row keeps the dot blocks: their probes split among threads, and lane-wise fp32 sums)
+// outer-product kernels (one row keeps the dot blocks: their probes split among threads, and lane-wise fp32 sums;
+// a build without AVX-512 keeps them up to 3 rows)
 constexpr int64_t kCpuPackedMinRows = 2;
 
 // dtype codes shared with python/emovec/_ext.py

@@ -340,13 +340,16 @@ def test_default_backend_on_cpu_is_the_compiled_kernel():
     assert _pick_backend(h, None) == "cpu"
 
 
-@pytest.mark.parametrize("n", [1, 7, 24, 40])
-def test_cpu_kernel_gives_the_same_bits_on_any_number_of_threads(n):
+@pytest.mark.parametrize("n,d,k", [(1, 576, 171), (7, 576, 171), (24, 576, 171), (40, 576, 171), (25, 15, 5),
+                                   (50, 100, 37)])
+def test_cpu_kernel_gives_the_same_bits_on_any_number_of_threads(n, d, k):
     """A single row tile's probes are split among threads (each thread writes its own columns) and row tiles are split
-    among threads: every score is the same sum in the same order, so 1, 2 and 3 threads agree bit for bit."""
+    among threads: every score is the same sum in the same order, so 1, 2 and 3 threads agree bit for bit. With 25
+    rows one thread's last tile is a single row, whose dot blocks reduce probes one at a time where the others reduce
+    four at once (K = 5 and 37 leave single probes): the reductions sum in the same order."""
     if not emovec.has_cpp_library:
         pytest.skip("emovec._C not built")
-    case = Case(n, 576, 171, 1, clamp=1)
+    case = Case(n, d, k, 1, clamp=1)
     inputs = make_inputs(case, torch.float32, torch.device("cpu"), seed=n)
     threads = torch.get_num_threads()
     results = []

@@ -40,7 +40,8 @@ class _Step:
 
 
 def _hidden_2d(hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(rows, whether they are a copy): a view of a contiguous residual stream, else a contiguous copy of it."""
+    """(rows, whether they are not a plain view): a view of a contiguous residual stream, else its reshape (a copy,
+    or a strided view), which then becomes the layer's output."""
     if hidden.dim() != 3:
         raise RuntimeError(f"emovec expected a (batch, tokens, hidden) residual stream, got shape {tuple(hidden.shape)}")
     if hidden.is_contiguous():
