@@ -3,8 +3,8 @@
 // Per row: load h[i] to fp32, add table[slot[i]], project out the ablation directions, store back in h's
 // dtype, then project the stored value (minus center) onto the probes: dot-product register blocks (AVX-512
 // intrinsics, or kRows x kProbes x kLanes blocks the compiler vectorises without -ffast-math), or an outer-product
-// kernel on probes packed in panels of 16: from 128 rows per thread packed per call, from kCpuPackedMinRows rows
-// packed once by a prepared call (up to kPanelSplitMaxRows rows, the panels are split among the threads).
+// kernel on probes packed in panels of 16: from 256 rows packed per call, from kCpuPackedMinRows rows packed once by
+// a prepared call (up to kPanelSplitMaxRows rows, the panels are split among the threads).
 // Capture runs as a second, column-parallel pass, so repeated segments need no atomics and sums are
 // deterministic (rows are always added in order).
 #include <algorithm>
@@ -40,7 +40,9 @@ constexpr int kPad = 16;        // rows and probes zero-padded to a multiple of 
 constexpr int kRowTile = kCpuRowTile;  // rows prepared together (a multiple of kPanelRows)
 constexpr int kPanelRows = 6;   // outer-product micro-kernel: 6 rows x 16 probes = 12 AVX2 accumulators
 constexpr int kPanelWidth = 16;
-constexpr int64_t kPackMinRowsPerThread = 128;  // below this many rows per thread, packing costs more than it saves
+// below this many rows, packing the probes per call costs more than it saves; a fixed count, not one per thread, so
+// the kernel (and every score's bits) does not depend on the number of threads
+constexpr int64_t kPackMinRows = 256;
 constexpr int64_t kPanelSplitMaxRows = 8;  // up to this many rows, the panel kernels split panels among threads
 constexpr int64_t kSplitMinWork = 32768;  // rows x probes x d of one tile worth splitting among threads
 
@@ -569,7 +571,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
   constexpr int64_t packed_min_rows = 4;  // the portable kernel pads to blocks of 6 rows on one thread: dots below
 #endif
   const bool packed_path = a.scores != nullptr &&
-                           (a.probe_panels == nullptr ? n >= kPackMinRowsPerThread * num_threads ||
+                           (a.probe_panels == nullptr ? n >= kPackMinRows ||
                                                             (cached_panels && n >= packed_min_rows)
                                                       : cached_bf16_rows && n >= packed_min_rows);
 #ifdef EMOVEC_BF16_DOT

@@ -341,12 +341,13 @@ def test_default_backend_on_cpu_is_the_compiled_kernel():
 
 
 @pytest.mark.parametrize("n,d,k", [(1, 576, 171), (7, 576, 171), (24, 576, 171), (40, 576, 171), (25, 15, 5),
-                                   (50, 100, 37)])
+                                   (50, 100, 37), (200, 64, 40), (300, 64, 40)])
 def test_cpu_kernel_gives_the_same_bits_on_any_number_of_threads(n, d, k):
     """A single row tile's probes are split among threads (each thread writes its own columns) and row tiles are split
     among threads: every score is the same sum in the same order, so 1, 2 and 3 threads agree bit for bit. With 25
     rows one thread's last tile is a single row, whose dot blocks reduce probes one at a time where the others reduce
-    four at once (K = 5 and 37 leave single probes): the reductions sum in the same order."""
+    four at once (K = 5 and 37 leave single probes): the reductions sum in the same order. From 256 rows the probes
+    are packed per call whatever the number of threads (200 rows: dots on any count, 300: packed on any count)."""
     if not emovec.has_cpp_library:
         pytest.skip("emovec._C not built")
     case = Case(n, d, k, 1, clamp=1)
@@ -428,8 +429,9 @@ def test_prepared_cpu_call_gives_the_same_bits_on_any_number_of_threads(n, dtype
 def test_prepared_call_with_bf16_probes_for_fp32_rows(n, d, threads):
     """fp32 rows against bf16 probes (a prepared monitoring call keeping its probes in bf16): the scores equal the
     float64 dots of the rows with the bf16-rounded probes up to fp32 summation, on every kernel path (one row, one
-    tile split among threads, several tiles, the packed kernel from 128 rows per thread, and d not a multiple of 16,
-    where the probes are widened into a padded copy), written through strided outputs; norms are exact as before."""
+    tile split among threads, several tiles, 300 rows (where unprepared fp32 probes would be packed per call), and d
+    not a multiple of 16, where the probes are widened into a padded copy), written through strided outputs; norms
+    are exact as before."""
     if not emovec.has_cpp_library:
         pytest.skip("emovec._C not built")
     from emovec import _ext
