@@ -542,3 +542,112 @@ def test_unit_directions_are_kept_until_the_vectors_change():
     with torch.inference_mode():
         frozen = VectorSet.from_tensor(torch.randn(3, 8, generator=g), ["a", "b", "c"])
     torch.testing.assert_close(frozen.unit, torch.nn.functional.normalize(frozen.vectors, dim=-1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("length", [9, 70])  # 70: a record the prefill fills exactly, handed over without a copy
+def test_a_result_keeps_its_values_when_the_monitor_runs_again(tiny, length):
+    """result() may hand its record over instead of copying it; the monitor's later runs (a new prefill, a decode step
+    that continues the run, a step that writes the same column again) never change a result already taken, and each
+    later result equals a fresh monitor's."""
+    from transformers import DynamicCache
+
+    model, vectors = tiny
+    g = torch.Generator().manual_seed(length)
+    a, b = torch.randint(2, 290, (2, length), generator=g), torch.randint(2, 290, (2, length), generator=g)
+    nxt = torch.randint(2, 290, (2, 1), generator=g)
+
+    def fresh(*steps):
+        with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 3]) as m:
+            cache = DynamicCache()
+            for ids in steps:
+                model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return m.result(decode=False)
+
+    with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 3]) as mon:
+        cache = DynamicCache()
+        model(input_ids=a, past_key_values=cache, use_cache=True)
+        first = mon.result(decode=False)
+        kept = (first.scores.clone(), first.norms.clone(), first.token_ids.clone(), first.mask.clone())
+        model(input_ids=nxt, past_key_values=cache, use_cache=True)  # continues the run
+        second = mon.result(decode=False)
+        cache.crop(-1)  # the same column written again
+        model(input_ids=nxt + 1, past_key_values=cache, use_cache=True)
+        third = mon.result(decode=False)
+        model(input_ids=b, past_key_values=DynamicCache(), use_cache=True)  # a new run
+        fourth = mon.result(decode=False)
+    for got, want in zip((first.scores, first.norms, first.token_ids, first.mask), kept):
+        assert torch.equal(got, want)
+    for got, want in ((first, fresh(a)), (second, fresh(a, nxt)), (third, fresh(a, nxt + 1)), (fourth, fresh(b))):
+        assert torch.equal(got.token_ids, want.token_ids) and torch.equal(got.mask, want.mask)
+        # (not bit for bit: a probes tensor seen again takes the kernel's packed panels, which sum in another order)
+        torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.norms, want.norms, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(second.token_ids[:, -1], third.token_ids[:, -1])
+
+
+def test_runs_without_a_result_between_them_record_each_run_alone(tiny):
+    """A monitor that runs again before anyone took a result starts over in the same record: the last run's result
+    equals a fresh monitor's, with nothing left of the runs before (a longer run, then two of 70 tokens, the last
+    one padded)."""
+    model, vectors = tiny
+    g = torch.Generator().manual_seed(5)
+    long, other = torch.randint(2, 290, (2, 80), generator=g), torch.randint(2, 290, (2, 70), generator=g)
+    short = torch.randint(2, 290, (2, 70), generator=g)
+    mask = torch.ones(2, 70, dtype=torch.long)
+    mask[1, :30] = 0
+    with torch.no_grad():
+        with emovec.monitor(model, vectors, layers=[1, 2]) as mon:
+            model(input_ids=long)
+            model(input_ids=other)
+            record = mon.scores
+            model(input_ids=short, attention_mask=mask)
+            assert mon.scores is record  # the same record of 70 columns, started over
+        got = mon.result(decode=False)
+        with emovec.monitor(model, vectors, layers=[1, 2]) as alone:
+            model(input_ids=short, attention_mask=mask)
+        want = alone.result(decode=False)
+    assert got.scores.shape == want.scores.shape == (2, 70, 2, len(NAMES))
+    assert torch.equal(got.scores, want.scores) and torch.equal(got.norms, want.norms)
+    assert torch.equal(got.token_ids, want.token_ids) and torch.equal(got.mask, want.mask)
+
+
+def test_prepared_calls_are_kept_with_the_vectors(tiny):
+    """A second monitor on the same vectors reuses the prepared CPU calls (no packing again); an in-place change of
+    the vectors drops them, and the next monitor reads the changed vectors. Copies and pickles of the vectors carry
+    none of them."""
+    import copy
+    import pickle
+
+    if not emovec.has_cpp_library:
+        pytest.skip("prepared calls need emovec._C")
+    model, vectors = tiny
+    ids = torch.randint(2, 290, (1, 12))
+
+    def run():
+        with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 1]) as m:
+            model(input_ids=ids)
+        return m
+
+    one, two = run(), run()
+    assert one._calls and all(one._calls[key] is two._calls[key] for key in one._calls)
+    before = two.result(decode=False).scores
+    vectors.vectors.mul_(-1.0)
+    three = run()
+    assert all(three._calls[key] is not one._calls[key] for key in one._calls)
+    torch.testing.assert_close(three.result(decode=False).scores, -before, rtol=1e-6, atol=1e-6)
+    for clone in (copy.deepcopy(vectors), pickle.loads(pickle.dumps(vectors))):
+        assert "_unit_cache" not in clone.__dict__ and torch.equal(clone.vectors, vectors.vectors)
+    vectors.vectors.mul_(-1.0)
+
+
+def test_readable_tokens_equal_each_token_decoded_alone(tiny_chat_model):
+    """Token strings of a result come from a per-tokenizer memory: the same strings as decoding each token alone,
+    on the first call and from the memory."""
+    from emovec.runtime import _readable, readable_tokens
+
+    _model, tokenizer, _vectors = tiny_chat_model
+    ids = tokenizer("Hello there, how are you? I'm fine   thanks\n\n\u00e9t\u00e9 \U0001F600")["input_ids"] + [5, 5]
+    want = [_readable(t, tokenizer) for t in tokenizer.convert_ids_to_tokens(ids)]
+    assert readable_tokens(tokenizer, ids) == want
+    assert readable_tokens(tokenizer, ids) == want  # from the memory
+    assert readable_tokens(tokenizer, []) == []

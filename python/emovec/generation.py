@@ -273,10 +273,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         tokenizer = tokenizer if tokenizer is not None else getattr(model, "emovec_tokenizer", None)
         tokens = None
         if tokenizer is not None:
-            from emovec.runtime import _readable
+            from emovec.runtime import readable_tokens
 
-            tokens = [[_readable(t, tokenizer) for t in tokenizer.convert_ids_to_tokens(ids[b][real[b]].tolist())]
-                      for b in range(batch)]
+            tokens = [readable_tokens(tokenizer, ids[b][real[b]].tolist()) for b in range(batch)]
         result = MonitorResult(list(vectors.names), list(monitor_at), scores, norms, real, ids,
                                torch.where(real, real.long().cumsum(1) - 1, -1), tokens)
     clock.lap("result_s")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -307,6 +308,7 @@ class Monitor(_LayerRuntime):
         self._probes: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self._capacity = 0
         self._width = 0
+        self._handed = False  # the record is (partly) a result's: the next step writes into a new one
         self.scores = self.norms = self.real = self.ids = None
         self._scratch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._calls: dict[tuple[int, torch.dtype], Any] = {}  # prepared CPU calls, per layer position and h dtype
@@ -346,9 +348,17 @@ class Monitor(_LayerRuntime):
         L, K = len(self.layer_indices), len(self.vectors.names)
         end = step.past + step.length
         if step.past == 0 or self.scores is None or self.scores.shape[0] != step.batch:
-            self._capacity = 0  # a new run: start over
-        if end > self._capacity:
-            capacity = max(end, 2 * self._capacity, 64)
+            # a new run: start over, in the same record when it is still this monitor's and of the size a new one
+            # would have (no allocation of fresh pages inside the forward pass)
+            if (not self._handed and self.scores is not None and self.scores.shape[0] == step.batch
+                    and self.scores.device == device and self._capacity == max(end, 64)):
+                for t in (self.scores, self.norms, self.real, self.ids):
+                    t.zero_()
+            else:
+                self._capacity = 0
+        if end > self._capacity or self._handed:
+            # a larger record, or a record result() handed over (whose columns this step could write again)
+            capacity = max(end, 2 * self._capacity, 64) if end > self._capacity else self._capacity
             old = (self.scores, self.norms, self.real, self.ids, self._capacity)
             self.scores = torch.zeros(step.batch, capacity, L, K, device=device, dtype=torch.float32)
             self.norms = torch.zeros(step.batch, capacity, L, device=device, dtype=torch.float32)
@@ -358,6 +368,7 @@ class Monitor(_LayerRuntime):
                 for new, prev in zip((self.scores, self.norms, self.real, self.ids), old[:4]):
                     new[:, : old[4]] = prev[:, : old[4]]
             self._capacity = capacity
+            self._handed = False
         cols = slice(step.past, end)
         self.real[:, cols] = step.real if step.real is not None else True
         if step.input_ids is not None:
@@ -424,9 +435,17 @@ class Monitor(_LayerRuntime):
     def _prepare_call(self, position: int, flat: torch.Tensor):
         probes = self._probe(position, flat.device, flat.dtype, prepared=True)  # kept by self._probes, like the call
         center = self._center(flat.device)
-        call = _ext._C.CpuCall(d=flat.shape[1], h_dtype=_ext.DTYPE_CODES[flat.dtype],
-                               w_dtype=_ext.DTYPE_CODES[probes.dtype], probes=probes.data_ptr(),
-                               num_probes=probes.shape[0], center=center.data_ptr() if center is not None else 0)
+
+        def make():
+            return _ext._C.CpuCall(d=flat.shape[1], h_dtype=_ext.DTYPE_CODES[flat.dtype],
+                                   w_dtype=_ext.DTYPE_CODES[probes.dtype], probes=probes.data_ptr(),
+                                   num_probes=probes.shape[0], center=center.data_ptr() if center is not None else 0)
+
+        if center is None:  # kept with the vectors (with the probes it reads): the next monitor prepares none again
+            call, _ = self.vectors.kept(("cpu call", self._slices[position], flat.shape[1], flat.dtype, probes.dtype),
+                                        lambda: (make(), probes))
+        else:
+            call = make()
         self._calls[(position, flat.dtype)] = call
         return call
 
@@ -446,20 +465,22 @@ class Monitor(_LayerRuntime):
         if self.scores is None:
             raise RuntimeError("nothing was recorded: run the model inside the `with emovec.monitor(...)` block")
         w = self._width
+        # a CPU record whose columns are all this run's is handed over as it is (a prefill of 64 tokens or more:
+        # 21 MB for 4 x 256 tokens x 30 layers x 171 vectors); otherwise a copy. Either way the next step writes
+        # into a new record: a later step can write these columns again.
+        whole = self.scores.device.type == "cpu" and w == self._capacity and not self._handed
         mask = self.real[:, :w].cpu()
-        # a copy (the record's columns can be written again by a later step), zero where there is no real token
-        # (padding): zeroing the few padded places costs a fraction of a masked copy of everything
-        scores = self.scores[:, :w].to("cpu", copy=True)
-        norms = self.norms[:, :w].to("cpu", copy=True)
-        if not bool(mask.all()):
+        scores = self.scores[:, :w] if whole else self.scores[:, :w].to("cpu", copy=True)
+        norms = self.norms[:, :w] if whole else self.norms[:, :w].to("cpu", copy=True)
+        self._handed = True  # (on the CPU, mask and ids below are views of the record too)
+        if not bool(mask.all()):  # zero where there is no real token (padding): a few places, not a masked copy
             scores[~mask] = 0.0
             norms[~mask] = 0.0
         ids = self.ids[:, :w].cpu()
         positions = torch.where(mask, mask.long().cumsum(1) - 1, -1)
         tokens = None
         if decode and self.tokenizer is not None:
-            tokens = [self.tokenizer.convert_ids_to_tokens(ids[b][mask[b]].tolist()) for b in range(ids.shape[0])]
-            tokens = [[_readable(t, self.tokenizer) for t in seq] for seq in tokens]
+            tokens = [readable_tokens(self.tokenizer, ids[b][mask[b]].tolist()) for b in range(ids.shape[0])]
         return MonitorResult(list(self.vectors.names), list(self.layer_indices), scores, norms, mask, ids, positions, tokens)
 
 
@@ -483,6 +504,25 @@ def probe_dtype(device: torch.device, h_dtype: torch.dtype, has_center: bool) ->
 def _readable(token: str, tokenizer) -> str:
     text = tokenizer.convert_tokens_to_string([token])
     return text if text else token
+
+
+# per tokenizer (kept weakly), each token id's readable string: a result of 4 x 256 tokens decoded token by token
+# took 2-8 ms
+_READABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def readable_tokens(tokenizer, ids: list[int]) -> list[str]:
+    """Each token id as readable text (``convert_tokens_to_string`` of the token alone; the raw token where that is
+    empty), remembered per tokenizer."""
+    try:
+        cache = _READABLE.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced or hashed: no memory
+        cache = {}
+    missing = list(dict.fromkeys(i for i in ids if i not in cache))
+    if missing:
+        for i, token in zip(missing, tokenizer.convert_ids_to_tokens(missing)):
+            cache[i] = _readable(token, tokenizer)
+    return [cache[i] for i in ids]
 
 
 def monitor(model, vectors: VectorSet, layers=None, **kwargs) -> Monitor:

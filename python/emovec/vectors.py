@@ -9,7 +9,7 @@ import difflib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,20 +132,41 @@ class VectorSet:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        try:
-            version = self.vectors._version
-        except RuntimeError:  # an inference tensor (made under torch.inference_mode) tracks no version
-            version = None
-        cache = self.__dict__.get("_unit_cache")  # (the vectors tensor itself, its version, {(device, dtype): unit})
-        if cache is None or cache[0] is not self.vectors or cache[1] != version:
-            cache = self.__dict__["_unit_cache"] = (self.vectors, version, {})
-        units = cache[2]
+        units = self._derived()
         if (device, dtype) not in units:
             unit = units.get((self.vectors.device, torch.float32))
             if unit is None:
                 unit = units[(self.vectors.device, torch.float32)] = torch.nn.functional.normalize(self.vectors, dim=-1)
             units[(device, dtype)] = unit.to(device=device, dtype=dtype).contiguous()
         return units[(device, dtype)]
+
+    def _derived(self) -> dict:
+        """What is derived from ``self.vectors`` (unit copies, prepared calls), dropped when the tensor is replaced or
+        modified in place."""
+        try:
+            version = self.vectors._version
+        except RuntimeError:  # an inference tensor (made under torch.inference_mode) tracks no version
+            version = None
+        cache = self.__dict__.get("_unit_cache")  # (the vectors tensor itself, its version, {key: derived object})
+        if cache is None or cache[0] is not self.vectors or cache[1] != version:
+            cache = self.__dict__["_unit_cache"] = (self.vectors, version, {})
+        return cache[2]
+
+    def __getstate__(self) -> dict:
+        # copies and pickles carry no derived objects (a prepared call holds addresses, and cannot be pickled)
+        state = self.__dict__.copy()
+        state.pop("_unit_cache", None)
+        return state
+
+    def kept(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()``, made once per ``key`` and kept while ``self.vectors`` is the same tensor, unmodified, like
+        :meth:`unit_on`'s copies: the runtimes keep their prepared CPU calls here, so a monitor entered per batch
+        prepares none again."""
+        derived = self._derived()
+        key = ("kept", *key)
+        if key not in derived:
+            derived[key] = make()
+        return derived[key]
 
     def covers(self, layer: int) -> bool:
         return not self.layers or layer in self.layers
