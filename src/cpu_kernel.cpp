@@ -719,6 +719,30 @@ void run(const SteerProjectArgs& a, int num_threads) {
     const int64_t multiple = pad_rows ? kPanelRows : packed_path ? 1 : 4;
     const int64_t tile = std::min<int64_t>(kRowTile, round_up((n + blocks - 1) / blocks, multiple));
     const int64_t num_tiles = (n + tile - 1) / tile;
+    // the packed fp32 panels on fp32 rows that no edit, center, slot or correction touches: no copy of the rows
+    // (inside a forward pass they come from L3; the copy cost ~5% of a prefill layer's call)
+    const bool rows_as_stored = std::is_same<H, float>::value && packed_path && !bf16_path && !pad_rows && !edits &&
+                                center.data == nullptr && a.slots == nullptr && a.corrections == nullptr &&
+                                a.scores != nullptr;
+    // rows [r0, r1) of those, in chunks of a tile: each chunk's norms, then its dots while its rows are in L1/L2
+    auto stored_rows = [&](int64_t r0, int64_t r1) {
+#ifdef EMOVEC_AVX512
+      const float* hf = reinterpret_cast<const float*>(h);
+      for (int64_t c0 = r0; c0 < r1; c0 += kRowTile) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRowTile, r1 - c0));
+        const float* x = hf + c0 * a.h_row_stride;
+        if (a.norms)
+          for (int r = 0; r < rows; ++r) {
+            const float* xr = x + r * a.h_row_stride;
+            a.norms[(c0 + r) * norms_stride] = std::sqrt(dot_lanes(xr, xr, d));
+          }
+        project_rows_packed(x, a.h_row_stride, d, rows, packed_data, K, 0, (K + kPanelWidth - 1) / kPanelWidth,
+                            a.scores + c0 * scores_stride, scores_stride);
+      }
+#else
+      (void)r0, (void)r1;
+#endif
+    };
     // tiles [b0, b1) on this thread, with its own scratch
     auto tiles = [&](int64_t b0, int64_t b1) {
       std::vector<float> x((pad_rows ? kRowTile : tile) * dp, 0.0f);  // this tile's rows, fp32, centered, zero-padded
@@ -738,7 +762,16 @@ void run(const SteerProjectArgs& a, int num_threads) {
         }
       }
     };
-    if (num_threads == 1) {  // no parallel region at all: even an inactive one costs a team's set-up
+    if (rows_as_stored && num_threads == 1) {
+      stored_rows(0, n);
+    } else if (rows_as_stored) {
+#pragma omp parallel num_threads(num_threads)
+      {
+        const auto [t, T] = team_position();  // shares of whole blocks of 8 rows (the micro-kernel's), balanced
+        const int64_t blocks = (n + 7) / 8;
+        stored_rows(std::min(n, blocks * t / T * 8), std::min(n, blocks * (t + 1) / T * 8));
+      }
+    } else if (num_threads == 1) {  // no parallel region at all: even an inactive one costs a team's set-up
       tiles(0, num_tiles);
     } else {
 #pragma omp parallel num_threads(num_threads)

@@ -379,7 +379,9 @@ def test_prepared_cpu_call_writes_rows_of_a_larger_record(n, dtype, threads):
         pytest.skip("emovec._C not built")
     from emovec import _ext
 
-    case = Case(n, 576, 171, 0, steer=False, capture=False, center=n != 300)  # 300 bf16 rows: the vdpbf16ps path
+    # odd n centered (fp32 rows copied, then centered); even n not (fp32 rows read where they are, with h's row
+    # stride, from 9 rows; 300 bf16 rows: the vdpbf16ps path)
+    case = Case(n, 576, 171, 0, steer=False, capture=False, center=n % 2 == 1, row_pad=24)  # rows 600 apart
     inputs = make_inputs(case, dtype, torch.device("cpu"), seed=n + 11)
     h, probes, center = inputs["h_storage"][:, :576], inputs["probes"], inputs["center"]
     record = torch.full((n, 3, 180), math.nan)  # scores of row i at [i, 1, :171]: row stride 540 floats
