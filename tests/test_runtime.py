@@ -546,9 +546,9 @@ def test_unit_directions_are_kept_until_the_vectors_change():
 
 @pytest.mark.parametrize("length", [9, 70])  # 70: a record the prefill fills exactly, handed over without a copy
 def test_a_result_keeps_its_values_when_the_monitor_runs_again(tiny, length):
-    """result() may hand its record over instead of copying it; the monitor's later runs (a new prefill, a decode step
-    that continues the run, a step that writes the same column again) never change a result already taken, and each
-    later result equals a fresh monitor's."""
+    """A result owns its tensors: the monitor's later runs (a decode step that continues the run, a step that writes
+    the same column again, a new prefill that starts over in the same record) never change a result already taken,
+    a user's in-place edit of a result changes no later result, and each later result equals a fresh monitor's."""
     from transformers import DynamicCache
 
     model, vectors = tiny
@@ -568,6 +568,9 @@ def test_a_result_keeps_its_values_when_the_monitor_runs_again(tiny, length):
         model(input_ids=a, past_key_values=cache, use_cache=True)
         first = mon.result(decode=False)
         kept = (first.scores.clone(), first.norms.clone(), first.token_ids.clone(), first.mask.clone())
+        edited = mon.result(decode=False)  # a user's in-place edits of a result
+        for t in (edited.scores, edited.norms, edited.token_ids, edited.mask):
+            t.zero_()
         model(input_ids=nxt, past_key_values=cache, use_cache=True)  # continues the run
         second = mon.result(decode=False)
         cache.crop(-1)  # the same column written again
@@ -611,6 +614,35 @@ def test_runs_without_a_result_between_them_record_each_run_alone(tiny):
     assert torch.equal(got.token_ids, want.token_ids) and torch.equal(got.mask, want.mask)
 
 
+def test_a_record_made_in_inference_mode_is_read_and_reused_outside_it(tiny):
+    """A run under torch.inference_mode records into inference tensors; result() outside it, and the same monitor's
+    next run under no_grad (which starts over in a record of the same size), work and equal a fresh monitor's."""
+    model, vectors = tiny
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(2, 290, (2, 70), generator=g)
+    mask = torch.ones(2, 70, dtype=torch.long)
+    mask[1, :5] = 0
+
+    def fresh():
+        with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 3]) as m:
+            model(input_ids=ids, attention_mask=mask)
+        return m.result(decode=False)
+
+    mon = emovec.monitor(model, vectors, layers=[0, 3])
+    with mon:
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask)
+        first = mon.result(decode=False)
+        first.scores.mul_(1.0)  # a result is an ordinary tensor
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        second = mon.result(decode=False)
+    want = fresh()
+    for got in (first, second):
+        torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got.mask, want.mask) and (got.scores[~want.mask] == 0).all()
+
+
 def test_prepared_calls_are_kept_with_the_vectors(tiny):
     """A second monitor on the same vectors reuses the prepared CPU calls (no packing again); an in-place change of
     the vectors drops them, and the next monitor reads the changed vectors. Copies and pickles of the vectors carry
@@ -637,6 +669,20 @@ def test_prepared_calls_are_kept_with_the_vectors(tiny):
     torch.testing.assert_close(three.result(decode=False).scores, -before, rtol=1e-6, atol=1e-6)
     for clone in (copy.deepcopy(vectors), pickle.loads(pickle.dumps(vectors))):
         assert "_unit_cache" not in clone.__dict__ and torch.equal(clone.vectors, vectors.vectors)
+    vectors.vectors.mul_(-1.0)
+    # a monitor that took its probes before an in-place change keeps reading those (its own), and prepares its calls
+    # from them after the change; a new monitor still reads the changed vectors
+    from transformers import DynamicCache
+
+    batch, step = torch.randint(2, 290, (2, 12)), torch.randint(2, 290, (2, 1))
+    with torch.no_grad():
+        with emovec.monitor(model, vectors, layers=[0, 1]):
+            cache = DynamicCache()
+            model(input_ids=batch, past_key_values=cache, use_cache=True)  # two rows x 12: probes taken, no call
+            vectors.vectors.mul_(-1.0)
+            model(input_ids=step, past_key_values=cache, use_cache=True)  # a call prepared from the old probes
+        four = run()
+    torch.testing.assert_close(four.result(decode=False).scores, -before, rtol=1e-6, atol=1e-6)
     vectors.vectors.mul_(-1.0)
 
 

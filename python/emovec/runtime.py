@@ -308,7 +308,6 @@ class Monitor(_LayerRuntime):
         self._probes: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self._capacity = 0
         self._width = 0
-        self._handed = False  # the record is (partly) a result's: the next step writes into a new one
         self.scores = self.norms = self.real = self.ids = None
         self._scratch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._calls: dict[tuple[int, torch.dtype], Any] = {}  # prepared CPU calls, per layer position and h dtype
@@ -348,17 +347,18 @@ class Monitor(_LayerRuntime):
         L, K = len(self.layer_indices), len(self.vectors.names)
         end = step.past + step.length
         if step.past == 0 or self.scores is None or self.scores.shape[0] != step.batch:
-            # a new run: start over, in the same record when it is still this monitor's and of the size a new one
-            # would have (no allocation of fresh pages inside the forward pass)
-            if (not self._handed and self.scores is not None and self.scores.shape[0] == step.batch
-                    and self.scores.device == device and self._capacity == max(end, 64)):
+            # a new run: start over in the same record when it has the size a new one would have (no fresh pages
+            # to fault in inside the forward pass; results own copies). Not in a record made in inference mode
+            # from outside it: torch forbids editing inference tensors there.
+            if (self.scores is not None and self.scores.shape[0] == step.batch and self.scores.device == device
+                    and self._capacity == max(end, 64)
+                    and (torch.is_inference_mode_enabled() or not self.scores.is_inference())):
                 for t in (self.scores, self.norms, self.real, self.ids):
                     t.zero_()
             else:
                 self._capacity = 0
-        if end > self._capacity or self._handed:
-            # a larger record, or a record result() handed over (whose columns this step could write again)
-            capacity = max(end, 2 * self._capacity, 64) if end > self._capacity else self._capacity
+        if end > self._capacity:
+            capacity = max(end, 2 * self._capacity, 64)
             old = (self.scores, self.norms, self.real, self.ids, self._capacity)
             self.scores = torch.zeros(step.batch, capacity, L, K, device=device, dtype=torch.float32)
             self.norms = torch.zeros(step.batch, capacity, L, device=device, dtype=torch.float32)
@@ -368,7 +368,6 @@ class Monitor(_LayerRuntime):
                 for new, prev in zip((self.scores, self.norms, self.real, self.ids), old[:4]):
                     new[:, : old[4]] = prev[:, : old[4]]
             self._capacity = capacity
-            self._handed = False
         cols = slice(step.past, end)
         self.real[:, cols] = step.real if step.real is not None else True
         if step.input_ids is not None:
@@ -441,9 +440,11 @@ class Monitor(_LayerRuntime):
                                    w_dtype=_ext.DTYPE_CODES[probes.dtype], probes=probes.data_ptr(),
                                    num_probes=probes.shape[0], center=center.data_ptr() if center is not None else 0)
 
-        if center is None:  # kept with the vectors (with the probes it reads): the next monitor prepares none again
-            call, _ = self.vectors.kept(("cpu call", self._slices[position], flat.shape[1], flat.dtype, probes.dtype),
-                                        lambda: (make(), probes))
+        if center is None:
+            # kept with the vectors, with the probes it reads (so their memory is never another tensor's while the
+            # call lives): the next monitor on these vectors finds it by those probes' address and prepares none
+            key = ("cpu call", probes.data_ptr(), tuple(probes.shape), probes.dtype, flat.dtype)
+            call, _ = self.vectors.kept(key, lambda: (make(), probes))
         else:
             call = make()
         self._calls[(position, flat.dtype)] = call
@@ -465,18 +466,15 @@ class Monitor(_LayerRuntime):
         if self.scores is None:
             raise RuntimeError("nothing was recorded: run the model inside the `with emovec.monitor(...)` block")
         w = self._width
-        # a CPU record whose columns are all this run's is handed over as it is (a prefill of 64 tokens or more:
-        # 21 MB for 4 x 256 tokens x 30 layers x 171 vectors); otherwise a copy. Either way the next step writes
-        # into a new record: a later step can write these columns again.
-        whole = self.scores.device.type == "cpu" and w == self._capacity and not self._handed
-        mask = self.real[:, :w].cpu()
-        scores = self.scores[:, :w] if whole else self.scores[:, :w].to("cpu", copy=True)
-        norms = self.norms[:, :w] if whole else self.norms[:, :w].to("cpu", copy=True)
-        self._handed = True  # (on the CPU, mask and ids below are views of the record too)
-        if not bool(mask.all()):  # zero where there is no real token (padding): a few places, not a masked copy
+        # copies, all of them (later steps write the record again: a new run starts over in it), zero where there is
+        # no real token (padding): zeroing the few padded places costs a fraction of a masked copy of everything
+        mask = self.real[:, :w].to("cpu", copy=True)
+        scores = self.scores[:, :w].to("cpu", copy=True)
+        norms = self.norms[:, :w].to("cpu", copy=True)
+        if not bool(mask.all()):
             scores[~mask] = 0.0
             norms[~mask] = 0.0
-        ids = self.ids[:, :w].cpu()
+        ids = self.ids[:, :w].to("cpu", copy=True)
         positions = torch.where(mask, mask.long().cumsum(1) - 1, -1)
         tokens = None
         if decode and self.tokenizer is not None:
