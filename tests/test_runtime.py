@@ -662,6 +662,9 @@ def test_prepared_calls_are_kept_with_the_vectors(tiny):
 
     one, two = run(), run()
     assert one._calls and all(one._calls[key] is two._calls[key] for key in one._calls)
+    with emovec.monitor(model, vectors, layers=[0, 1]) as entered:  # prepared on entering, outside the forward pass
+        assert set(entered._calls) == {(0, torch.float32), (1, torch.float32)}
+        assert all(entered._calls[key] is one._calls[key] for key in one._calls)
     before = two.result(decode=False).scores
     vectors.vectors.mul_(-1.0)
     three = run()
