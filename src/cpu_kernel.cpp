@@ -721,7 +721,9 @@ void run(const SteerProjectArgs& a, int num_threads) {
     const int64_t num_tiles = (n + tile - 1) / tile;
     // the packed fp32 panels on fp32 rows that no edit, center, slot or correction touches: no copy of the rows
     // (inside a forward pass they come from L3; the copy cost ~5% of a prefill layer's call)
-    const bool rows_as_stored = std::is_same<H, float>::value && packed_path && !bf16_path && !pad_rows && !edits &&
+    // (or the bf16 panels widened, with an even d: their pairs read no column past the row)
+    const bool rows_as_stored = std::is_same<H, float>::value &&
+                                ((packed_path && !bf16_path && !pad_rows) || (panels_path && d % 2 == 0)) && !edits &&
                                 center.data == nullptr && a.slots == nullptr && a.corrections == nullptr &&
                                 a.scores != nullptr;
     // rows [r0, r1) of those, in chunks of a tile: each chunk's norms, then its dots while its rows are in L1/L2
@@ -736,8 +738,16 @@ void run(const SteerProjectArgs& a, int num_threads) {
             const float* xr = x + r * a.h_row_stride;
             a.norms[(c0 + r) * norms_stride] = std::sqrt(dot_lanes(xr, xr, d));
           }
-        project_rows_packed(x, a.h_row_stride, d, rows, packed_data, K, 0, (K + kPanelWidth - 1) / kPanelWidth,
-                            a.scores + c0 * scores_stride, scores_stride);
+        const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth;
+#ifdef EMOVEC_BF16_DOT
+        if (panels_path) {
+          project_widened(x, a.h_row_stride, d / 2, rows, a.probe_panels, K, 0, panels, a.scores + c0 * scores_stride,
+                          scores_stride);
+          continue;
+        }
+#endif
+        project_rows_packed(x, a.h_row_stride, d, rows, packed_data, K, 0, panels, a.scores + c0 * scores_stride,
+                            scores_stride);
       }
 #else
       (void)r0, (void)r1;

@@ -451,6 +451,9 @@ def test_prepared_call_with_bf16_probes_for_fp32_rows(n, d, threads):
     assert error <= 1e-5 * max(1.0, want.abs().max().item()), error  # fp32 sums of d products
     torch.testing.assert_close(norm_record[:, 0].double(), h.double().norm(dim=1), rtol=1e-6, atol=0)
     assert record[:, 0].isnan().all() and record[:, 1, 171:].isnan().all() and norm_record[:, 1].isnan().all()
+    again = torch.full((n, 171), math.nan)  # 3 threads (rows or panels split otherwise): the same bits
+    call.run(h.data_ptr(), n, h.stride(0), again.data_ptr(), 0, 3, 0, 0)
+    assert torch.equal(again, record[:, 1, :171])
     # against fp32 probes, the bf16 rounding moves each unit-norm probe's score by at most 2^-8 of |h| (cosine)
     exact = h.double() @ probes.float().double().T  # the same probes: identical values
     assert torch.equal(exact, want)
