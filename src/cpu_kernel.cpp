@@ -730,6 +730,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
     auto stored_rows = [&](int64_t r0, int64_t r1) {
 #ifdef EMOVEC_AVX512
       const float* hf = reinterpret_cast<const float*>(h);
+      const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth;
       for (int64_t c0 = r0; c0 < r1; c0 += kRowTile) {
         const int rows = static_cast<int>(std::min<int64_t>(kRowTile, r1 - c0));
         const float* x = hf + c0 * a.h_row_stride;
@@ -738,7 +739,6 @@ void run(const SteerProjectArgs& a, int num_threads) {
             const float* xr = x + r * a.h_row_stride;
             a.norms[(c0 + r) * norms_stride] = std::sqrt(dot_lanes(xr, xr, d));
           }
-        const int64_t panels = (K + kPanelWidth - 1) / kPanelWidth;
 #ifdef EMOVEC_BF16_DOT
         if (panels_path) {
           project_widened(x, a.h_row_stride, d / 2, rows, a.probe_panels, K, 0, panels, a.scores + c0 * scores_stride,

@@ -411,9 +411,7 @@ class Monitor(_LayerRuntime):
                 group.run(position, flat.data_ptr(), rows, flat.stride(0), scores_at + position * width,
                           norms_at + position * 4, threads, scores_stride, norms_stride)
                 return
-            call = self._calls.get((position, flat.dtype))
-            if call is None:
-                call = self._prepare_call(position, flat.device, flat.dtype, flat.shape[1])
+            call = self._call(position, flat)
             call.run(flat.data_ptr(), rows, flat.stride(0), scores_at + position * width, norms_at + position * 4,
                      threads, scores_stride, norms_stride)
             return
@@ -426,8 +424,7 @@ class Monitor(_LayerRuntime):
         if (self.bf16_probes and flat.device.type == "cpu" and self.backend in (None, "cpu") and _ext.has_cpp_library
                 and flat.stride(-1) == 1 and not torch.compiler.is_compiling()):
             # the same prepared call (bf16 probes) into the scratch, so every step reads the same probes
-            call = (self._calls.get((position, flat.dtype))
-                    or self._prepare_call(position, flat.device, flat.dtype, flat.shape[1]))
+            call = self._call(position, flat)
             call.run(flat.data_ptr(), flat.shape[0], flat.stride(0), scores.data_ptr(), norms.data_ptr(),
                      torch.get_num_threads(), 0, 0)
         else:
@@ -438,6 +435,11 @@ class Monitor(_LayerRuntime):
         cols = slice(step.past, step.past + step.length)
         self.scores[:, cols, position] = scores.view(step.batch, step.length, -1)
         self.norms[:, cols, position] = norms.view(step.batch, step.length)
+
+    def _call(self, position: int, flat: torch.Tensor):
+        """This layer's prepared CPU call for the rows' dtype (made on entering for the model's dtype)."""
+        call = self._calls.get((position, flat.dtype))
+        return call if call is not None else self._prepare_call(position, flat.device, flat.dtype, flat.shape[1])
 
     def _prepare_call(self, position: int, device: torch.device, h_dtype: torch.dtype, d: int):
         probes = self._probe(position, device, h_dtype, prepared=True)  # kept by self._probes, like the call
@@ -459,9 +461,7 @@ class Monitor(_LayerRuntime):
         return call
 
     def _prepare_group(self, flat: torch.Tensor):
-        calls = [self._calls.get((position, flat.dtype))
-                 or self._prepare_call(position, flat.device, flat.dtype, flat.shape[1])
-                 for position in range(len(self.layer_indices))]
+        calls = [self._call(position, flat) for position in range(len(self.layer_indices))]
         group = self._groups[flat.dtype] = _ext._C.CpuLayers(calls)  # positions run in layer order
         return group
 
