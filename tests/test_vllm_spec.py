@@ -106,3 +106,44 @@ def test_readings_keys_match_only_what_vllm_derives_from_them():
     assert not _matches("cmpl", "cmpl-abc-0")  # a prefix is not a key
     assert not _matches("a", "a-b") and not _matches("7", "17") and not _matches("abc", "xabc")
     assert not _matches("a.c", "abc")  # keys are literal, not patterns
+
+
+def test_readings_travel_as_bytes_and_come_back_as_the_recorded_arrays():
+    """What the worker records (chunks, a recomputed position among them) comes back through a pickle (the route of
+    vLLM's RPC between processes) as the same float32 arrays, ordered by position with the last write winning; the
+    server's JSON form holds the same numbers as lists."""
+    import pickle
+
+    import numpy as np
+
+    from emovec.integrations.vllm.worker import _Readings
+
+    rng = np.random.default_rng(0)
+    layers, names = [2, 5, 7], ["afraid", "calm"]
+    r = _Readings(key="k", request="r", names=names, layers=layers, prompt_len=4)
+    first = (np.array([3, 4, 5]), rng.standard_normal((3, 3, 2)).astype(np.float32),
+             rng.random((3, 3)).astype(np.float32))
+    again = (np.array([5, 6]), rng.standard_normal((2, 3, 2)).astype(np.float32), rng.random((2, 3)).astype(np.float32))
+    r.chunks = [first, again]
+    data = pickle.loads(pickle.dumps(r.export()))
+    assert isinstance(data["scores"], bytes)  # not 64 x 30 x 171 Python floats
+    got = ev.decoded(data)
+    want_scores = np.concatenate([first[1][:2], again[1]])  # position 5 recomputed: its second reading wins
+    want_norms = np.concatenate([first[2][:2], again[2]])
+    assert got["positions"].tolist() == [3, 4, 5, 6]
+    assert got["scores"].dtype == np.float32 and got["scores"].flags.writeable
+    np.testing.assert_array_equal(got["scores"], want_scores)
+    np.testing.assert_array_equal(got["norms"], want_norms)
+    readings = ev._readings_from(data)
+    np.testing.assert_array_equal(readings.scores, want_scores)
+    np.testing.assert_array_equal(readings.cosine, want_scores / want_norms[..., None])
+    assert readings.series("calm", 7).tolist() == want_scores[:, 2, 1].tolist()
+    as_json = ev.json_ready(data)
+    assert as_json["scores"] == want_scores.tolist() and as_json["positions"] == [3, 4, 5, 6]
+    np.testing.assert_array_equal(ev.decoded(as_json)["scores"], want_scores)  # lists decode too
+    empty = ev.decoded(_Readings(key="k", request="r", names=names, layers=layers, prompt_len=4).export())
+    assert empty["scores"].shape == (0, 3, 2) and empty["norms"].shape == (0, 3)
+    failed = _Readings(key="k", request="r", names=names, layers=layers, prompt_len=4, error="no such emotion")
+    assert ev.json_ready(failed.export())["error"] == "no such emotion"
+    with pytest.raises(ev.SpecError, match="no such emotion"):
+        ev._readings_from(failed.export())

@@ -32,7 +32,7 @@ from emovec.integrations.vllm.spec import KEYS, SpecError, has_emovec, parse_bou
 
 log = logging.getLogger("emovec.vllm")
 
-__all__ = ["Readings", "SpecError", "extra_args", "model_path", "readings", "register"]
+__all__ = ["Readings", "SpecError", "decoded", "extra_args", "fetch", "json_ready", "model_path", "readings", "register"]
 
 SALT_PREFIX = "emovec:"
 
@@ -101,23 +101,51 @@ class Readings:
         return self.scores[:, li, self.names.index(name)]
 
 
+def decoded(data: dict[str, Any]) -> dict[str, Any]:
+    """A worker's readings of one request with ``scores`` ([T, layers, concepts]) and ``norms`` ([T, layers]) as
+    float32 arrays and ``positions`` as int64 (the worker sends the arrays as bytes; an ``error`` entry is kept)."""
+    if "error" in data:
+        return dict(data)
+    out = dict(data)
+    layers, names = len(data["layers"]), len(data["names"])
+    for key, shape in (("scores", (-1, layers, names)), ("norms", (-1, layers))):
+        value = data[key]
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            out[key] = np.frombuffer(value, dtype="<f4").astype(np.float32).reshape(shape)
+        else:  # lists (readings as JSON, e.g. from the server's endpoint)
+            out[key] = np.asarray(value, dtype=np.float32).reshape(shape)
+    out["positions"] = np.asarray(data["positions"], dtype=np.int64)
+    return out
+
+
+def json_ready(data: dict[str, Any]) -> dict[str, Any]:
+    """The same readings with every array as (nested) lists: what the server's endpoint answers."""
+    out = decoded(data)
+    for key in ("scores", "norms", "positions"):
+        if key in out:
+            out[key] = out[key].tolist()
+    return out
+
+
 def _readings_from(data: dict[str, Any]) -> Readings:
     if "error" in data:
         raise SpecError(data["error"])
-    layers, names = data["layers"], data["names"]
-    scores = np.asarray(data["scores"], dtype=np.float32).reshape(-1, len(layers), len(names))
-    norms = np.asarray(data["norms"], dtype=np.float32).reshape(-1, len(layers))
-    return Readings(names, layers, np.asarray(data["positions"], dtype=np.int64), scores, norms,
+    data = decoded(data)
+    return Readings(data["names"], data["layers"], data["positions"], data["scores"], data["norms"],
                     int(data["prompt_len"]), bool(data["finished"]), int(data.get("recomputed", 0)))
+
+
+def _merged(parts: Any) -> dict[str, dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        merged.update(part or {})
+    return merged
 
 
 def fetch(engine, keys: list[str] | None = None, pop: bool = True) -> dict[str, dict[str, Any]]:
     """The raw readings (JSON-ready dicts, each with its ``key``) of the requests with these keys, by vLLM's internal
     request id, from the engine's workers (all when None; see the worker's ``fetch`` for how keys match)."""
-    merged: dict[str, dict[str, Any]] = {}
-    for part in engine.collective_rpc("emovec_readings", args=(keys, pop)):
-        merged.update(part or {})
-    return merged
+    return {k: json_ready(v) for k, v in _merged(engine.collective_rpc("emovec_readings", args=(keys, pop))).items()}
 
 
 def readings(llm, outputs, pop: bool = True) -> dict[str, Readings]:
@@ -126,7 +154,7 @@ def readings(llm, outputs, pop: bool = True) -> dict[str, Readings]:
     the worker raises :class:`SpecError` with its message."""
     wanted = {str(o.request_id): o for o in outputs}
     out: dict[str, Readings] = {}
-    for data in fetch(llm, list(wanted), pop).values():
+    for data in _merged(llm.collective_rpc("emovec_readings", args=(list(wanted), pop))).values():
         request = data["request"]
         head, sep, rest = request.partition("_")
         if request in wanted:

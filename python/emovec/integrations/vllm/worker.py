@@ -151,9 +151,14 @@ class _Readings:
             pos = np.zeros(0, dtype=np.int64)
             scores = np.zeros((0, len(self.layers), len(self.names)), dtype=np.float32)
             norms = np.zeros((0, len(self.layers)), dtype=np.float32)
+        # the arrays travel as little-endian float32 bytes: vLLM's RPC carries bytes as they are, while lists of
+        # Python floats cost ~60 ms per request of 64 tokens x 30 layers x 171 to build, send and read back
+        # (emovec.integrations.vllm.decoded turns them back into arrays, json_ready into lists)
         return {"key": self.key, "request": self.request, "names": self.names, "layers": self.layers,
-                "prompt_len": self.prompt_len, "positions": pos.tolist(), "scores": scores.tolist(),
-                "norms": norms.tolist(), "finished": self.finished, "recomputed": self.recomputed}
+                "prompt_len": self.prompt_len, "positions": pos.tolist(),
+                "scores": np.ascontiguousarray(scores, dtype="<f4").tobytes(),
+                "norms": np.ascontiguousarray(norms, dtype="<f4").tobytes(),
+                "finished": self.finished, "recomputed": self.recomputed}
 
 
 # ----------------------------------------------------------------------------------------- the plugin
