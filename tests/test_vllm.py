@@ -155,8 +155,9 @@ def test_monitoring_equals_the_transformers_monitor(engine, hf):
     readings = ev.readings(engine, [out])[out.request_id]
     tokens, _, mon = _hf_generate(hf, ids, RECIPE_A, LAYERS_A, monitor_layers=[5, 15, 25])
     assert list(out.outputs[0].token_ids) == tokens
-    # at decode steps the two monitor-only layers (15 is steered too) were projected together, at layer 25
-    assert [5, 25] in engine.collective_rpc("emovec_status")[0]["layers_run_together"]
+    # at decode steps the three monitored layers were projected together, at layer 25: 15, steered too, with its
+    # rows as steered
+    assert [5, 15, 25] in engine.collective_rpc("emovec_status")[0]["layers_run_together"]
     # one reading per generated token: positions from the last prompt token to the token before the last one
     assert readings.positions.tolist() == list(range(len(ids) - 1, len(ids) - 1 + TOKENS))
     assert readings.token_ids == (ids + tokens)[len(ids) - 1: len(ids) - 1 + TOKENS]

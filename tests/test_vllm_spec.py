@@ -121,9 +121,9 @@ def test_readings_travel_as_bytes_and_come_back_as_the_recorded_arrays():
     rng = np.random.default_rng(0)
     layers, names = [2, 5, 7], ["afraid", "calm"]
     r = _Readings(key="k", request="r", names=names, layers=layers, prompt_len=4)
-    first = (np.array([3, 4, 5]), rng.standard_normal((3, 3, 2)).astype(np.float32),
+    first = (3, rng.standard_normal((3, 3, 2)).astype(np.float32),
              rng.random((3, 3)).astype(np.float32))
-    again = (np.array([5, 6]), rng.standard_normal((2, 3, 2)).astype(np.float32), rng.random((2, 3)).astype(np.float32))
+    again = (5, rng.standard_normal((2, 3, 2)).astype(np.float32), rng.random((2, 3)).astype(np.float32))
     r.chunks = [first, again]
     data = pickle.loads(pickle.dumps(r.export()))
     assert isinstance(data["scores"], bytes)  # not 64 x 30 x 171 Python floats
@@ -147,3 +147,28 @@ def test_readings_travel_as_bytes_and_come_back_as_the_recorded_arrays():
     assert ev.json_ready(failed.export())["error"] == "no such emotion"
     with pytest.raises(ev.SpecError, match="no such emotion"):
         ev._readings_from(failed.export())
+
+
+def test_fused_call_writes_a_layer_column_of_the_cpu_record():
+    """The plugin keeps a CPU step's readings in one record [tokens, layers, concepts]; a layer's column is strided,
+    which the fused op does not write: _fused goes through a scratch, and the column equals the reference while
+    the other layers' columns stay untouched."""
+    from emovec.integrations.vllm.worker import _Plugin
+    from emovec.reference import steer_project_reference
+
+    torch.manual_seed(1)
+    rows, layers, k, d = 5, 3, 7, 16
+    record, record_norms = torch.zeros(9, layers, k), torch.zeros(9, layers)
+    x = torch.randn(rows, d)
+    probes = torch.nn.functional.normalize(torch.randn(k, d), dim=1)
+    table, slots = torch.randn(2, d), torch.tensor([0, -1, 1, 1, -1])
+    want_scores, want_norms = torch.zeros(rows, k), torch.zeros(rows)
+    ref_x = x.double()
+    steer_project_reference(ref_x, slots, table.double(), None, probes.double(), None, want_scores, want_norms,
+                            None, None, None)
+    _Plugin._fused(x, {"slots": slots, "table": table, "probes": probes, "scores": record[:rows, 1],
+                       "norms": record_norms[:rows, 1]})
+    torch.testing.assert_close(x, ref_x.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(record[:rows, 1], want_scores, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(record_norms[:rows, 1], want_norms, atol=1e-4, rtol=1e-4)
+    assert not record[:, [0, 2]].any() and not record_norms[:, [0, 2]].any() and not record[rows:].any()

@@ -52,6 +52,8 @@ class RequestSpec:
     monitor_index: list[int] = field(default_factory=list)  # positions of ``monitor`` in the vectors
     prompt: bool = False
     key: str | None = None
+    # what the worker derives from the settings once (it reads them every step): a spec is not changed once parsed
+    _derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def edits(self) -> bool:
@@ -60,9 +62,22 @@ class RequestSpec:
 
     def edit_key(self) -> str:
         """A stable digest of everything that changes the residual stream (the prefix-cache salt)."""
-        data = {"steer": sorted(self.steer.items()), "layers": self.steer_layers, "relative": self.relative,
-                "bounds": sorted((k, list(v)) for k, v in self.bounds.items()), "reg_layers": self.regulate_layers}
-        return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+        key = self._derived.get("edit_key")
+        if key is None:
+            data = {"steer": sorted(self.steer.items()), "layers": self.steer_layers, "relative": self.relative,
+                    "bounds": sorted((k, list(v)) for k, v in self.bounds.items()),
+                    "reg_layers": self.regulate_layers}
+            key = self._derived["edit_key"] = hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+        return key
+
+    @property
+    def edit_layers(self) -> list[int]:
+        """The layers whose stream this request changes: steered, or regulated."""
+        layers = self._derived.get("edit_layers")
+        if layers is None:
+            chosen = set(self.steer_layers if self.steer else []) | set(self.regulate_layers if self.bounds else [])
+            layers = self._derived["edit_layers"] = sorted(chosen)
+        return layers
 
 
 def has_emovec(extra_args: Any) -> bool:

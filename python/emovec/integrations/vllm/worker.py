@@ -49,7 +49,7 @@ MAX_KEPT = int(os.environ.get("EMOVEC_VLLM_MAX_KEPT", "4096"))  # requests whose
 # under CUDA graphs the buffers have fixed sizes: distinct settings running at once, and bounded concepts
 MAX_SETTINGS = int(os.environ.get("EMOVEC_VLLM_MAX_SETTINGS", "32"))
 MAX_CLAMP = int(os.environ.get("EMOVEC_VLLM_MAX_CLAMP", "8"))
-# fp32 models on the CPU: monitor-only layers read their probes in bf16 (half the bytes; a cosine moves by at most
+# fp32 models on the CPU: monitored layers read their probes in bf16 (half the bytes; a cosine moves by at most
 # 2^-9), as emovec.monitor(bf16_probes=True) does. Off by default: readings would change in their third digit.
 BF16_PROBES = os.environ.get("EMOVEC_VLLM_BF16_PROBES", "0") == "1"
 
@@ -129,7 +129,8 @@ class _Readings:
     names: list[str]
     layers: list[int]
     prompt_len: int
-    chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    # (position of the first row, scores [rows, layers, concepts], norms [rows, layers]): consecutive positions
+    chunks: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
     error: str | None = None
     finished: bool = False
     recomputed: int = 0  # positions read again (the request was preempted and its tokens recomputed)
@@ -139,7 +140,7 @@ class _Readings:
         if self.error is not None:
             return {"key": self.key, "request": self.request, "error": self.error}
         if self.chunks:
-            pos = np.concatenate([c[0] for c in self.chunks])
+            pos = np.concatenate([np.arange(c[0], c[0] + len(c[1]), dtype=np.int64) for c in self.chunks])
             scores = np.concatenate([c[1] for c in self.chunks])
             norms = np.concatenate([c[2] for c in self.chunks])
             # the last write of a position wins (preemption recomputes it), then order by position
@@ -199,17 +200,20 @@ class _Plugin:
         self._rows = 0
         self._copied = 0  # columns of the device slot buffer written last step
         self._x: torch.Tensor | None = None
-        # monitor-only layers on the CPU: a call prepared once per layer and h dtype (emovec._C.CpuCall), run with
+        # monitored layers on the CPU: a call prepared once per layer and h dtype (emovec._C.CpuCall), run with
         # only the step's rows and addresses (the general call's Python costs several times more inside a forward
         # pass that streams the weights through the caches)
         self._calls: dict[tuple[int, torch.dtype], Any] = {}
         self._probes_bf16: dict[int, torch.Tensor] = {}  # with EMOVEC_VLLM_BF16_PROBES=1, kept like the calls
-        # a decode step's monitor-only layers run together when the last one's rows arrive (emovec._C.CpuLayers, as
+        # a decode step's monitored layers run together when the last one's rows arrive (emovec._C.CpuLayers, as
         # emovec.monitor does): per step, the position of each such layer in its group, or None
         self._groups: dict[tuple[tuple[int, ...], torch.dtype], Any] = {}
         self._group_layers: tuple[int, ...] = ()
         self._group: Any = None
         self._threads = 1
+        self._record: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU: scores [tokens, layers, K], norms
+        self._indices: dict[tuple[int, ...], np.ndarray] = {}
+        self._every_concept: dict[int, list[int]] = {}
         self.graph_safe = graph_safe
         self.disabled = False
         if graph_safe:
@@ -452,36 +456,39 @@ class _Plugin:
         n = int(qsl[num_reqs])
         slots = self._slots_host
         slots[:, : max(n, self._copied, 1)] = -1  # also last step's columns, which are copied again below
-        if not self.graph_safe:
-            self.layer_edit = [False] * self.num_layers
-            self.layer_monitor = [False] * self.num_layers
         self._monitored = []
         self._threads = torch.get_num_threads()
+        edited: set[int] = set()
+        watched_set: set[int] = set()
+        bounds = qsl.tolist()
         for i, spec in enumerate(specs):
             if spec is None:
                 continue
-            start, end = int(qsl[i]), int(qsl[i + 1])
+            start, end = bounds[i], bounds[i + 1]
             if spec.edits:
-                row = self.recipe_rows[spec.edit_key()]
-                edit_layers = set(spec.steer_layers if spec.steer else []) | set(
-                    spec.regulate_layers if spec.bounds else [])
-                for layer in edit_layers:
-                    slots[layer, start:end] = row
-                    self.layer_edit[layer] = True
+                layers = spec.edit_layers
+                if layers:
+                    slots[self._index(layers), start:end] = self.recipe_rows[spec.edit_key()]
+                    edited.update(layers)
             if spec.monitor:
-                for layer in spec.monitor_layers:
-                    self.layer_monitor[layer] = True
+                watched_set.update(spec.monitor_layers)
                 self._monitored.append((req_ids[i], spec, start, end, int(computed[i])))
+        if not self.graph_safe:
+            self.layer_edit = [layer in edited for layer in range(self.num_layers)]
+            self.layer_monitor = [layer in watched_set for layer in range(self.num_layers)]
         self._rows = n
-        # a few rows (decode) and several monitor-only layers on the CPU: their projections run together at the last
-        watch_only = tuple(layer for layer in range(self.num_layers)
-                           if self.layer_monitor[layer] and not self.layer_edit[layer])
-        self._group_layers = (watch_only if self.device.type == "cpu" and not self.graph_safe and len(watch_only) > 1
+        # a few rows (decode) and several monitored layers on the CPU: their projections run together at the last
+        # (each layer's rows are copied when they arrive, edited if the layer edits them)
+        watched = tuple(layer for layer in range(self.num_layers) if self.layer_monitor[layer])
+        self._group_layers = (watched if self.device.type == "cpu" and not self.graph_safe and len(watched) > 1
                               and n <= DEFER_MAX_ROWS and _ext.has_cpp_library else ())
         self._group = None
         # the in-place path for fully edited layers is a Python decision per step: never under CUDA graphs
-        self.layer_full = [not self.graph_safe and bool(e) and bool((slots[layer, :n] >= 0).all())
-                           for layer, e in enumerate(self.layer_edit)]
+        if self.graph_safe or not any(self.layer_edit):
+            self.layer_full = [False] * self.num_layers
+        else:
+            every = (slots[:, :n] >= 0).all(axis=1).tolist()
+            self.layer_full = [e and f for e, f in zip(self.layer_edit, every)]
         if self._slots is None:
             self._slots = torch.full((self.num_layers, self.max_tokens), -1, dtype=torch.int64, device=self.device)
         if self.device.type == "cpu" and not self.graph_safe:
@@ -492,12 +499,28 @@ class _Plugin:
             width = min(max(n, self._copied), self.max_tokens)
             self._slots[:, :width].copy_(torch.from_numpy(slots[:, :width]))
             self._copied = n
-        for layer in range(self.num_layers):
-            if self.layer_monitor[layer] and layer not in self._probes:
+        for layer in watched:
+            if layer not in self._probes:
                 vs = self.vectors()
                 self._probes[layer] = self._unit()[vs.slice_of(layer)].to(self.device).contiguous()
-                self._scores[layer] = torch.zeros(self.max_tokens, len(vs.names), device=self.device)
-                self._norms[layer] = torch.zeros(self.max_tokens, device=self.device)
+                if self.device.type == "cpu":  # a layer's column of one record: the step's readings are one slice
+                    if self._record is None:
+                        self._record = (torch.zeros(self.max_tokens, self.num_layers, len(vs.names)),
+                                        torch.zeros(self.max_tokens, self.num_layers))
+                    self._scores[layer], self._norms[layer] = self._record[0][:, layer], self._record[1][:, layer]
+                else:
+                    self._scores[layer] = torch.zeros(self.max_tokens, len(vs.names), device=self.device)
+                    self._norms[layer] = torch.zeros(self.max_tokens, device=self.device)
+
+    def _index(self, layers: list[int]) -> np.ndarray:
+        """Layer indices as an array, to write a request's slot at all its layers in one assignment."""
+        key = tuple(layers)
+        index = self._indices.get(key)
+        if index is None:
+            if len(self._indices) > 1024:
+                self._indices.clear()
+            index = self._indices[key] = np.asarray(layers, dtype=np.int64)
+        return index
 
     def apply(self, hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
         edit, watch = self.layer_edit[layer], self.layer_monitor[layer]
@@ -515,33 +538,53 @@ class _Plugin:
             if self._x is None or self._x.shape[0] < rows or self._x.dtype != hidden.dtype:
                 self._x = torch.empty(self.max_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
             x = torch.add(hidden, residual, out=self._x[:rows])
-        if watch and not edit and self._prepared(x):  # monitoring alone on the CPU: the call prepared for this layer
+        # on the CPU a layer's monitoring takes the call prepared for it (and, at a decode step, runs with the other
+        # monitored layers' at the last one); elsewhere it is part of the one fused call below
+        prepared = watch and self._prepared(x)
+        if edit:
+            slots = self._slots[layer, :rows]
+            kwargs: dict[str, Any] = {"slots": slots, "table": self._tables[layer]}
+            if self.clamp_names or self.graph_safe:
+                kwargs.update(clamp=self._clamp[layer], bounds=self._bounds[layer], relative_bounds=True)
+            if watch and not prepared:
+                kwargs.update(probes=self._probes[layer], scores=self._scores[layer][:rows],
+                              norms=self._norms[layer][:rows])
+            self._fused(x, kwargs)
+            if residual is not None and not full:  # only the edited rows change; the others are not written
+                mask = (slots >= 0)[:, None]
+                residual.copy_(torch.where(mask, x, residual))
+                hidden.masked_fill_(mask, 0)
+        elif watch and not prepared:
+            self._fused(x, {"probes": self._probes[layer], "scores": self._scores[layer][:rows],
+                            "norms": self._norms[layer][:rows]})
+        if prepared:  # the rows as edited: what the fused call would have projected
+            scores, norms = self._scores[layer], self._norms[layer]
             if self._group_layers:
                 group = self._group
                 if group is None:
                     group = self._group = self._prepare_group(x)
-                group.run(self._group_layers.index(layer), x.data_ptr(), rows, x.stride(0),
-                          self._scores[layer].data_ptr(), self._norms[layer].data_ptr(), self._threads)
+                group.run(self._group_layers.index(layer), x.data_ptr(), rows, x.stride(0), scores.data_ptr(),
+                          norms.data_ptr(), self._threads, scores.stride(0), norms.stride(0))
                 return
             call = self._calls.get((layer, x.dtype))
             if call is None:
                 call = self._prepare_call(layer, x)
-            call.run(x.data_ptr(), rows, x.stride(0), self._scores[layer].data_ptr(), self._norms[layer].data_ptr(),
-                     self._threads)
+            call.run(x.data_ptr(), rows, x.stride(0), scores.data_ptr(), norms.data_ptr(), self._threads,
+                     scores.stride(0), norms.stride(0))
+
+    @staticmethod
+    def _fused(x: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        """One call of the fused op; outputs that are a layer's column of the CPU record (strided rows, which the
+        op writes only contiguously) go through a scratch."""
+        scores, norms = kwargs.get("scores"), kwargs.get("norms")
+        if scores is None or (scores.is_contiguous() and norms.is_contiguous()):
+            steer_project_trusted(x, **kwargs)
             return
-        kwargs: dict[str, Any] = {}
-        if edit:
-            slots = self._slots[layer, :rows]
-            kwargs.update(slots=slots, table=self._tables[layer])
-            if self.clamp_names or self.graph_safe:
-                kwargs.update(clamp=self._clamp[layer], bounds=self._bounds[layer], relative_bounds=True)
-        if watch:
-            kwargs.update(probes=self._probes[layer], scores=self._scores[layer][:rows], norms=self._norms[layer][:rows])
+        kwargs.update(scores=torch.empty_like(scores, memory_format=torch.contiguous_format),
+                      norms=torch.empty_like(norms, memory_format=torch.contiguous_format))
         steer_project_trusted(x, **kwargs)
-        if edit and residual is not None and not full:  # only the edited rows change; the others are not written
-            mask = (slots >= 0)[:, None]
-            residual.copy_(torch.where(mask, x, residual))
-            hidden.masked_fill_(mask, 0)
+        scores.copy_(kwargs["scores"])
+        norms.copy_(kwargs["norms"])
 
     def _prepared(self, x: torch.Tensor) -> bool:
         """Whether this layer's monitoring can take the prepared CPU call: CPU rows of unit column stride, the
@@ -572,7 +615,7 @@ class _Plugin:
         if not self.active:
             return
         if self._group is not None:
-            self._group.flush()  # nothing kept unless the forward pass stopped before the last monitor-only layer
+            self._group.flush()  # nothing kept unless the forward pass stopped before the last monitored layer
             self._group = None
         self.active = self.graph_safe
         if not self._monitored:
@@ -581,9 +624,18 @@ class _Plugin:
         n = max(end for _, _, _, end, _ in self._monitored)
         layers = [layer for layer in range(self.num_layers) if self.layer_monitor[layer]]
         where = {layer: i for i, layer in enumerate(layers)}
-        all_scores = torch.stack([self._scores[layer][:n] for layer in layers], 1).cpu().numpy()  # (n, L, K)
-        all_norms = torch.stack([self._norms[layer][:n] for layer in layers], 1).cpu().numpy()  # (n, L)
+        if self._record is not None:  # the CPU record: this step's rows of the monitored layers, one copy each
+            if len(layers) == self.num_layers:
+                all_scores, all_norms = self._record[0][:n].numpy().copy(), self._record[1][:n].numpy().copy()
+            else:
+                all_scores, all_norms = self._record[0][:n].numpy()[:, layers], self._record[1][:n].numpy()[:, layers]
+        else:
+            all_scores = torch.stack([self._scores[layer][:n] for layer in layers], 1).cpu().numpy()
+            all_norms = torch.stack([self._norms[layer][:n] for layer in layers], 1).cpu().numpy()
         k = all_scores.shape[2]
+        every_concept = self._every_concept.get(k)
+        if every_concept is None:
+            every_concept = self._every_concept[k] = list(range(k))
         for req_id, spec, start, end, computed in self._monitored:
             readings = self.readings.get(req_id)
             if readings is None:
@@ -592,16 +644,16 @@ class _Plugin:
             first = start + max(first_kept, 0)
             if first >= end:
                 continue
-            kept = np.arange(computed + first - start, computed + end - start)
+            position, last = computed + first - start, computed + end - start - 1  # of rows first and end - 1
             scores, norms = all_scores[first:end], all_norms[first:end]  # views of this step's own arrays
             if spec.monitor_layers != layers:  # a subset of the step's layers (the usual case reads all of them)
                 cols = [where[layer] for layer in spec.monitor_layers]
                 scores, norms = scores[:, cols], norms[:, cols]
-            if spec.monitor_index != list(range(k)):
+            if spec.monitor_index != every_concept:
                 scores = scores[:, :, spec.monitor_index]
-            readings.recomputed += int((kept <= readings.last).sum())
-            readings.last = max(readings.last, int(kept[-1]))
-            readings.chunks.append((kept, scores, norms))
+            readings.recomputed += max(0, min(last, readings.last) - position + 1)  # positions read before
+            readings.last = max(readings.last, last)
+            readings.chunks.append((position, scores, norms))
 
     def fetch(self, keys: list[str] | None, pop: bool) -> dict[str, Any]:
         """Readings of the requests with these keys or request ids (all when None), by internal request id. A key
