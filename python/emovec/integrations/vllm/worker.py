@@ -211,7 +211,8 @@ class _Plugin:
         self._group_layers: tuple[int, ...] = ()
         self._group: Any = None
         self._threads = 1
-        self._record: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU: scores [tokens, layers, K], norms
+        self._record: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU: scores [tokens, columns, K], norms
+        self._columns: dict[int, int] = {}  # layer -> its column of the record
         self._indices: dict[tuple[int, ...], np.ndarray] = {}
         self._every_concept: dict[int, list[int]] = {}
         self.graph_safe = graph_safe
@@ -499,18 +500,28 @@ class _Plugin:
             width = min(max(n, self._copied), self.max_tokens)
             self._slots[:, :width].copy_(torch.from_numpy(slots[:, :width]))
             self._copied = n
-        for layer in watched:
-            if layer not in self._probes:
-                vs = self.vectors()
+        new = [layer for layer in watched if layer not in self._probes]
+        if new:
+            vs = self.vectors()
+            for layer in new:
                 self._probes[layer] = self._unit()[vs.slice_of(layer)].to(self.device).contiguous()
-                if self.device.type == "cpu":  # a layer's column of one record: the step's readings are one slice
-                    if self._record is None:
-                        self._record = (torch.zeros(self.max_tokens, self.num_layers, len(vs.names)),
-                                        torch.zeros(self.max_tokens, self.num_layers))
-                    self._scores[layer], self._norms[layer] = self._record[0][:, layer], self._record[1][:, layer]
-                else:
+                if self.device.type != "cpu":
                     self._scores[layer] = torch.zeros(self.max_tokens, len(vs.names), device=self.device)
                     self._norms[layer] = torch.zeros(self.max_tokens, device=self.device)
+            if self.device.type == "cpu":
+                self._grow_record(new, len(vs.names))
+
+    def _grow_record(self, layers: list[int], k: int) -> None:
+        """On the CPU each monitored layer writes a column of one record [tokens, columns, K] (and norms
+        [tokens, columns]), so that a step's readings are one slice of it, not 30 buffers stacked. Columns go to
+        layers in the order they are first monitored: the record holds as many as layers were ever monitored (the
+        memory of one buffer per such layer). It only holds the current step's rows, so growing starts it afresh."""
+        for layer in layers:
+            self._columns[layer] = len(self._columns)
+        width = len(self._columns)
+        self._record = (torch.zeros(self.max_tokens, width, k), torch.zeros(self.max_tokens, width))
+        for layer, column in self._columns.items():
+            self._scores[layer], self._norms[layer] = self._record[0][:, column], self._record[1][:, column]
 
     def _index(self, layers: list[int]) -> np.ndarray:
         """Layer indices as an array, to write a request's slot at all its layers in one assignment."""
@@ -625,10 +636,12 @@ class _Plugin:
         layers = [layer for layer in range(self.num_layers) if self.layer_monitor[layer]]
         where = {layer: i for i, layer in enumerate(layers)}
         if self._record is not None:  # the CPU record: this step's rows of the monitored layers, one copy each
-            if len(layers) == self.num_layers:
-                all_scores, all_norms = self._record[0][:n].numpy().copy(), self._record[1][:n].numpy().copy()
+            columns = [self._columns[layer] for layer in layers]
+            scores_np, norms_np = self._record[0][:n].numpy(), self._record[1][:n].numpy()
+            if columns == list(range(scores_np.shape[1])):
+                all_scores, all_norms = scores_np.copy(), norms_np.copy()
             else:
-                all_scores, all_norms = self._record[0][:n].numpy()[:, layers], self._record[1][:n].numpy()[:, layers]
+                all_scores, all_norms = scores_np[:, columns], norms_np[:, columns]
         else:
             all_scores = torch.stack([self._scores[layer][:n] for layer in layers], 1).cpu().numpy()
             all_norms = torch.stack([self._norms[layer][:n] for layer in layers], 1).cpu().numpy()
