@@ -67,6 +67,12 @@ struct CpuCall {
   }
 };
 
+// A CPU steering call whose table is fixed (a layer's steering rows): run with only the rows and their slots, so a
+// decode step's steering crosses from Python with five integers. The caller keeps the table alive.
+struct CpuSteer {
+  emovec::SteerProjectArgs args;
+};
+
 // The prepared calls of a monitor's layers at a decode step, run together. Each layer's call copies its few rows
 // (and remembers where its scores go); the last layer's call runs every layer's dots in one parallel region, a layer
 // per thread (steer_project_cpu_many). One call per layer per step costs a fork and a join of the threads each time,
@@ -140,6 +146,34 @@ PYBIND11_MODULE(_C, m) {
           py::arg("h"), py::arg("n"), py::arg("stride"), py::arg("scores"), py::arg("norms"), py::arg("threads"),
           py::arg("scores_stride") = 0, py::arg("norms_stride") = 0);
 
+  py::class_<CpuSteer>(m, "CpuSteer", "A prepared CPU steering call: a fixed table, per-call rows and slots.")
+      .def(py::init([](int64_t d, int h_dtype, int w_dtype, std::uintptr_t table, int64_t table_rows) {
+             if (table == 0) throw std::invalid_argument("emovec._C.CpuSteer: the table is null");
+             CpuSteer call;
+             // checked as a call with slots (any non-null address: the slots come with each run)
+             call.args = make_args(0, 0, d, d, h_dtype, w_dtype, table, table, table_rows, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                   0, 0, 0, 0, 0, 0, false, 0);
+             emovec::check_args(call.args);
+             call.args.slots = nullptr;
+             return call;
+           }),
+           py::arg("d"), py::arg("h_dtype"), py::arg("w_dtype"), py::arg("table"), py::arg("table_rows"))
+      .def(
+          "run",
+          [](CpuSteer& call, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t slots, int threads) {
+            if (n == 0) return;
+            if (h == 0 || slots == 0) throw std::invalid_argument("emovec._C.CpuSteer.run: null rows or slots");
+            if (stride < call.args.d && n > 1)
+              throw std::invalid_argument("emovec._C.CpuSteer.run: the row stride must be >= d");
+            emovec::SteerProjectArgs a = call.args;
+            a.h = as_pointer<void>(h); a.n = n; a.h_row_stride = stride;
+            a.slots = as_pointer<const int64_t>(slots);
+            py::gil_scoped_release release;
+            emovec::steer_project_cpu(a, threads);
+          },
+          "Add table[slots[i]] to row i of h (n rows, row stride `stride`; slot -1 or out of range: untouched).",
+          py::arg("h"), py::arg("n"), py::arg("stride"), py::arg("slots"), py::arg("threads"));
+
   py::class_<CpuLayers>(m, "CpuLayers",
                         "Prepared CPU calls of several layers, run together when the last layer's rows arrive.")
       .def(py::init([](py::list calls) {
@@ -158,7 +192,8 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "run",
           [](CpuLayers& group, int64_t position, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t scores,
-             std::uintptr_t norms, int threads, int64_t scores_stride, int64_t norms_stride) {
+             std::uintptr_t norms, int threads, int64_t scores_stride, int64_t norms_stride, std::uintptr_t plus,
+             int64_t plus_stride) {
             const int64_t count = static_cast<int64_t>(group.calls.size());
             if (position < 0 || position >= count)
               throw std::invalid_argument("emovec._C.CpuLayers.run: position " + std::to_string(position) +
@@ -167,7 +202,21 @@ PYBIND11_MODULE(_C, m) {
             if (n > 0) {
               emovec::SteerProjectArgs a =
                   group.calls[position]->with(h, n, stride, scores, norms, scores_stride, norms_stride);
-              if (position + 1 < count) {  // copy the rows: the model may reuse their memory before the last layer
+              if (plus != 0) {  // the rows are h + plus (a layer output split in two, as vLLM's): summed in the copy
+                if (a.h_dtype != emovec::kFloat32)
+                  throw std::invalid_argument("emovec._C.CpuLayers.run: `plus` needs fp32 rows; add them first");
+                std::vector<unsigned char>& copy = group.rows[position];
+                copy.resize(n * a.d * 4);
+                float* out = reinterpret_cast<float*>(copy.data());
+                for (int64_t r = 0; r < n; ++r) {
+                  const float* x = as_pointer<const float>(h) + r * stride;
+                  const float* y = as_pointer<const float>(plus) + r * plus_stride;
+                  float* o = out + r * a.d;
+                  for (int64_t j = 0; j < a.d; ++j) o[j] = x[j] + y[j];  // what torch.add writes, bit for bit
+                }
+                a.h = copy.data();
+                a.h_row_stride = a.d;
+              } else if (position + 1 < count) {  // copy the rows: the model may reuse their memory before the last
                 const int64_t element = a.h_dtype == emovec::kFloat32 ? 4 : 2;
                 const int64_t width = a.d * element, row_bytes = stride * element;
                 std::vector<unsigned char>& copy = group.rows[position];
@@ -183,9 +232,11 @@ PYBIND11_MODULE(_C, m) {
             if (position + 1 == count) group.flush(threads);
           },
           "Layer `position`'s rows (CpuCall.run's arguments): copied and kept, except at the last position, whose "
-          "call runs every kept layer's projection together.",
+          "call runs every kept layer's projection together. With `plus` (fp32 rows only) the rows projected are "
+          "h + plus, row i of plus at plus + i * plus_stride floats, summed into the copy.",
           py::arg("position"), py::arg("h"), py::arg("n"), py::arg("stride"), py::arg("scores"), py::arg("norms"),
-          py::arg("threads"), py::arg("scores_stride") = 0, py::arg("norms_stride") = 0)
+          py::arg("threads"), py::arg("scores_stride") = 0, py::arg("norms_stride") = 0, py::arg("plus") = 0,
+          py::arg("plus_stride") = 0)
       .def("flush", &CpuLayers::flush, py::arg("threads") = 0,
            "Run the kept layers now (a step that stopped before the last layer): their outputs must still exist.")
       .def_property_readonly("pending", [](const CpuLayers& group) {

@@ -514,6 +514,51 @@ def test_layers_run_together_equal_their_calls_one_by_one(probe_dtype, n, thread
         group.run(5, hs[0].data_ptr(), n, hs[0].stride(0), got.data_ptr(), got_norms.data_ptr(), threads, 0, 0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [1, 8])
+@pytest.mark.parametrize("probe_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layers_run_together_add_a_second_operand_as_torch_does(probe_dtype, n, threads):
+    """vLLM's layers return the residual stream in two parts: CpuLayers.run(plus=...) projects hidden + residual,
+    summed in its copy of the rows, and writes the bits the same group writes for torch.add(hidden, residual); the
+    parts are read when given (the test overwrites them before the last layer), the last layer's too."""
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    from emovec import _ext
+
+    g = torch.Generator().manual_seed(n + 10 * threads)
+    layers, d, k = 4, 96, 29
+    probes = [torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1).to(probe_dtype)
+              for _ in range(layers)]
+    hidden = [torch.randn(n, d + 5, generator=g)[:, :d] for _ in range(layers)]  # strided, unlike the residual
+    residual = [torch.randn(n, d, generator=g) * 30 for _ in range(layers)]
+    calls = [_ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[torch.float32], w_dtype=_ext.DTYPE_CODES[probe_dtype],
+                             probes=p.data_ptr(), num_probes=k, center=0) for p in probes]
+    want, want_norms = torch.full((n, layers, k), math.nan), torch.full((n, layers), math.nan)
+    group = _ext._C.CpuLayers(calls)
+    sums = [torch.add(h, r) for h, r in zip(hidden, residual)]
+    for i in range(layers):
+        group.run(i, sums[i].data_ptr(), n, sums[i].stride(0), want[:, i].data_ptr(), want_norms[:, i].data_ptr(),
+                  threads, layers * k, layers)
+    exact = torch.stack([(h.double() + r.double()) @ p.double().T for h, r, p in zip(hidden, residual, probes)], 1)
+    torch.testing.assert_close(want.double(), exact, rtol=1e-4, atol=1e-3 * float(exact.abs().max()))
+
+    got, got_norms = torch.full((n, layers, k), math.nan), torch.full((n, layers), math.nan)
+    for i in range(layers):
+        group.run(i, hidden[i].data_ptr(), n, hidden[i].stride(0), got[:, i].data_ptr(), got_norms[:, i].data_ptr(),
+                  threads, layers * k, layers, plus=residual[i].data_ptr(), plus_stride=residual[i].stride(0))
+        hidden[i].fill_(1e6)  # read when given, the last layer's parts too
+        residual[i].fill_(-1e6)
+    assert torch.equal(got, want) and torch.equal(got_norms, want_norms)
+    bf16_probes = probes[0].to(torch.bfloat16)
+    bf16 = _ext._C.CpuLayers([_ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[torch.bfloat16],
+                                              w_dtype=_ext.DTYPE_CODES[torch.bfloat16], probes=bf16_probes.data_ptr(),
+                                              num_probes=k, center=0)])
+    rows = torch.zeros(n, d, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="needs fp32 rows"):
+        bf16.run(0, rows.data_ptr(), n, d, got.data_ptr(), got_norms.data_ptr(), threads, 0, 0,
+                 plus=rows.data_ptr(), plus_stride=d)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n", [4, 9, 24, 40, 300])
 def test_repeated_cpu_projection_packs_its_probes_once_and_follows_their_changes(n, dtype):

@@ -213,6 +213,7 @@ class _Plugin:
         self._threads = 1
         self._record: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU: scores [tokens, columns, K], norms
         self._columns: dict[int, int] = {}  # layer -> its column of the record
+        self._steer_calls: dict[tuple[int, torch.dtype], tuple[torch.Tensor, Any]] = {}  # (table, emovec._C.CpuSteer)
         self._indices: dict[tuple[int, ...], np.ndarray] = {}
         self._every_concept: dict[int, list[int]] = {}
         self.graph_safe = graph_safe
@@ -538,6 +539,9 @@ class _Plugin:
         if not (edit or watch):
             return
         rows = hidden.shape[0]
+        if residual is not None and not self.clamp_names and self._prepared(hidden) and residual.stride(-1) == 1:
+            self._apply_cpu(hidden, residual, layer, edit, watch, rows)
+            return
         full = self.layer_full[layer] and rows == self._rows
         if residual is None:
             x = hidden
@@ -546,9 +550,7 @@ class _Plugin:
             hidden.zero_()
             x = residual
         else:
-            if self._x is None or self._x.shape[0] < rows or self._x.dtype != hidden.dtype:
-                self._x = torch.empty(self.max_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-            x = torch.add(hidden, residual, out=self._x[:rows])
+            x = self._sum(hidden, residual, rows)
         # on the CPU a layer's monitoring takes the call prepared for it (and, at a decode step, runs with the other
         # monitored layers' at the last one); elsewhere it is part of the one fused call below
         prepared = watch and self._prepared(x)
@@ -582,6 +584,53 @@ class _Plugin:
                 call = self._prepare_call(layer, x)
             call.run(x.data_ptr(), rows, x.stride(0), scores.data_ptr(), norms.data_ptr(), self._threads,
                      scores.stride(0), norms.stride(0))
+
+    def _apply_cpu(self, hidden: torch.Tensor, residual: torch.Tensor, layer: int, edit: bool, watch: bool,
+                   rows: int) -> None:
+        """On the CPU, for a layer that returns (hidden, residual) and no bounds among the running requests:
+        steering adds each row's vector to the hidden part (the stream is hidden + residual: the same sum, rounded
+        in another order), through a call prepared per table; rows of requests without settings are not written.
+        Monitoring then projects hidden + residual through the call prepared for the layer; at a decode step the
+        monitored layers run together at the last one, whose copy of fp32 rows sums the two parts (the bits
+        torch.add writes). So a decode step runs no torch op here."""
+        if edit:
+            table = self._tables[layer]
+            entry = self._steer_calls.get((layer, hidden.dtype))
+            if entry is None or entry[0] is not table:  # the table grew: a new tensor
+                entry = self._steer_calls[(layer, hidden.dtype)] = (table, _ext._C.CpuSteer(
+                    d=hidden.shape[1], h_dtype=_ext.DTYPE_CODES[hidden.dtype], w_dtype=_ext.DTYPE_CODES[table.dtype],
+                    table=table.data_ptr(), table_rows=table.shape[0]))
+            slots = self._slots
+            entry[1].run(hidden.data_ptr(), rows, hidden.stride(0),
+                         slots.data_ptr() + layer * slots.stride(0) * slots.element_size(), self._threads)
+        if not watch:
+            return
+        scores, norms = self._scores[layer], self._norms[layer]
+        if self._group_layers:
+            group = self._group
+            if group is None:
+                group = self._group = self._prepare_group(hidden)
+            position = self._group_layers.index(layer)
+            if hidden.dtype == torch.float32 and residual.dtype == torch.float32:
+                group.run(position, hidden.data_ptr(), rows, hidden.stride(0), scores.data_ptr(), norms.data_ptr(),
+                          self._threads, scores.stride(0), norms.stride(0), residual.data_ptr(), residual.stride(0))
+                return
+        x = self._sum(hidden, residual, rows)
+        if self._group_layers:
+            group.run(position, x.data_ptr(), rows, x.stride(0), scores.data_ptr(), norms.data_ptr(), self._threads,
+                      scores.stride(0), norms.stride(0))
+            return
+        call = self._calls.get((layer, x.dtype))
+        if call is None:
+            call = self._prepare_call(layer, x)
+        call.run(x.data_ptr(), rows, x.stride(0), scores.data_ptr(), norms.data_ptr(), self._threads,
+                 scores.stride(0), norms.stride(0))
+
+    def _sum(self, hidden: torch.Tensor, residual: torch.Tensor, rows: int) -> torch.Tensor:
+        """hidden + residual in a scratch the plugin keeps."""
+        if self._x is None or self._x.shape[0] < rows or self._x.dtype != hidden.dtype:
+            self._x = torch.empty(self.max_tokens, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+        return torch.add(hidden, residual, out=self._x[:rows])
 
     @staticmethod
     def _fused(x: torch.Tensor, kwargs: dict[str, Any]) -> None:
