@@ -160,7 +160,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("d"), py::arg("h_dtype"), py::arg("w_dtype"), py::arg("table"), py::arg("table_rows"))
       .def(
           "run",
-          [](CpuSteer& call, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t slots, int threads) {
+          [](CpuSteer& call, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t slots, int threads,
+             std::uintptr_t errors) {
             if (n == 0) return;
             if (h == 0 || slots == 0) throw std::invalid_argument("emovec._C.CpuSteer.run: null rows or slots");
             if (stride < call.args.d && n > 1)
@@ -168,11 +169,13 @@ PYBIND11_MODULE(_C, m) {
             emovec::SteerProjectArgs a = call.args;
             a.h = as_pointer<void>(h); a.n = n; a.h_row_stride = stride;
             a.slots = as_pointer<const int64_t>(slots);
+            a.errors = as_pointer<int32_t>(errors);
             py::gil_scoped_release release;
             emovec::steer_project_cpu(a, threads);
           },
-          "Add table[slots[i]] to row i of h (n rows, row stride `stride`; slot -1 or out of range: untouched).",
-          py::arg("h"), py::arg("n"), py::arg("stride"), py::arg("slots"), py::arg("threads"));
+          "Add table[slots[i]] to row i of h (n rows, row stride `stride`; slot -1: untouched; out of range: "
+          "untouched, and flagged in the int32 at `errors` when given).",
+          py::arg("h"), py::arg("n"), py::arg("stride"), py::arg("slots"), py::arg("threads"), py::arg("errors") = 0);
 
   py::class_<CpuLayers>(m, "CpuLayers",
                         "Prepared CPU calls of several layers, run together when the last layer's rows arrive.")

@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import emovec
-from emovec.ops import backend_status
+from emovec.ops import backend_status, steer_project_trusted
 from op_cases import Case, assert_close_by_rule, make_inputs, oracle, torch_own
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -512,6 +512,43 @@ def test_layers_run_together_equal_their_calls_one_by_one(probe_dtype, n, thread
     assert got[:, 2:].isnan().all() and group.pending == 0
     with pytest.raises(ValueError, match="position 5 outside"):
         group.run(5, hs[0].data_ptr(), n, hs[0].stride(0), got.data_ptr(), got_norms.data_ptr(), threads, 0, 0)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("n", [1, 8, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prepared_steering_call_writes_what_the_fused_op_writes(dtype, n, threads):
+    """emovec._C.CpuSteer (a steering table fixed once, rows and slots per call: what the runtime and the vLLM plugin
+    steer with on the CPU) writes the bits of steer_project_trusted with the same slots and table, on strided rows;
+    rows with slot -1 are not written; an out-of-range slot leaves its row alone and sets the error flag."""
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    from emovec import _ext
+    from emovec.ops import SLOT_OUT_OF_RANGE
+
+    g = torch.Generator().manual_seed(n + threads)
+    d = 40
+    table = torch.randn(3, d, generator=g).to(dtype)
+    rows = torch.randn(n, d + 6, generator=g).to(dtype)[:, :d]
+    slots = torch.randint(-1, 3, (n,), generator=g)
+    want = rows.clone()
+    steer_project_trusted(want, slots=slots, table=table, backend="cpu")
+    call = _ext._C.CpuSteer(d=d, h_dtype=_ext.DTYPE_CODES[dtype], w_dtype=_ext.DTYPE_CODES[dtype],
+                            table=table.data_ptr(), table_rows=3)
+    got, errors = rows.clone(), torch.zeros(1, dtype=torch.int32)
+    call.run(got.data_ptr(), n, got.stride(0), slots.data_ptr(), threads, errors.data_ptr())
+    assert torch.equal(got, want) and errors.item() == 0
+    reference = rows.double() + torch.where((slots >= 0)[:, None], table.double()[slots.clamp(min=0)], 0.0)
+    torch.testing.assert_close(got.double(), reference, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    assert torch.equal(got[slots < 0], rows[slots < 0])
+    bad = slots.clone()
+    bad[0] = 3
+    again = rows.clone()
+    call.run(again.data_ptr(), n, again.stride(0), bad.data_ptr(), threads, errors.data_ptr())
+    assert errors.item() & SLOT_OUT_OF_RANGE and torch.equal(again[0], rows[0])
+    assert torch.equal(again[1:], want[1:])
+    with pytest.raises(ValueError, match="table is null"):
+        _ext._C.CpuSteer(d=d, h_dtype=0, w_dtype=0, table=0, table_rows=3)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

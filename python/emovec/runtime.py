@@ -727,6 +727,7 @@ class Steer(_PerSequence):
             tables.append(torch.stack(rows) if rows else torch.zeros(1, self.vectors.hidden_size, dtype=torch.float32))
         self._tables_cpu = tables
         self._tables: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._steer_calls: dict[tuple[int, torch.dtype], tuple[torch.Tensor, Any]] = {}  # (table, emovec._C.CpuSteer)
 
     def _table(self, position: int, device, dtype) -> torch.Tensor:
         key = (position, device, dtype)
@@ -735,8 +736,21 @@ class Steer(_PerSequence):
         return self._tables[key]
 
     def apply(self, position: int, flat: torch.Tensor) -> None:
-        steer_project_trusted(flat, slots=self._slots(flat.device), table=self._table(position, flat.device, flat.dtype),
-                              backend=self.backend, errors=self.error_flag(flat.device))
+        slots, table = self._slots(flat.device), self._table(position, flat.device, flat.dtype)
+        errors = self.error_flag(flat.device)
+        if (flat.is_cpu and self.backend in (None, "cpu") and _ext.has_cpp_library and flat.stride(-1) == 1
+                and flat.dtype in _ext.DTYPE_CODES and slots.is_contiguous() and not torch.compiler.is_compiling()):
+            # on the CPU: a call prepared per table, run with the rows and the step's slots (the general call's
+            # Python costs ~30 us a layer inside a decode step that streams the weights through the caches)
+            entry = self._steer_calls.get((position, flat.dtype))
+            if entry is None or entry[0] is not table:  # kept with the table it reads
+                entry = self._steer_calls[(position, flat.dtype)] = (table, _ext._C.CpuSteer(
+                    d=flat.shape[1], h_dtype=_ext.DTYPE_CODES[flat.dtype], w_dtype=_ext.DTYPE_CODES[table.dtype],
+                    table=table.data_ptr(), table_rows=table.shape[0]))
+            entry[1].run(flat.data_ptr(), flat.shape[0], flat.stride(0), slots.data_ptr(), torch.get_num_threads(),
+                         errors.data_ptr())
+            return
+        steer_project_trusted(flat, slots=slots, table=table, backend=self.backend, errors=errors)
 
 
 def steer(model, vectors: VectorSet, recipe: Recipe | Sequence[Recipe | None], layers=None, **kwargs) -> Steer:
