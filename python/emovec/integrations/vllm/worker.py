@@ -16,10 +16,13 @@ and every layer always runs the op (all slots -1 when nothing is asked: rows unt
 repeats exactly the kernels it captured; the host only rewrites the buffers' contents between replays.
 
 Llama-family layers in vLLM return ``(hidden_states, residual)`` whose sum is the residual stream emovec reads.
-A layer with edits computes ``x = hidden + residual``, runs the fused op on ``x`` (steer, regulate, project),
-and for the edited rows only stores ``x`` as the residual and zero as the hidden part, so the next layer's fused
-add sees exactly ``x``; rows of requests without emovec settings are not written at all (bit-identical to plain
-vLLM). Layers that only monitor read ``x`` and write nothing back.
+On the CPU, while no running request has bounds (and not the graph-safe way), steering adds each edited row's
+vector to ``hidden`` (the next layer's fused add sees the steered sum) and monitoring projects ``hidden +
+residual``, summed in the kept copy of the rows at a decode step: no torch op per layer (``_apply_cpu``).
+Otherwise a layer with edits computes ``x = hidden + residual``, runs the fused op on ``x`` (steer, regulate,
+project), and for the edited rows only stores ``x`` as the residual and zero as the hidden part, so the next
+layer's fused add sees exactly ``x``. Either way rows of requests without emovec settings are not written at all
+(bit-identical to plain vLLM), and layers that only monitor write nothing back.
 """
 
 from __future__ import annotations
