@@ -203,6 +203,13 @@ PYBIND11_MODULE(_C, m) {
                                           " outside [0, " + std::to_string(count) + ")");
             group.threads = threads;
             if (n > 0) {
+              const int64_t d = group.calls[position]->args.d;
+              // the rows are read here (copied), before the kernel's own checks
+              if (h == 0) throw std::invalid_argument("emovec._C.CpuLayers.run: the rows are null");
+              if (n > 1 && stride < d)
+                throw std::invalid_argument("emovec._C.CpuLayers.run: the row stride must be >= d");
+              if (plus != 0 && n > 1 && plus_stride < d)
+                throw std::invalid_argument("emovec._C.CpuLayers.run: plus_stride must be >= d (rows of `plus`)");
               emovec::SteerProjectArgs a =
                   group.calls[position]->with(h, n, stride, scores, norms, scores_stride, norms_stride);
               if (plus != 0) {  // the rows are h + plus (a layer output split in two, as vLLM's): summed in the copy

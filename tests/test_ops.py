@@ -594,6 +594,13 @@ def test_layers_run_together_add_a_second_operand_as_torch_does(probe_dtype, n, 
     with pytest.raises(ValueError, match="needs fp32 rows"):
         bf16.run(0, rows.data_ptr(), n, d, got.data_ptr(), got_norms.data_ptr(), threads, 0, 0,
                  plus=rows.data_ptr(), plus_stride=d)
+    two = torch.zeros(2, d)
+    for bad, message in ((dict(plus=two.data_ptr()), "plus_stride must be >= d"), (dict(stride=-d), "row stride"),
+                         (dict(h=0), "rows are null")):
+        args = dict(position=0, h=two.data_ptr(), n=2, stride=d, scores=got.data_ptr(), norms=got_norms.data_ptr(),
+                    threads=threads) | bad
+        with pytest.raises(ValueError, match=message):
+            group.run(**args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
