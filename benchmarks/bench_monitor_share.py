@@ -6,8 +6,8 @@ a comparison of whole runs with and without monitoring here (benchmarks/README.m
 
 Timed with perf_counter, per forward pass: every call of the wrapper emovec installs on a layer less the layer's own
 forward inside it (so the monitoring, the steering, the layers run together at the last one, and the wrapper's own
-bookkeeping), and the model's pre-hook (each forward's set-up); after each block, `result()` (the record read back
-into a MonitorResult), spread over the block's forward passes. The forward passes with the contexts and plain ones
+bookkeeping; the steered layer's call alone is reported too), and the model's pre-hook (each forward's set-up);
+after each block, `result()` (the record read back into a MonitorResult), spread over the block's forward passes. The forward passes with the contexts and plain ones
 alternate in blocks. What the share misses: the model's weights evicted from the caches by the probes (a decode
 step's weights stream from DRAM anyway: bench_monitor_step.py times whole steps, with the noise).
 results/monitor_share_cpu.json.
@@ -37,11 +37,20 @@ class Meter:
 
     def __init__(self) -> None:
         self.spent = 0.0
+        self.steering = 0.0  # of which Steer.apply (the steered layer's call)
 
     @contextlib.contextmanager
     def installed(self):
         slot_call, pre_hook = runtime._LayerSlot.__call__, runtime._LayerRuntime._pre_hook
+        steer_apply = runtime.Steer.apply
         meter = self
+
+        def timed_steer(context, *args):
+            t0 = time.perf_counter()
+            try:
+                return steer_apply(context, *args)
+            finally:
+                meter.steering += time.perf_counter() - t0
 
         def timed_slot(slot, *args, **kwargs):
             t0 = time.perf_counter()
@@ -69,10 +78,12 @@ class Meter:
                 meter.spent += time.perf_counter() - t0
 
         runtime._LayerSlot.__call__, runtime._LayerRuntime._pre_hook = timed_slot, timed_pre_hook
+        runtime.Steer.apply = timed_steer
         try:
             yield self
         finally:
             runtime._LayerSlot.__call__, runtime._LayerRuntime._pre_hook = slot_call, pre_hook
+            runtime.Steer.apply = steer_apply
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         plain: list[float] = []
         within: list[float] = []
         spent: list[float] = []
+        steering: list[float] = []
         reading: list[float] = []
         with torch.no_grad():
             forward()  # warm-up, plain and with the contexts
@@ -111,12 +123,13 @@ def main(argv: list[str] | None = None) -> dict:
                 plain_block = (time.perf_counter() - t0) / per_block
                 monitor = emovec.monitor(model, vectors, layers, bf16_probes=args.bf16_probes)
                 with meter.installed(), emovec.steer(model, vectors, recipe, [steer_layer]), monitor:
-                    meter.spent = 0.0
+                    meter.spent = meter.steering = 0.0
                     t0 = time.perf_counter()
                     for _ in range(per_block):
                         forward()
                     within_block = (time.perf_counter() - t0) / per_block
                     spent_block = meter.spent / per_block
+                    steering_block = meter.steering / per_block
                 t0 = time.perf_counter()
                 monitor.result()
                 read = (time.perf_counter() - t0) / per_block
@@ -124,12 +137,14 @@ def main(argv: list[str] | None = None) -> dict:
                     plain.append(plain_block)
                     within.append(within_block)
                     spent.append(spent_block)
+                    steering.append(steering_block)
                     reading.append(read)
         p, w = statistics.median(plain), statistics.median(within)
         s, r = statistics.median(spent), statistics.median(reading)
         row = {"scenario": label, "tokens_per_forward": tokens, "plain_ms": round(p * 1e3, 3),
                "with_contexts_ms": round(w * 1e3, 3), "emovec_in_forward_ms": round(s * 1e3, 4),
                "result_per_forward_ms": round(r * 1e3, 4), "emovec_share_of_plain": round((s + r) / p, 4),
+               "of_which_steering_ms": round(statistics.median(steering) * 1e3, 4),
                "whole_ratio": round(w / p, 4),
                "whole_ratio_spread": [round(min(within) / max(plain), 4), round(max(within) / min(plain), 4)],
                "rounds": args.rounds, "forwards_per_round": per_block}
