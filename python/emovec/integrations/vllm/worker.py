@@ -574,19 +574,7 @@ class _Plugin:
             self._fused(x, {"probes": self._probes[layer], "scores": self._scores[layer][:rows],
                             "norms": self._norms[layer][:rows]})
         if prepared:  # the rows as edited: what the fused call would have projected
-            scores, norms = self._scores[layer], self._norms[layer]
-            if self._group_layers:
-                group = self._group
-                if group is None:
-                    group = self._group = self._prepare_group(x)
-                group.run(self._group_layers.index(layer), x.data_ptr(), rows, x.stride(0), scores.data_ptr(),
-                          norms.data_ptr(), self._threads, scores.stride(0), norms.stride(0))
-                return
-            call = self._calls.get((layer, x.dtype))
-            if call is None:
-                call = self._prepare_call(layer, x)
-            call.run(x.data_ptr(), rows, x.stride(0), scores.data_ptr(), norms.data_ptr(), self._threads,
-                     scores.stride(0), norms.stride(0))
+            self._project(layer, x, rows)
 
     def _apply_cpu(self, hidden: torch.Tensor, residual: torch.Tensor, layer: int, edit: bool, watch: bool,
                    rows: int) -> None:
@@ -608,20 +596,22 @@ class _Plugin:
                          slots.data_ptr() + layer * slots.stride(0) * slots.element_size(), self._threads)
         if not watch:
             return
+        if self._group_layers and hidden.dtype == torch.float32 and residual.dtype == torch.float32:
+            self._project(layer, hidden, rows, plus=residual)
+        else:
+            self._project(layer, self._sum(hidden, residual, rows), rows)
+
+    def _project(self, layer: int, x: torch.Tensor, rows: int, plus: torch.Tensor | None = None) -> None:
+        """This layer's monitoring of rows x (+ plus: fp32 rows at a decode step only) through its prepared CPU call,
+        into its column of the record; at a decode step, kept for the last monitored layer's call."""
         scores, norms = self._scores[layer], self._norms[layer]
         if self._group_layers:
             group = self._group
             if group is None:
-                group = self._group = self._prepare_group(hidden)
-            position = self._group_layers.index(layer)
-            if hidden.dtype == torch.float32 and residual.dtype == torch.float32:
-                group.run(position, hidden.data_ptr(), rows, hidden.stride(0), scores.data_ptr(), norms.data_ptr(),
-                          self._threads, scores.stride(0), norms.stride(0), residual.data_ptr(), residual.stride(0))
-                return
-        x = self._sum(hidden, residual, rows)
-        if self._group_layers:
-            group.run(position, x.data_ptr(), rows, x.stride(0), scores.data_ptr(), norms.data_ptr(), self._threads,
-                      scores.stride(0), norms.stride(0))
+                group = self._group = self._prepare_group(x)
+            extra = () if plus is None else (plus.data_ptr(), plus.stride(0))
+            group.run(self._group_layers.index(layer), x.data_ptr(), rows, x.stride(0), scores.data_ptr(),
+                      norms.data_ptr(), self._threads, scores.stride(0), norms.stride(0), *extra)
             return
         call = self._calls.get((layer, x.dtype))
         if call is None:
