@@ -396,6 +396,18 @@ def steer_project_trusted(h, *, slots=None, table=None, ablate=None, probes=None
 # ---------------------------------------------------------------- backends behind the custom op
 
 
+def cpu_steering_call(cache: dict, key, table: torch.Tensor, h: torch.Tensor):
+    """The prepared CPU steering call (``emovec._C.CpuSteer``) adding rows of ``table`` to rows like ``h``, kept in
+    ``cache[key]`` together with the table it reads: a new table (one that grew) gets a new call, and a call never
+    outlives its table's memory. Run it with ``call.run(h, n, row_stride, slots, threads[, errors])`` (addresses)."""
+    entry = cache.get(key)
+    if entry is None or entry[0] is not table:
+        entry = cache[key] = (table, _ext._C.CpuSteer(d=h.shape[1], h_dtype=_ext.DTYPE_CODES[h.dtype],
+                                                       w_dtype=_ext.DTYPE_CODES[table.dtype], table=table.data_ptr(),
+                                                       table_rows=table.shape[0]))
+    return entry[1]
+
+
 def _address(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 

@@ -25,7 +25,7 @@ from emovec.layers import (
     replace_layer_output,
     resolve_layer_indices,
 )
-from emovec.ops import steer_project_trusted
+from emovec.ops import cpu_steering_call, steer_project_trusted
 from emovec.vectors import VectorSet
 
 
@@ -727,7 +727,7 @@ class Steer(_PerSequence):
             tables.append(torch.stack(rows) if rows else torch.zeros(1, self.vectors.hidden_size, dtype=torch.float32))
         self._tables_cpu = tables
         self._tables: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-        self._steer_calls: dict[tuple[int, torch.dtype], tuple[torch.Tensor, Any]] = {}  # (table, emovec._C.CpuSteer)
+        self._steer_calls: dict[tuple[int, torch.dtype], tuple[torch.Tensor, Any]] = {}  # see cpu_steering_call
 
     def _table(self, position: int, device, dtype) -> torch.Tensor:
         key = (position, device, dtype)
@@ -742,13 +742,9 @@ class Steer(_PerSequence):
                 and flat.dtype in _ext.DTYPE_CODES and slots.is_contiguous() and not torch.compiler.is_compiling()):
             # on the CPU: a call prepared per table, run with the rows and the step's slots (the general call's
             # Python costs ~30 us a layer inside a decode step that streams the weights through the caches)
-            entry = self._steer_calls.get((position, flat.dtype))
-            if entry is None or entry[0] is not table:  # kept with the table it reads
-                entry = self._steer_calls[(position, flat.dtype)] = (table, _ext._C.CpuSteer(
-                    d=flat.shape[1], h_dtype=_ext.DTYPE_CODES[flat.dtype], w_dtype=_ext.DTYPE_CODES[table.dtype],
-                    table=table.data_ptr(), table_rows=table.shape[0]))
-            entry[1].run(flat.data_ptr(), flat.shape[0], flat.stride(0), slots.data_ptr(), torch.get_num_threads(),
-                         errors.data_ptr())
+            call = cpu_steering_call(self._steer_calls, (position, flat.dtype), table, flat)
+            call.run(flat.data_ptr(), flat.shape[0], flat.stride(0), slots.data_ptr(), torch.get_num_threads(),
+                     errors.data_ptr())
             return
         steer_project_trusted(flat, slots=slots, table=table, backend=self.backend, errors=errors)
 

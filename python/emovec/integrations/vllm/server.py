@@ -48,11 +48,9 @@ class ReadingsEndpoint:
             if plugin.engine is None:
                 raise HTTPException(status_code=503, detail="this server has no engine to read from")
             parts = await plugin.engine.collective_rpc("emovec_readings", args=([key], not keep))
-            from emovec.integrations.vllm import json_ready
+            from emovec.integrations.vllm import _merged, json_ready
 
-            merged: dict[str, Any] = {}
-            for part in parts:
-                merged.update({k: json_ready(v) for k, v in (part or {}).items()})
+            merged = {k: json_ready(v) for k, v in _merged(parts).items()}
             if not merged:
                 raise HTTPException(status_code=404, detail=f"no emovec readings for {key!r}: the request did not ask "
                                     "for monitoring (vllm_xargs emovec_monitor), or they were fetched already")

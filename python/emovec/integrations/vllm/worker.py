@@ -42,7 +42,7 @@ import torch
 
 from emovec import _ext
 from emovec.integrations.vllm.spec import RequestSpec, SpecError, has_emovec, parse
-from emovec.ops import steer_project_trusted
+from emovec.ops import cpu_steering_call, steer_project_trusted
 from emovec.runtime import DEFER_MAX_ROWS, steering_vector
 from emovec.vectors import VectorSet, config_hash
 
@@ -216,9 +216,8 @@ class _Plugin:
         self._threads = 1
         self._record: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU: scores [tokens, columns, K], norms
         self._columns: dict[int, int] = {}  # layer -> its column of the record
-        self._steer_calls: dict[tuple[int, torch.dtype], tuple[torch.Tensor, Any]] = {}  # (table, emovec._C.CpuSteer)
+        self._steer_calls: dict[tuple[int, torch.dtype], tuple[torch.Tensor, Any]] = {}  # see cpu_steering_call
         self._indices: dict[tuple[int, ...], np.ndarray] = {}
-        self._every_concept: dict[int, list[int]] = {}
         self.graph_safe = graph_safe
         self.disabled = False
         if graph_safe:
@@ -585,15 +584,10 @@ class _Plugin:
         monitored layers run together at the last one, whose copy of fp32 rows sums the two parts (the bits
         torch.add writes). So a decode step runs no torch op here."""
         if edit:
-            table = self._tables[layer]
-            entry = self._steer_calls.get((layer, hidden.dtype))
-            if entry is None or entry[0] is not table:  # the table grew: a new tensor
-                entry = self._steer_calls[(layer, hidden.dtype)] = (table, _ext._C.CpuSteer(
-                    d=hidden.shape[1], h_dtype=_ext.DTYPE_CODES[hidden.dtype], w_dtype=_ext.DTYPE_CODES[table.dtype],
-                    table=table.data_ptr(), table_rows=table.shape[0]))
+            call = cpu_steering_call(self._steer_calls, (layer, hidden.dtype), self._tables[layer], hidden)
             slots = self._slots
-            entry[1].run(hidden.data_ptr(), rows, hidden.stride(0),
-                         slots.data_ptr() + layer * slots.stride(0) * slots.element_size(), self._threads)
+            call.run(hidden.data_ptr(), rows, hidden.stride(0),
+                     slots.data_ptr() + layer * slots.stride(0) * slots.element_size(), self._threads)
         if not watch:
             return
         if self._group_layers and hidden.dtype == torch.float32 and residual.dtype == torch.float32:
@@ -687,10 +681,7 @@ class _Plugin:
         else:
             all_scores = torch.stack([self._scores[layer][:n] for layer in layers], 1).cpu().numpy()
             all_norms = torch.stack([self._norms[layer][:n] for layer in layers], 1).cpu().numpy()
-        k = all_scores.shape[2]
-        every_concept = self._every_concept.get(k)
-        if every_concept is None:
-            every_concept = self._every_concept[k] = list(range(k))
+        every_concept = list(range(all_scores.shape[2]))
         for req_id, spec, start, end, computed in self._monitored:
             readings = self.readings.get(req_id)
             if readings is None:
