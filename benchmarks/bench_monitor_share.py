@@ -94,10 +94,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=16, help="decode steps per block")
     parser.add_argument("--bf16-probes", action="store_true", help="monitor with bf16 probes (the CPU opt-in)")
+    parser.add_argument("--window-rows", type=int, default=None,
+                        help="rows per layer the monitor keeps across decode steps (emovec.runtime.DEFER_WINDOW_ROWS; "
+                             "0: project at every step)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from transformers import DynamicCache
 
+    if args.window_rows is not None:
+        runtime.DEFER_WINDOW_ROWS = args.window_rows
     model, _tokenizer, name = emovec.load_model(None)
     vectors = random_vectors(model, args.k)
     num_layers = len(find_decoder_layers(model).layers)
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         measure(f"decode step b{batch}", step, args.steps, batch)
     result = {"model": name, "K": args.k, "layers": num_layers, "steer_layer": steer_layer, "recipe": recipe,
-              "bf16_probes": args.bf16_probes, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "bf16_probes": args.bf16_probes, "window_rows": runtime.DEFER_WINDOW_ROWS, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "rows": rows, "command": command_line()}
     suffix = "_bf16_probes" if args.bf16_probes else ""
     write_json(args.out or Path(__file__).parent / "results" / f"monitor_share_cpu{suffix}.json", result)

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "../src/steer_project.h"
@@ -73,27 +74,84 @@ struct CpuSteer {
   emovec::SteerProjectArgs args;
 };
 
-// The prepared calls of a monitor's layers at a decode step, run together. Each layer's call copies its few rows
-// (and remembers where its scores go); the last layer's call runs every layer's dots in one parallel region, a layer
-// per thread (steer_project_cpu_many). One call per layer per step costs a fork and a join of the threads each time,
+// The prepared calls of a monitor's layers at decode steps, run together. Each layer's call copies its few rows (and
+// remembers where their scores go); a step's last layer runs every layer's dots in one parallel region, a layer per
+// thread (steer_project_cpu_many). One call per layer per step costs a fork and a join of the threads each time,
 // about what a layer's dots cost at one row; the copies cost a few hundred bytes per layer.
+// With a window of W rows, the rows of several steps are kept (up to W per layer) and run in one call per layer when
+// the next step would not fit (or at flush): the probes, which the model's weights evict from the caches every step,
+// are then read once per window instead of once per step, and several rows share each probe load. Each layer's
+// scores are those of one call on the window's rows, copied to where each step's rows' scores go.
 struct CpuLayers {
+  struct Piece {  // one run's rows of a layer: where their scores and norms go
+    int64_t n;
+    std::uintptr_t scores, norms;
+    int64_t scores_stride, norms_stride;
+  };
   std::vector<py::object> owners;  // the CpuCall objects: their panels must outlive this group
   std::vector<CpuCall*> calls;
-  std::vector<std::vector<unsigned char>> rows;  // each layer's rows, copied contiguously
-  std::vector<emovec::SteerProjectArgs> staged;
-  std::vector<bool> is_staged;
+  std::vector<std::vector<unsigned char>> rows;  // each layer's kept rows, copied contiguously
+  std::vector<std::vector<Piece>> pieces;        // each layer's kept runs, in order
+  std::vector<int64_t> kept;                     // each layer's kept rows
+  std::vector<emovec::SteerProjectArgs> direct;  // a layer whose rows were not copied (the last, without a window)
+  std::vector<bool> is_direct;
+  std::vector<std::vector<float>> scratch;  // a window's scores and norms per layer, before they are copied out
+  int64_t window = 0;
   int threads = 0;  // of the last run, for a flush without its own
 
+  int64_t element(size_t i) const { return calls[i]->args.h_dtype == emovec::kFloat32 ? 4 : 2; }
+
   void flush(int num_threads) {
+    // the layers' arguments first (CpuCall::with may pack panels: under the GIL), then the dots without it, then
+    // the windows' scores copied out; the kept state is cleared before anything runs
     std::vector<emovec::SteerProjectArgs> ready;
-    for (size_t i = 0; i < calls.size(); ++i)
-      if (is_staged[i]) ready.push_back(staged[i]);
-    is_staged.assign(calls.size(), false);
+    std::vector<std::pair<size_t, std::vector<Piece>>> scattered;
+    for (size_t i = 0; i < calls.size(); ++i) {
+      if (pieces[i].empty()) continue;
+      if (is_direct[i]) {
+        ready.push_back(direct[i]);
+      } else if (pieces[i].size() == 1) {
+        const Piece& p = pieces[i][0];
+        emovec::SteerProjectArgs a = calls[i]->with(reinterpret_cast<std::uintptr_t>(rows[i].data()), p.n,
+                                                    calls[i]->args.d, p.scores, p.norms, p.scores_stride,
+                                                    p.norms_stride);
+        ready.push_back(a);
+      } else {
+        const int64_t K = calls[i]->args.num_probes;
+        scratch[i].resize(kept[i] * (K + 1));
+        float* s = scratch[i].data();
+        emovec::SteerProjectArgs a =
+            calls[i]->with(reinterpret_cast<std::uintptr_t>(rows[i].data()), kept[i], calls[i]->args.d,
+                           reinterpret_cast<std::uintptr_t>(s), reinterpret_cast<std::uintptr_t>(s + kept[i] * K),
+                           0, 0);
+        ready.push_back(a);
+        scattered.emplace_back(i, std::move(pieces[i]));
+      }
+    }
+    for (size_t i = 0; i < calls.size(); ++i) {
+      pieces[i].clear();
+      kept[i] = 0;
+      is_direct[i] = false;
+    }
     if (ready.empty()) return;
-    py::gil_scoped_release release;
-    emovec::steer_project_cpu_many(ready.data(), static_cast<int64_t>(ready.size()),
-                                   num_threads > 0 ? num_threads : threads);
+    {
+      py::gil_scoped_release release;
+      emovec::steer_project_cpu_many(ready.data(), static_cast<int64_t>(ready.size()),
+                                     num_threads > 0 ? num_threads : threads);
+    }
+    for (auto& [i, kept_pieces] : scattered) {
+      const int64_t K = calls[i]->args.num_probes;
+      const float* s = scratch[i].data();
+      const float* norms = s + [&] { int64_t t = 0; for (const Piece& p : kept_pieces) t += p.n; return t; }() * K;
+      int64_t row = 0;
+      for (const Piece& p : kept_pieces) {
+        const int64_t ss = p.scores_stride > 0 ? p.scores_stride : K, ns = p.norms_stride > 0 ? p.norms_stride : 1;
+        for (int64_t r = 0; r < p.n; ++r, ++row) {
+          if (p.scores != 0) std::memcpy(as_pointer<float>(p.scores) + r * ss, s + row * K, K * sizeof(float));
+          if (p.norms != 0) as_pointer<float>(p.norms)[r * ns] = norms[row];
+        }
+      }
+    }
   }
 };
 
@@ -178,20 +236,27 @@ PYBIND11_MODULE(_C, m) {
           py::arg("h"), py::arg("n"), py::arg("stride"), py::arg("slots"), py::arg("threads"), py::arg("errors") = 0);
 
   py::class_<CpuLayers>(m, "CpuLayers",
-                        "Prepared CPU calls of several layers, run together when the last layer's rows arrive.")
-      .def(py::init([](py::list calls) {
+                        "Prepared CPU calls of several layers, run together when the last layer's rows arrive (or, "
+                        "with a window, when the next step's rows would not fit in it).")
+      .def(py::init([](py::list calls, int64_t window) {
              CpuLayers group;
              for (py::handle item : calls) {
                group.owners.push_back(py::reinterpret_borrow<py::object>(item));
                group.calls.push_back(item.cast<CpuCall*>());
              }
              if (group.calls.empty()) throw std::invalid_argument("emovec._C.CpuLayers: no calls");
-             group.rows.resize(group.calls.size());
-             group.staged.resize(group.calls.size());
-             group.is_staged.assign(group.calls.size(), false);
+             if (window < 0) throw std::invalid_argument("emovec._C.CpuLayers: window must be >= 0 rows");
+             const size_t count = group.calls.size();
+             group.rows.resize(count);
+             group.pieces.resize(count);
+             group.kept.assign(count, 0);
+             group.direct.resize(count);
+             group.is_direct.assign(count, false);
+             group.scratch.resize(count);
+             group.window = window;
              return group;
            }),
-           py::arg("calls"))
+           py::arg("calls"), py::arg("window") = 0)
       .def(
           "run",
           [](CpuLayers& group, int64_t position, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t scores,
@@ -201,59 +266,69 @@ PYBIND11_MODULE(_C, m) {
             if (position < 0 || position >= count)
               throw std::invalid_argument("emovec._C.CpuLayers.run: position " + std::to_string(position) +
                                           " outside [0, " + std::to_string(count) + ")");
+            if (n < 0) throw std::invalid_argument("emovec._C.CpuLayers.run: n must be >= 0");
             group.threads = threads;
+            const bool last = position + 1 == count;
             if (n > 0) {
-              const int64_t d = group.calls[position]->args.d;
+              CpuCall& call = *group.calls[position];
+              const int64_t d = call.args.d;
               // the rows are read here (copied), before the kernel's own checks
               if (h == 0) throw std::invalid_argument("emovec._C.CpuLayers.run: the rows are null");
               if (n > 1 && stride < d)
                 throw std::invalid_argument("emovec._C.CpuLayers.run: the row stride must be >= d");
               if (plus != 0 && n > 1 && plus_stride < d)
                 throw std::invalid_argument("emovec._C.CpuLayers.run: plus_stride must be >= d (rows of `plus`)");
-              emovec::SteerProjectArgs a =
-                  group.calls[position]->with(h, n, stride, scores, norms, scores_stride, norms_stride);
+              if (plus != 0 && call.args.h_dtype != emovec::kFloat32)
+                throw std::invalid_argument("emovec._C.CpuLayers.run: `plus` needs fp32 rows; add them first");
+              std::vector<unsigned char>& copy = group.rows[position];
+              const int64_t element = group.element(position), width = d * element;
+              const size_t offset = static_cast<size_t>(group.kept[position] * width);
               if (plus != 0) {  // the rows are h + plus (a layer output split in two, as vLLM's): summed in the copy
-                if (a.h_dtype != emovec::kFloat32)
-                  throw std::invalid_argument("emovec._C.CpuLayers.run: `plus` needs fp32 rows; add them first");
-                std::vector<unsigned char>& copy = group.rows[position];
-                copy.resize(n * a.d * 4);
-                float* out = reinterpret_cast<float*>(copy.data());
+                copy.resize(offset + n * width);
+                float* out = reinterpret_cast<float*>(copy.data() + offset);
                 for (int64_t r = 0; r < n; ++r) {
                   const float* x = as_pointer<const float>(h) + r * stride;
                   const float* y = as_pointer<const float>(plus) + r * plus_stride;
-                  float* o = out + r * a.d;
-                  for (int64_t j = 0; j < a.d; ++j) o[j] = x[j] + y[j];  // what torch.add writes, bit for bit
+                  float* o = out + r * d;
+                  for (int64_t j = 0; j < d; ++j) o[j] = x[j] + y[j];  // what torch.add writes, bit for bit
                 }
-                a.h = copy.data();
-                a.h_row_stride = a.d;
-              } else if (position + 1 < count) {  // copy the rows: the model may reuse their memory before the last
-                const int64_t element = a.h_dtype == emovec::kFloat32 ? 4 : 2;
-                const int64_t width = a.d * element, row_bytes = stride * element;
-                std::vector<unsigned char>& copy = group.rows[position];
-                copy.resize(n * width);
+              } else if (!last || group.window > 0) {
+                // copy the rows: the model may reuse their memory before the last layer (or the window's end)
+                copy.resize(offset + n * width);
+                const int64_t row_bytes = stride * element;
                 for (int64_t r = 0; r < n; ++r)
-                  std::memcpy(copy.data() + r * width, as_pointer<unsigned char>(h) + r * row_bytes, width);
-                a.h = copy.data();
-                a.h_row_stride = a.d;
+                  std::memcpy(copy.data() + offset + r * width, as_pointer<unsigned char>(h) + r * row_bytes, width);
+              } else {  // the last layer without a window: its call reads the rows where they are
+                group.direct[position] = call.with(h, n, stride, scores, norms, scores_stride, norms_stride);
+                group.is_direct[position] = true;
               }
-              group.staged[position] = a;
-              group.is_staged[position] = true;
+              group.pieces[position].push_back({n, scores, norms, scores_stride, norms_stride});
+              group.kept[position] += n;
             }
-            if (position + 1 == count) group.flush(threads);
+            // a step's last layer runs the kept layers, unless the window holds another step of as many rows
+            if (last && (group.window == 0 || group.kept[position] + std::max<int64_t>(n, 1) > group.window))
+              group.flush(threads);
           },
-          "Layer `position`'s rows (CpuCall.run's arguments): copied and kept, except at the last position, whose "
-          "call runs every kept layer's projection together. With `plus` (fp32 rows only) the rows projected are "
-          "h + plus, row i of plus at plus + i * plus_stride floats, summed into the copy.",
+          "Layer `position`'s rows (CpuCall.run's arguments): copied and kept. The last position's call runs every "
+          "kept layer's projection together; with a window of W rows it does so only when the kept rows plus another "
+          "n would pass W (so the outputs of every kept run must still exist until then, or until flush). With "
+          "`plus` (fp32 rows only) the rows projected are h + plus, row i of plus at plus + i * plus_stride floats, "
+          "summed into the copy.",
           py::arg("position"), py::arg("h"), py::arg("n"), py::arg("stride"), py::arg("scores"), py::arg("norms"),
           py::arg("threads"), py::arg("scores_stride") = 0, py::arg("norms_stride") = 0, py::arg("plus") = 0,
           py::arg("plus_stride") = 0)
       .def("flush", &CpuLayers::flush, py::arg("threads") = 0,
-           "Run the kept layers now (a step that stopped before the last layer): their outputs must still exist.")
+           "Run the kept layers now (a step that stopped before the last layer, or a window not yet full): their "
+           "outputs must still exist.")
       .def_property_readonly("pending", [](const CpuLayers& group) {
         int64_t count = 0;
-        for (bool staged : group.is_staged) count += staged;
+        for (const auto& p : group.pieces) count += !p.empty();
         return count;
-      }, "Layers whose rows are kept, waiting for the last layer.");
+      }, "Layers whose rows are kept, waiting for the last layer (or the window's end).")
+      .def_property_readonly("kept_rows", [](const CpuLayers& group) {
+        return *std::max_element(group.kept.begin(), group.kept.end());
+      }, "The most rows any layer keeps now.")
+      .def_readonly("window", &CpuLayers::window, "Rows per layer kept across runs before they run (0: none).");
 
   m.def(
       "steer_project_cuda",

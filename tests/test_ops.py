@@ -514,6 +514,82 @@ def test_layers_run_together_equal_their_calls_one_by_one(probe_dtype, n, thread
         group.run(5, hs[0].data_ptr(), n, hs[0].stride(0), got.data_ptr(), got_norms.data_ptr(), threads, 0, 0)
 
 
+@pytest.mark.parametrize("plus", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("probe_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layers_kept_across_steps_run_as_one_call_per_window(probe_dtype, n, threads, plus):
+    """With a window (emovec._C.CpuLayers(calls, window=W), what the monitor does at decode steps), the rows of
+    successive steps are kept, up to W per layer, and each layer's window runs as one call on the kept rows: every
+    step's scores and norms land where that step said (a strided record, a column per step), with the bits of one
+    prepared call on the window's rows stacked, within fp32 rounding of float64; nothing is written before the step
+    after which another would not fit, or a flush. The rows are copies (overwritten after each run here)."""
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    from emovec import _ext
+
+    g = torch.Generator().manual_seed(n * 5 + threads + 2 * plus)
+    layers, d, k, window, steps = 4, 96, 37, 16, 11
+    probes = [torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1).to(probe_dtype)
+              for _ in range(layers)]
+    hs = torch.randn(steps, layers, n, d, generator=g)
+    parts = torch.randn(steps, layers, n, d, generator=g) if plus else None
+    rows = hs + parts if plus else hs  # what each layer's rows are: torch.add's bits, as in the copy
+
+    def calls():
+        return [_ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[torch.float32], w_dtype=_ext.DTYPE_CODES[probe_dtype],
+                                probes=p.data_ptr(), num_probes=k, center=0) for p in probes]
+
+    # which steps end a window: another step of n rows would pass it
+    ends, kept = [], 0
+    for step in range(steps):
+        kept += n
+        if kept + n > window:
+            ends.append(step)
+            kept = 0
+    want = torch.full((n, steps, layers, k), math.nan)
+    want_norms = torch.full((n, steps, layers), math.nan)
+    reference = calls()
+    start = 0
+    for end in ends + ([steps - 1] if not ends or ends[-1] != steps - 1 else []):
+        for i in range(layers):
+            stacked = rows[start:end + 1, i].reshape(-1, d).contiguous()
+            s, nrm = torch.empty(stacked.shape[0], k), torch.empty(stacked.shape[0])
+            reference[i].run(stacked.data_ptr(), stacked.shape[0], d, s.data_ptr(), nrm.data_ptr(), threads, 0, 0)
+            want[:, start:end + 1, i] = s.view(end + 1 - start, n, k).transpose(0, 1)
+            want_norms[:, start:end + 1, i] = nrm.view(end + 1 - start, n).T
+        start = end + 1
+    exact = torch.einsum("snld,lkd->nslk", rows.transpose(1, 2).double(), torch.stack(probes).double())
+    torch.testing.assert_close(want.double(), exact, rtol=1e-5, atol=1e-5)
+
+    group = _ext._C.CpuLayers(calls(), window=window)
+    assert group.window == window
+    got = torch.full((n, steps, layers, k), math.nan)
+    got_norms = torch.full((n, steps, layers), math.nan)
+    row_stride, norm_stride = steps * layers * k, steps * layers
+    flushed = -1
+    for step in range(steps):
+        for i in range(layers):
+            h = hs[step, i].clone()
+            extra = parts[step, i].clone() if plus else None
+            group.run(i, h.data_ptr(), n, d, got[:, step, i].data_ptr(), got_norms[:, step, i].data_ptr(), threads,
+                      row_stride, norm_stride, extra.data_ptr() if plus else 0, d)
+            h.fill_(1e6)  # the model may reuse the memory: the kept rows are a copy
+            if plus:
+                extra.fill_(1e6)
+        if step in ends:
+            flushed = step
+            assert group.pending == 0 and group.kept_rows == 0
+        else:
+            assert group.pending == layers and group.kept_rows == (step - flushed) * n
+        assert not got[:, : flushed + 1].isnan().any() and got[:, flushed + 1:].isnan().all()
+    group.flush()
+    assert group.pending == 0
+    assert torch.equal(got, want) and torch.equal(got_norms, want_norms)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        _ext._C.CpuLayers(calls(), window=-1)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("n", [1, 8, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

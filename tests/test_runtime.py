@@ -164,6 +164,50 @@ def test_generate_with_kv_cache_records_what_a_full_forward_sees(tiny):
             torch.testing.assert_close(res.scores[:, :, li], want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("window", [5, 64])
+def test_decode_rows_kept_across_steps_reach_the_record_before_it_is_read(tiny, monkeypatch, window):
+    """On the CPU the monitor keeps the rows of decode steps (up to DEFER_WINDOW_ROWS per layer) and projects them
+    together: after generating past the record's first 64 columns (it grows, so kept rows must reach the old one
+    first) every token's scores and norms equal plain torch on the full forward's hidden states and the same run
+    projected step by step; the record read in the middle of a run (`mon.scores`, here from a hook at a later step)
+    already holds every earlier step."""
+    import emovec.runtime as runtime
+
+    model, vectors = tiny
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    ids = torch.randint(2, 290, (1, 5), generator=torch.Generator().manual_seed(3))
+    seen = []
+
+    def record(rows):
+        monkeypatch.setattr(runtime, "DEFER_WINDOW_ROWS", rows)
+        with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 1, 2]) as mon:
+            def peek(module, args, kwargs):  # at the forward pass of position 40 (a decode step)
+                if rows and mon._width == 40:
+                    seen.append(mon.scores[0, :40].clone())
+            handle = model.register_forward_pre_hook(peek, with_kwargs=True)
+            try:
+                out = model.generate(ids, max_new_tokens=70, min_new_tokens=70, do_sample=False, use_cache=True,
+                                     pad_token_id=0)
+            finally:
+                handle.remove()
+        return mon, mon.result(), out
+
+    mon, kept, out = record(window)
+    assert [group.window for group in mon._groups.values()] == [window]
+    stepwise_mon, stepwise, stepwise_out = record(0)
+    assert torch.equal(out, stepwise_out) and kept.scores.shape == (1, 74, 3, len(NAMES))
+    torch.testing.assert_close(kept.scores, stepwise.scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kept.norms, stepwise.norms, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for li in range(3):
+            h = hidden_at(model, out[:, :-1], li)
+            torch.testing.assert_close(kept.scores[:, :, li], h @ vectors.unit[li].T, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(kept.norms[:, :, li], h.norm(dim=-1), rtol=1e-4, atol=1e-4)
+    assert len(seen) == 1 and (seen[0].abs().sum(-1) > 0).all()  # every position before 40 already there
+    torch.testing.assert_close(seen[0], kept.scores[0, :40], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("centered", [False, True])
 def test_one_row_decode_steps_write_the_record_directly(tiny, centered):
     """At batch 1 on the CPU each decode step's call writes its column of the record through a prepared call: its

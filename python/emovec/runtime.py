@@ -308,11 +308,23 @@ class Monitor(_LayerRuntime):
         self._probes: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self._capacity = 0
         self._width = 0
-        self.scores = self.norms = self.real = self.ids = None
+        self._scores = self._norms = self.real = self.ids = None
         self._scratch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._calls: dict[tuple[int, torch.dtype], Any] = {}  # prepared CPU calls, per layer position and h dtype
         self._groups: dict[torch.dtype, Any] = {}  # every layer's prepared call, run together at decode steps
         self._fast: tuple[int, ...] | None = None  # this step's record addresses and strides, for CPU steps
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        """The record of scores, (batch, capacity, layers, K) fp32, with every kept decode step run into it."""
+        self._flush()
+        return self._scores
+
+    @property
+    def norms(self) -> torch.Tensor | None:
+        """The record of the rows' norms, (batch, capacity, layers) fp32, like ``scores``."""
+        self._flush()
+        return self._norms
 
     def enter(self) -> None:
         self._slices = [self.vectors.slice_of(layer) for layer in self.layer_indices]
@@ -342,37 +354,40 @@ class Monitor(_LayerRuntime):
         return self._probes[key]
 
     def _flush(self) -> None:
-        """Run the layers a decode step kept for its last layer, had it stopped before (their record is intact)."""
+        """Run the rows the decode steps kept (a window's, or those of a step that stopped before its last layer)
+        into the record, which is intact until then."""
         for group in self._groups.values():
             group.flush()
 
     def begin_step(self, step: _Step) -> None:
-        self._flush()
         device = step.input_ids.device if step.input_ids is not None else (step.real.device if step.real is not None else None)
         if device is None:
             device = next(self.model.parameters()).device
         L, K = len(self.layer_indices), len(self.vectors.names)
         end = step.past + step.length
-        if step.past == 0 or self.scores is None or self.scores.shape[0] != step.batch:
+        new_run = step.past == 0 or self._scores is None or self._scores.shape[0] != step.batch
+        if new_run or end > self._capacity:
+            self._flush()  # the kept rows' scores go to this record: before it is started over or replaced
+        if new_run:
             # a new run: start over in the same record when it has the size a new one would have (no fresh pages
             # to fault in inside the forward pass; results own copies). Not in a record made in inference mode
             # from outside it: torch forbids editing inference tensors there.
-            if (self.scores is not None and self.scores.shape[0] == step.batch and self.scores.device == device
+            if (self._scores is not None and self._scores.shape[0] == step.batch and self._scores.device == device
                     and self._capacity == max(end, 64)
-                    and (torch.is_inference_mode_enabled() or not self.scores.is_inference())):
-                for t in (self.scores, self.norms, self.real, self.ids):
+                    and (torch.is_inference_mode_enabled() or not self._scores.is_inference())):
+                for t in (self._scores, self._norms, self.real, self.ids):
                     t.zero_()
             else:
                 self._capacity = 0
         if end > self._capacity:
             capacity = max(end, 2 * self._capacity, 64)
-            old = (self.scores, self.norms, self.real, self.ids, self._capacity)
-            self.scores = torch.zeros(step.batch, capacity, L, K, device=device, dtype=torch.float32)
-            self.norms = torch.zeros(step.batch, capacity, L, device=device, dtype=torch.float32)
+            old = (self._scores, self._norms, self.real, self.ids, self._capacity)
+            self._scores = torch.zeros(step.batch, capacity, L, K, device=device, dtype=torch.float32)
+            self._norms = torch.zeros(step.batch, capacity, L, device=device, dtype=torch.float32)
             self.real = torch.zeros(step.batch, capacity, dtype=torch.bool, device=device)
             self.ids = torch.zeros(step.batch, capacity, dtype=torch.long, device=device)
             if old[4]:
-                for new, prev in zip((self.scores, self.norms, self.real, self.ids), old[:4]):
+                for new, prev in zip((self._scores, self._norms, self.real, self.ids), old[:4]):
                     new[:, : old[4]] = prev[:, : old[4]]
             self._capacity = capacity
         cols = slice(step.past, end)
@@ -392,10 +407,11 @@ class Monitor(_LayerRuntime):
                 and not torch.compiler.is_compiling()):
             per_column = self._capacity * L if step.length == 1 else L  # floats between rows' norms
             rows = step.batch * step.length
-            # a few rows (decode): the layers' calls run together when the last layer's rows arrive, one parallel
-            # region per step instead of one per layer; the scores are the same bits
-            together = rows <= DEFER_MAX_ROWS and L > 1
-            self._fast = (self.scores.data_ptr() + step.past * L * K * 4, K * 4, self.norms.data_ptr() + step.past * L * 4,
+            # a few rows (decode): the layers' rows are kept, and run together when a window of DEFER_WINDOW_ROWS
+            # rows per layer is full (or the record is read): one parallel region and one read of the probes per
+            # window instead of one per layer and step
+            together = rows <= DEFER_MAX_ROWS and (L > 1 or DEFER_WINDOW_ROWS > 0)
+            self._fast = (self._scores.data_ptr() + step.past * L * K * 4, K * 4, self._norms.data_ptr() + step.past * L * 4,
                           torch.get_num_threads(), per_column * K, per_column, rows, together)
 
     def apply(self, position: int, flat: torch.Tensor) -> None:
@@ -433,8 +449,8 @@ class Monitor(_LayerRuntime):
                                   scores=scores, norms=norms, backend=self.backend)
         step = self.step
         cols = slice(step.past, step.past + step.length)
-        self.scores[:, cols, position] = scores.view(step.batch, step.length, -1)
-        self.norms[:, cols, position] = norms.view(step.batch, step.length)
+        self._scores[:, cols, position] = scores.view(step.batch, step.length, -1)
+        self._norms[:, cols, position] = norms.view(step.batch, step.length)
 
     def _call(self, position: int, flat: torch.Tensor):
         """This layer's prepared CPU call for the rows' dtype (made on entering for the model's dtype)."""
@@ -462,7 +478,8 @@ class Monitor(_LayerRuntime):
 
     def _prepare_group(self, flat: torch.Tensor):
         calls = [self._call(position, flat) for position in range(len(self.layer_indices))]
-        group = self._groups[flat.dtype] = _ext._C.CpuLayers(calls)  # positions run in layer order
+        # positions run in layer order; the rows of decode steps are kept up to DEFER_WINDOW_ROWS per layer
+        group = self._groups[flat.dtype] = _ext._C.CpuLayers(calls, window=DEFER_WINDOW_ROWS)
         return group
 
     def _restore(self) -> None:
@@ -472,14 +489,14 @@ class Monitor(_LayerRuntime):
     def result(self, decode: bool = True) -> MonitorResult:
         """Everything recorded so far (copied to the CPU); ``decode`` turns token ids into strings."""
         self._flush()
-        if self.scores is None:
+        if self._scores is None:
             raise RuntimeError("nothing was recorded: run the model inside the `with emovec.monitor(...)` block")
         w = self._width
         # copies, all of them (later steps write the record again: a new run starts over in it), zero where there is
         # no real token (padding): zeroing the few padded places costs a fraction of a masked copy of everything
         mask = self.real[:, :w].to("cpu", copy=True)
-        scores = self.scores[:, :w].to("cpu", copy=True)
-        norms = self.norms[:, :w].to("cpu", copy=True)
+        scores = self._scores[:, :w].to("cpu", copy=True)
+        norms = self._norms[:, :w].to("cpu", copy=True)
         if not bool(mask.all()):
             scores[~mask] = 0.0
             norms[~mask] = 0.0
@@ -494,6 +511,11 @@ class Monitor(_LayerRuntime):
 # decode steps of at most this many rows defer each layer's projection to the last monitored layer (kCpuRowTile in
 # src/steer_project.h: one tile of rows, whose probes the kernel splits among threads)
 DEFER_MAX_ROWS = 24
+# ... and keep them across decode steps, up to this many rows per layer (64 steps at batch 1, 8 at batch 8), before
+# projecting them in one call per layer: inside a forward pass the model's weights evict the probes (12 MB for 30
+# layers x 171 in fp32) from the caches, so each step read them from DRAM again. The record is complete whenever it
+# is read (`result()`, `scores`, `norms`, leaving the block); 0 projects at every step.
+DEFER_WINDOW_ROWS = 64
 
 
 def probe_dtype(device: torch.device, h_dtype: torch.dtype, has_center: bool) -> torch.dtype:

@@ -24,9 +24,9 @@ import torch
 
 from emovec import _ext
 from emovec.layers import find_decoder_layers, layer_output_hidden, replace_layer_output
-from emovec.ops import backend_status, steer_project, steer_project_trusted
+from emovec.ops import backend_status, cpu_steering_call, steer_project, steer_project_trusted
 from emovec.reference import naive_sequence
-from emovec.runtime import DEFER_MAX_ROWS, monitor, regulate, steer
+from emovec.runtime import DEFER_MAX_ROWS, DEFER_WINDOW_ROWS, monitor, regulate, steer
 from emovec.vectors import VectorSet
 
 
@@ -279,6 +279,11 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
             table = steer_vector[None].to(dtype)
             slots = torch.zeros(batch, dtype=torch.long, device=device)
 
+            steps_per_call: dict[str, int] = {}  # providers timed a window of decode steps per call
+
+            def name_of(b, probe_dtype):
+                return f"emovec-{b}" + (" bf16 probes" if probe_dtype != torch.float32 else "")
+
             def fused(b, prepared=True, probe_dtype=torch.float32):
                 if b == "cpu" and _ext.has_cpp_library and prepared:
                     # what emovec.monitor runs per layer on the CPU: a call prepared once per layer (the op with
@@ -291,23 +296,36 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
                                              w_dtype=_ext.DTYPE_CODES[probe_dtype], probes=kept[i].data_ptr(),
                                              num_probes=k, center=0) for i in layers]
                     threads = torch.get_num_threads()
-                    # and at a decode step's few rows, the layers' calls kept until the last layer's rows arrive and
-                    # run together (emovec.runtime.DEFER_MAX_ROWS)
-                    group = (_ext._C.CpuLayers(calls) if batch <= DEFER_MAX_ROWS and len(calls) > 1 else None)
+                    # and at a decode step's few rows, the layers' rows kept (up to DEFER_WINDOW_ROWS per layer, across
+                    # steps) and run together, as the monitor does (emovec.runtime.DEFER_MAX_ROWS); the steering
+                    # through the runtime's prepared call. Timed a whole window at a time, its last step's flush
+                    # included, and reported per step
+                    group = (_ext._C.CpuLayers(calls, window=DEFER_WINDOW_ROWS)
+                             if batch <= DEFER_MAX_ROWS and (len(calls) > 1 or DEFER_WINDOW_ROWS > 0) else None)
+                    window_steps = max(1, DEFER_WINDOW_ROWS // batch) if group is not None else 1
+                    steps_per_call[name_of(b, probe_dtype)] = window_steps
+                    steer_calls: dict = {}
+                    steer_call = cpu_steering_call(steer_calls, "step", table, h[steer_layer])
                     # each layer its own outputs, as in the monitor's record (the layers run on several threads)
                     layer_scores = torch.empty(len(calls), batch, k, device=device)
                     layer_norms = torch.empty(len(calls), batch, device=device)
+                    # addresses, as the runtime computes them (integers, no tensor views per layer and step)
+                    at = [(i, h[i].data_ptr(), h[i].stride(0), layer_scores.data_ptr() + i * batch * k * 4,
+                           layer_norms.data_ptr() + i * batch * 4, scores.data_ptr(), norms.data_ptr()) for i in layers]
+                    slots_at, steer_at = slots.data_ptr(), h[steer_layer].data_ptr()
 
-                    def run_prepared(kept=kept):  # the probes live as long as the calls
-                        for i in layers:
-                            if i == steer_layer:
-                                steer_project_trusted(h[i], slots=slots, table=table, backend=b)
-                            if group is not None:
-                                group.run(i, h[i].data_ptr(), batch, h[i].stride(0), layer_scores[i].data_ptr(),
-                                          layer_norms[i].data_ptr(), threads, 0, 0)
-                            else:
-                                calls[i].run(h[i].data_ptr(), batch, h[i].stride(0), scores.data_ptr(),
-                                             norms.data_ptr(), threads, 0, 0)
+                    def run_prepared(kept=kept, steer_calls=steer_calls, at=at,
+                                     outputs=(layer_scores, layer_norms)):  # what the addresses point at lives on
+                        for _ in range(window_steps):
+                            for i, h_at, stride, layer_scores_at, layer_norms_at, scores_at, norms_at in at:
+                                if i == steer_layer:
+                                    steer_call.run(steer_at, batch, stride, slots_at, threads)
+                                if group is not None:
+                                    group.run(i, h_at, batch, stride, layer_scores_at, layer_norms_at, threads, 0, 0)
+                                else:
+                                    calls[i].run(h_at, batch, stride, scores_at, norms_at, threads, 0, 0)
+                        if group is not None:
+                            group.flush()
                     return run_prepared
 
                 def run():  # what the runtime calls per layer: steering at one layer, monitoring at all
@@ -345,7 +363,11 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
             if backends:
                 fns[f"emovec-{backends[0]}+cap"] = fused_cap(backends[0])
             timings = interleaved(fns, device, rounds=max(3, rounds), repeats=20, warmup=3)
+            for name, steps in steps_per_call.items():  # a window of steps per call: per step
+                if name in timings and steps > 1:
+                    timings[name] = {stat: value / steps if stat != "n" else value for stat, value in timings[name].items()}
             _rows(result, f"step b{batch} ({num_layers} layers)", timings, batch, "naive", {})
+            result.setdefault("step_window_steps", {})[f"b{batch}"] = dict(steps_per_call)
     if "op" in scenarios:
         say("op micro-benchmarks")
         d = model.config.hidden_size
