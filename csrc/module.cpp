@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
+#include <mutex>
 
 #include "../src/steer_project.h"
 
@@ -50,9 +52,12 @@ struct CpuCall {
   std::vector<float> panels_fp32;   // fp32 probes: packed at the first call of kCpuPackedMinRows rows or more
 
   // the arguments of a run of n rows; packs the fp32 panels at the first run of kCpuPackedMinRows rows or more (fp32
-  // rows and probes; bf16 rows keep their own vdpbf16ps panels). Called under the GIL: one thread packs.
+  // rows and probes; bf16 rows keep their own vdpbf16ps panels). One thread packs (a group runs without the GIL);
+  // packed panels never change again, so the kernels read them unlocked.
   emovec::SteerProjectArgs with(std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t scores,
                                 std::uintptr_t norms, int64_t scores_stride, int64_t norms_stride) {
+    static std::mutex packing;
+    std::lock_guard<std::mutex> lock(packing);
     emovec::SteerProjectArgs a = args;
     if (n >= emovec::kCpuPackedMinRows && scores != 0 && panels.empty() && panels_fp32.empty() &&
         a.h_dtype == emovec::kFloat32 && a.w_dtype == emovec::kFloat32 && a.num_probes > 0) {
@@ -82,6 +87,8 @@ struct CpuSteer {
 // the next step would not fit (or at flush): the probes, which the model's weights evict from the caches every step,
 // are then read once per window instead of once per step, and several rows share each probe load. Each layer's
 // scores are those of one call on the window's rows, copied to where each step's rows' scores go.
+// A group's state is guarded by its mutex, taken without the GIL (a flush computes without it, so a record read on
+// one thread while another thread's forward pass keeps rows never sees half a window).
 struct CpuLayers {
   struct Piece {  // one run's rows of a layer: where their scores and norms go
     int64_t n;
@@ -98,12 +105,14 @@ struct CpuLayers {
   std::vector<std::vector<float>> scratch;  // a window's scores and norms per layer, before they are copied out
   int64_t window = 0;
   int threads = 0;  // of the last run, for a flush without its own
+  std::unique_ptr<std::mutex> mutex = std::make_unique<std::mutex>();
 
   int64_t element(size_t i) const { return calls[i]->args.h_dtype == emovec::kFloat32 ? 4 : 2; }
 
+  // with the mutex held and the GIL released
   void flush(int num_threads) {
-    // the layers' arguments first (CpuCall::with may pack panels: under the GIL), then the dots without it, then
-    // the windows' scores copied out; the kept state is cleared before anything runs
+    // the layers' arguments first, then the dots, then the windows' scores copied out; the kept state is cleared
+    // before anything runs
     std::vector<emovec::SteerProjectArgs> ready;
     std::vector<std::pair<size_t, std::vector<Piece>>> scattered;
     for (size_t i = 0; i < calls.size(); ++i) {
@@ -134,11 +143,8 @@ struct CpuLayers {
       is_direct[i] = false;
     }
     if (ready.empty()) return;
-    {
-      py::gil_scoped_release release;
-      emovec::steer_project_cpu_many(ready.data(), static_cast<int64_t>(ready.size()),
-                                     num_threads > 0 ? num_threads : threads);
-    }
+    emovec::steer_project_cpu_many(ready.data(), static_cast<int64_t>(ready.size()),
+                                   num_threads > 0 ? num_threads : threads);
     for (auto& [i, kept_pieces] : scattered) {
       const int64_t K = calls[i]->args.num_probes;
       const float* s = scratch[i].data();
@@ -267,6 +273,8 @@ PYBIND11_MODULE(_C, m) {
               throw std::invalid_argument("emovec._C.CpuLayers.run: position " + std::to_string(position) +
                                           " outside [0, " + std::to_string(count) + ")");
             if (n < 0) throw std::invalid_argument("emovec._C.CpuLayers.run: n must be >= 0");
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(*group.mutex);
             group.threads = threads;
             const bool last = position + 1 == count;
             if (n > 0) {
@@ -317,15 +325,23 @@ PYBIND11_MODULE(_C, m) {
           py::arg("position"), py::arg("h"), py::arg("n"), py::arg("stride"), py::arg("scores"), py::arg("norms"),
           py::arg("threads"), py::arg("scores_stride") = 0, py::arg("norms_stride") = 0, py::arg("plus") = 0,
           py::arg("plus_stride") = 0)
-      .def("flush", &CpuLayers::flush, py::arg("threads") = 0,
+      .def("flush", [](CpuLayers& group, int threads) {
+             py::gil_scoped_release release;
+             std::lock_guard<std::mutex> lock(*group.mutex);
+             group.flush(threads);
+           }, py::arg("threads") = 0,
            "Run the kept layers now (a step that stopped before the last layer, or a window not yet full): their "
            "outputs must still exist.")
       .def_property_readonly("pending", [](const CpuLayers& group) {
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(*group.mutex);
         int64_t count = 0;
         for (const auto& p : group.pieces) count += !p.empty();
         return count;
       }, "Layers whose rows are kept, waiting for the last layer (or the window's end).")
       .def_property_readonly("kept_rows", [](const CpuLayers& group) {
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(*group.mutex);
         return *std::max_element(group.kept.begin(), group.kept.end());
       }, "The most rows any layer keeps now.")
       .def_readonly("window", &CpuLayers::window, "Rows per layer kept across runs before they run (0: none).");

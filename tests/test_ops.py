@@ -590,6 +590,46 @@ def test_layers_kept_across_steps_run_as_one_call_per_window(probe_dtype, n, thr
         _ext._C.CpuLayers(calls(), window=-1)
 
 
+def test_a_group_read_on_another_thread_while_rows_are_kept_loses_nothing():
+    """A record read on one thread (`mon.scores` flushes the group) while another thread's forward passes keep rows
+    in the same group: every step's scores equal float64 torch, none is lost or written from a half-kept window."""
+    import threading
+
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    from emovec import _ext
+
+    g = torch.Generator().manual_seed(0)
+    layers, d, k, steps = 12, 256, 64, 300
+    probes = [torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1) for _ in range(layers)]
+    calls = [_ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[torch.float32], w_dtype=_ext.DTYPE_CODES[torch.float32],
+                             probes=p.data_ptr(), num_probes=k, center=0) for p in probes]
+    group = _ext._C.CpuLayers(calls, window=64)
+    hs = torch.randn(steps, layers, d, generator=g)
+    record, norms = torch.full((steps, layers, k), math.nan), torch.full((steps, layers), math.nan)
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            group.flush(1)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for step in range(steps):
+            for i in range(layers):
+                h = hs[step, i].clone()
+                group.run(i, h.data_ptr(), 1, d, record[step, i].data_ptr(), norms[step, i].data_ptr(), 1, 0, 0)
+                h.fill_(1e6)  # the model reuses the memory
+    finally:
+        stop.set()
+        thread.join()
+    group.flush(1)
+    want = torch.einsum("sld,lkd->slk", hs.double(), torch.stack(probes).double())
+    torch.testing.assert_close(record.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norms.double(), hs.double().norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("n", [1, 8, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

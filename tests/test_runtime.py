@@ -208,6 +208,28 @@ def test_decode_rows_kept_across_steps_reach_the_record_before_it_is_read(tiny, 
     torch.testing.assert_close(seen[0], kept.scores[0, :40], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lookup", [10, 30])
+def test_kept_rows_never_overwrite_columns_a_cropped_cache_wrote_again(tiny, lookup):
+    """Prompt-lookup decoding (transformers' speculative decoding that crops rejected candidates from the cache) goes
+    back over columns the monitor already holds kept decode rows for, sometimes in forwards of more rows than are kept
+    (written straight into the record): the record then equals plain torch on the final sequence's hidden states."""
+    model, vectors = tiny
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    for seed in range(3):
+        base = torch.randint(2, 290, (1, 12), generator=torch.Generator().manual_seed(seed))
+        ids = torch.cat([base, base, base], 1)  # repeated n-grams: the lookup proposes candidates
+        with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 1, 2]) as mon:
+            out = model.generate(ids, max_new_tokens=60, do_sample=False, pad_token_id=0,
+                                 prompt_lookup_num_tokens=lookup)
+        res = mon.result()
+        with torch.no_grad():
+            for li in range(3):
+                h = hidden_at(model, out[:, :-1], li)
+                torch.testing.assert_close(res.scores[:, : h.shape[1], li], h @ vectors.unit[li].T, rtol=1e-4,
+                                           atol=1e-4)
+
+
 @pytest.mark.parametrize("centered", [False, True])
 def test_one_row_decode_steps_write_the_record_directly(tiny, centered):
     """At batch 1 on the CPU each decode step's call writes its column of the record through a prepared call: its

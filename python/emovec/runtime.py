@@ -366,8 +366,10 @@ class Monitor(_LayerRuntime):
         L, K = len(self.layer_indices), len(self.vectors.names)
         end = step.past + step.length
         new_run = step.past == 0 or self._scores is None or self._scores.shape[0] != step.batch
-        if new_run or end > self._capacity:
-            self._flush()  # the kept rows' scores go to this record: before it is started over or replaced
+        if new_run or end > self._capacity or step.past < self._width:
+            # the kept rows' scores go to this record: before it is started over or replaced, and before a step
+            # that goes back over columns (a cropped cache) writes them again
+            self._flush()
         if new_run:
             # a new run: start over in the same record when it has the size a new one would have (no fresh pages
             # to fault in inside the forward pass; results own copies). Not in a record made in inference mode

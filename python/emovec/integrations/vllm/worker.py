@@ -43,7 +43,7 @@ import torch
 from emovec import _ext
 from emovec.integrations.vllm.spec import RequestSpec, SpecError, has_emovec, parse
 from emovec.ops import cpu_steering_call, steer_project_trusted
-from emovec.runtime import DEFER_MAX_ROWS, steering_vector
+from emovec.runtime import DEFER_MAX_ROWS, DEFER_WINDOW_ROWS, steering_vector
 from emovec.vectors import VectorSet, config_hash
 
 log = logging.getLogger("emovec.vllm")
@@ -213,6 +213,14 @@ class _Plugin:
         self._groups: dict[tuple[tuple[int, ...], torch.dtype], Any] = {}
         self._group_layers: tuple[int, ...] = ()
         self._group: Any = None
+        # ... and keeps the rows of several decode steps (up to DEFER_WINDOW_ROWS per layer) before projecting them,
+        # as emovec.monitor does: such a step writes the record's rows from _base on, and its readings are collected
+        # once its group has run (`_pending`: the steps waiting, (base, rows, monitored requests, layers))
+        self._base = 0
+        self._pending: list[tuple[int, int, list, list[int]]] = []
+        self._pending_group: Any = None
+        self._pending_key: tuple[int, ...] = ()
+        self._group_rows = 0  # the most rows a layer of this step's group took
         self._threads = 1
         self._record: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU: scores [tokens, columns, K], norms
         self._columns: dict[int, int] = {}  # layer -> its column of the record
@@ -484,9 +492,14 @@ class _Plugin:
         # a few rows (decode) and several monitored layers on the CPU: their projections run together at the last
         # (each layer's rows are copied when they arrive, edited if the layer edits them)
         watched = tuple(layer for layer in range(self.num_layers) if self.layer_monitor[layer])
-        self._group_layers = (watched if self.device.type == "cpu" and not self.graph_safe and len(watched) > 1
-                              and n <= DEFER_MAX_ROWS and _ext.has_cpp_library else ())
+        self._group_layers = (watched if self.device.type == "cpu" and not self.graph_safe and watched
+                              and (len(watched) > 1 or self._window_rows() > 0) and n <= DEFER_MAX_ROWS
+                              and _ext.has_cpp_library else ())
         self._group = None
+        new = [layer for layer in watched if layer not in self._probes]
+        if self._pending and (not self._group_layers or new or self._group_layers != self._pending_layers()
+                              or self._base + n > self._window_rows()):
+            self._settle()  # the kept steps' rows reach the record before it is written from row 0 or regrown
         # the in-place path for fully edited layers is a Python decision per step: never under CUDA graphs
         if self.graph_safe or not any(self.layer_edit):
             self.layer_full = [False] * self.num_layers
@@ -503,7 +516,6 @@ class _Plugin:
             width = min(max(n, self._copied), self.max_tokens)
             self._slots[:, :width].copy_(torch.from_numpy(slots[:, :width]))
             self._copied = n
-        new = [layer for layer in watched if layer not in self._probes]
         if new:
             vs = self.vectors()
             for layer in new:
@@ -562,16 +574,17 @@ class _Plugin:
             if self.clamp_names or self.graph_safe:
                 kwargs.update(clamp=self._clamp[layer], bounds=self._bounds[layer], relative_bounds=True)
             if watch and not prepared:
-                kwargs.update(probes=self._probes[layer], scores=self._scores[layer][:rows],
-                              norms=self._norms[layer][:rows])
+                kwargs.update(probes=self._probes[layer], scores=self._scores[layer][self._base:self._base + rows],
+                              norms=self._norms[layer][self._base:self._base + rows])
             self._fused(x, kwargs)
             if residual is not None and not full:  # only the edited rows change; the others are not written
                 mask = (slots >= 0)[:, None]
                 residual.copy_(torch.where(mask, x, residual))
                 hidden.masked_fill_(mask, 0)
         elif watch and not prepared:
-            self._fused(x, {"probes": self._probes[layer], "scores": self._scores[layer][:rows],
-                            "norms": self._norms[layer][:rows]})
+            base = self._base
+            self._fused(x, {"probes": self._probes[layer], "scores": self._scores[layer][base:base + rows],
+                            "norms": self._norms[layer][base:base + rows]})
         if prepared:  # the rows as edited: what the fused call would have projected
             self._project(layer, x, rows)
 
@@ -598,11 +611,16 @@ class _Plugin:
     def _project(self, layer: int, x: torch.Tensor, rows: int, plus: torch.Tensor | None = None) -> None:
         """This layer's monitoring of rows x (+ plus: fp32 rows at a decode step only) through its prepared CPU call,
         into its column of the record; at a decode step, kept for the last monitored layer's call."""
-        scores, norms = self._scores[layer], self._norms[layer]
+        scores, norms = self._scores[layer][self._base:], self._norms[layer][self._base:]
         if self._group_layers:
             group = self._group
             if group is None:
                 group = self._group = self._prepare_group(x)
+                self._group_rows = 0
+            if self._base + rows > self.max_tokens:  # (a step's rows fit, as begin_step keeps _base low)
+                raise RuntimeError(f"emovec: a decode step of {rows} rows does not fit the record after {self._base} "
+                                   "kept rows; please report this")
+            self._group_rows = max(self._group_rows, rows)
             extra = () if plus is None else (plus.data_ptr(), plus.stride(0))
             group.run(self._group_layers.index(layer), x.data_ptr(), rows, x.stride(0), scores.data_ptr(),
                       norms.data_ptr(), self._threads, scores.stride(0), norms.stride(0), *extra)
@@ -655,34 +673,64 @@ class _Plugin:
             if len(self._groups) >= 16:  # sets of monitored layers come and go with the requests: keep a few
                 self._groups.clear()
             calls = [self._calls.get((layer, x.dtype)) or self._prepare_call(layer, x) for layer in self._group_layers]
-            group = self._groups[key] = _ext._C.CpuLayers(calls)
+            group = self._groups[key] = _ext._C.CpuLayers(calls, window=self._window_rows())
         return group
 
     def end_step(self) -> None:
         if not self.active:
             return
-        if self._group is not None:
-            self._group.flush()  # nothing kept unless the forward pass stopped before the last monitored layer
-            self._group = None
+        group, self._group = self._group, None
         self.active = self.graph_safe
-        if not self._monitored:
-            return
-        # one copy of this step's rows of every monitored layer, then per-request slices on the host
-        n = max(end for _, _, _, end, _ in self._monitored)
-        layers = [layer for layer in range(self.num_layers) if self.layer_monitor[layer]]
+        if self._monitored:
+            layers = [layer for layer in range(self.num_layers) if self.layer_monitor[layer]]
+            n = max(end for _, _, _, end, _ in self._monitored)
+            self._pending.append((self._base, n, self._monitored, layers))
+            if group is not None:  # its rows were written from _base on; the next kept step writes after them
+                self._pending_group = group
+                self._pending_key = self._group_layers
+                self._base += max(self._rows, self._group_rows)
+        # a step's readings are collected once every row of it is projected: at once without a group, or when its
+        # group ran (a window full: nothing kept); else with the steps after it
+        if group is None or not group.pending:
+            self._resolve()
+
+    def _window_rows(self) -> int:
+        """Rows of decode steps kept per layer: what emovec.monitor keeps, within the record's rows (a kept step
+        writes from _base on, with up to DEFER_MAX_ROWS rows)."""
+        return max(0, min(DEFER_WINDOW_ROWS, self.max_tokens - DEFER_MAX_ROWS))
+
+    def _pending_layers(self) -> tuple[int, ...]:
+        return self._pending_key if self._pending_group is not None else ()
+
+    def _settle(self) -> None:
+        """Project what the decode steps kept (their group's rows) and collect those steps' readings."""
+        if self._pending_group is not None:
+            self._pending_group.flush()
+        self._resolve()
+
+    def _resolve(self) -> None:
+        pending, self._pending = self._pending, []
+        self._base, self._pending_group = 0, None
+        for base, n, monitored, layers in pending:
+            self._collect(base, n, monitored, layers)
+
+    def _collect(self, base: int, n: int, monitored: list, layers: list[int]) -> None:
+        """A step's readings (its rows from `base` in the record, `n` of them read) into its requests' chunks."""
+        # one copy of the step's rows of every monitored layer, then per-request slices on the host
         where = {layer: i for i, layer in enumerate(layers)}
         if self._record is not None:  # the CPU record: this step's rows of the monitored layers, one copy each
             columns = [self._columns[layer] for layer in layers]
-            scores_np, norms_np = self._record[0][:n].numpy(), self._record[1][:n].numpy()
+            scores_np = self._record[0][base:base + n].numpy()
+            norms_np = self._record[1][base:base + n].numpy()
             if columns == list(range(scores_np.shape[1])):
                 all_scores, all_norms = scores_np.copy(), norms_np.copy()
             else:
                 all_scores, all_norms = scores_np[:, columns], norms_np[:, columns]
         else:
-            all_scores = torch.stack([self._scores[layer][:n] for layer in layers], 1).cpu().numpy()
-            all_norms = torch.stack([self._norms[layer][:n] for layer in layers], 1).cpu().numpy()
+            all_scores = torch.stack([self._scores[layer][base:base + n] for layer in layers], 1).cpu().numpy()
+            all_norms = torch.stack([self._norms[layer][base:base + n] for layer in layers], 1).cpu().numpy()
         every_concept = list(range(all_scores.shape[2]))
-        for req_id, spec, start, end, computed in self._monitored:
+        for req_id, spec, start, end, computed in monitored:
             readings = self.readings.get(req_id)
             if readings is None:
                 continue
@@ -707,6 +755,7 @@ class _Plugin:
         ``<i>_KEY`` (the n > 1 samples of one request); nothing else. ``pop`` drops what it returns: fetch once
         the request is done (a step of a request still running would find its readings gone)."""
         with torch.inference_mode():  # releasing rows rewrites tables made inside the (inference-mode) forward
+            self._settle()  # readings of decode steps whose rows a group still keeps
             self._forget_finished()
         chosen = [r for r, v in self.readings.items()
                   if keys is None or any(_matches(k, v.key) or _matches(k, v.request) for k in keys)]
