@@ -611,20 +611,23 @@ class _Plugin:
     def _project(self, layer: int, x: torch.Tensor, rows: int, plus: torch.Tensor | None = None) -> None:
         """This layer's monitoring of rows x (+ plus: fp32 rows at a decode step only) through its prepared CPU call,
         into its column of the record; at a decode step, kept for the last monitored layer's call."""
-        scores, norms = self._scores[layer][self._base:], self._norms[layer][self._base:]
         if self._group_layers:
             group = self._group
             if group is None:
+                if self._pending and self._base + rows > self.max_tokens:
+                    self._settle()  # more rows than the step's tokens (padding) past the record: from row 0 again
                 group = self._group = self._prepare_group(x)
                 self._group_rows = 0
             if self._base + rows > self.max_tokens:  # (a step's rows fit, as begin_step keeps _base low)
                 raise RuntimeError(f"emovec: a decode step of {rows} rows does not fit the record after {self._base} "
                                    "kept rows; please report this")
             self._group_rows = max(self._group_rows, rows)
+            scores, norms = self._scores[layer][self._base:], self._norms[layer][self._base:]  # (after any settle)
             extra = () if plus is None else (plus.data_ptr(), plus.stride(0))
             group.run(self._group_layers.index(layer), x.data_ptr(), rows, x.stride(0), scores.data_ptr(),
                       norms.data_ptr(), self._threads, scores.stride(0), norms.stride(0), *extra)
             return
+        scores, norms = self._scores[layer][self._base:], self._norms[layer][self._base:]
         call = self._calls.get((layer, x.dtype))
         if call is None:
             call = self._prepare_call(layer, x)
@@ -690,9 +693,10 @@ class _Plugin:
                 self._pending_key = self._group_layers
                 self._base += max(self._rows, self._group_rows)
         # a step's readings are collected once every row of it is projected: at once without a group, or when its
-        # group ran (a window full: nothing kept); else with the steps after it
+        # group ran (a window full: nothing kept); else with the steps after it. (A step that kept nothing, its
+        # rows not prepared, runs the steps kept before it first.)
         if group is None or not group.pending:
-            self._resolve()
+            self._settle()
 
     def _window_rows(self) -> int:
         """Rows of decode steps kept per layer: what emovec.monitor keeps, within the record's rows (a kept step
