@@ -229,3 +229,42 @@ def test_a_step_that_keeps_nothing_runs_the_kept_steps_first(worker):
     for _ in range(3):
         engine.step([("a", 1)])
     engine.check()
+
+
+@pytest.mark.parametrize("steered", [False, True])
+def test_layers_returning_strided_rows_read_and_edit_them(worker, steered):
+    """A layer that returns one tensor whose rows are not of unit stride (not vLLM's Llama layers, whose rows are
+    contiguous) takes the general path: its readings equal float64 projections of its rows, and its steering writes
+    the same values a contiguous copy of the rows gets."""
+    engine = Engine(worker, max_tokens=512)
+    extra = _monitor("1,3", "c0,c2")
+    if steered:
+        extra.update(emovec_steer="c1=0.2", emovec_layers="1,3")
+    engine.add("a", extra, 1)
+    plugin, runner = engine.plugin, engine.runner
+    runner.input_batch.req_ids = ["a"]
+    runner.query_start_loc.np[:2] = [0, 3]
+    got_rows = {}
+    with torch.inference_mode():
+        plugin.begin_step()
+        try:
+            for layer in range(L):
+                contiguous = torch.stack([_row("a", p) * (layer + 1) for p in range(3)])
+                strided = torch.empty(D, 3).t()  # rows of stride (1, 3): stride(-1) != 1
+                strided.copy_(contiguous)
+                plugin.apply(strided, None, layer)
+                got_rows[layer] = strided.double().clone()
+                if steered and layer in (1, 3):  # the same edit on the contiguous rows
+                    plugin._fused(contiguous, {"slots": plugin._slots[layer, :3], "table": plugin._tables[layer]})
+                    assert not torch.equal(strided, torch.stack([_row("a", p) * (layer + 1) for p in range(3)]))
+                assert torch.equal(strided, contiguous)
+        finally:
+            plugin.end_step()
+    from emovec.integrations import vllm as ev
+
+    got = ev.decoded(plugin.fetch(None, False)["a"])
+    spec = plugin.specs["a"]
+    for i, layer in enumerate(spec.monitor_layers):
+        want = (got_rows[layer] @ engine.unit[layer, spec.monitor_index].T).numpy()
+        np.testing.assert_allclose(got["scores"][:, i], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["norms"][:, i], got_rows[layer].norm(dim=-1).numpy(), rtol=1e-5, atol=1e-5)

@@ -644,6 +644,12 @@ class _Plugin:
     def _fused(x: torch.Tensor, kwargs: dict[str, Any]) -> None:
         """One call of the fused op; outputs that are a layer's column of the CPU record (strided rows, which the
         op writes only contiguously) go through a scratch."""
+        if x.stride(-1) != 1:  # (vLLM's rows are contiguous) the op reads unit-stride rows: a copy, edits written back
+            rows = x.contiguous()
+            _Plugin._fused(rows, kwargs)
+            if "slots" in kwargs:
+                x.copy_(rows)
+            return
         scores, norms = kwargs.get("scores"), kwargs.get("norms")
         if scores is None or (scores.is_contiguous() and norms.is_contiguous()):
             steer_project_trusted(x, **kwargs)
