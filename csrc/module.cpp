@@ -114,7 +114,8 @@ struct CpuLayers {
     // the layers' arguments first, then the dots, then the windows' scores copied out; the kept state is cleared
     // before anything runs
     std::vector<emovec::SteerProjectArgs> ready;
-    std::vector<std::pair<size_t, std::vector<Piece>>> scattered;
+    struct Scattered { size_t layer; int64_t rows; std::vector<Piece> pieces; };
+    std::vector<Scattered> scattered;
     for (size_t i = 0; i < calls.size(); ++i) {
       if (pieces[i].empty()) continue;
       if (is_direct[i]) {
@@ -134,7 +135,7 @@ struct CpuLayers {
                            reinterpret_cast<std::uintptr_t>(s), reinterpret_cast<std::uintptr_t>(s + kept[i] * K),
                            0, 0);
         ready.push_back(a);
-        scattered.emplace_back(i, std::move(pieces[i]));
+        scattered.push_back({i, kept[i], std::move(pieces[i])});
       }
     }
     for (size_t i = 0; i < calls.size(); ++i) {
@@ -145,12 +146,12 @@ struct CpuLayers {
     if (ready.empty()) return;
     emovec::steer_project_cpu_many(ready.data(), static_cast<int64_t>(ready.size()),
                                    num_threads > 0 ? num_threads : threads);
-    for (auto& [i, kept_pieces] : scattered) {
-      const int64_t K = calls[i]->args.num_probes;
-      const float* s = scratch[i].data();
-      const float* norms = s + [&] { int64_t t = 0; for (const Piece& p : kept_pieces) t += p.n; return t; }() * K;
+    for (const Scattered& window_rows : scattered) {
+      const int64_t K = calls[window_rows.layer]->args.num_probes;
+      const float* s = scratch[window_rows.layer].data();
+      const float* norms = s + window_rows.rows * K;  // the window's norms follow its scores in the scratch
       int64_t row = 0;
-      for (const Piece& p : kept_pieces) {
+      for (const Piece& p : window_rows.pieces) {
         const int64_t ss = p.scores_stride > 0 ? p.scores_stride : K, ns = p.norms_stride > 0 ? p.norms_stride : 1;
         for (int64_t r = 0; r < p.n; ++r, ++row) {
           if (p.scores != 0) std::memcpy(as_pointer<float>(p.scores) + r * ss, s + row * K, K * sizeof(float));

@@ -219,7 +219,7 @@ class _Plugin:
         self._base = 0
         self._pending: list[tuple[int, int, list, list[int]]] = []
         self._pending_group: Any = None
-        self._pending_key: tuple[int, ...] = ()
+        self._pending_key: tuple[int, ...] = ()  # the layers of the group holding the kept rows (none: ())
         self._group_rows = 0  # the most rows a layer of this step's group took
         self._threads = 1
         self._record: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU: scores [tokens, columns, K], norms
@@ -497,7 +497,7 @@ class _Plugin:
                               and _ext.has_cpp_library else ())
         self._group = None
         new = [layer for layer in watched if layer not in self._probes]
-        if self._pending and (not self._group_layers or new or self._group_layers != self._pending_layers()
+        if self._pending and (not self._group_layers or new or self._group_layers != self._pending_key
                               or self._base + n > self._window_rows()):
             self._settle()  # the kept steps' rows reach the record before it is written from row 0 or regrown
         # the in-place path for fully edited layers is a Python decision per step: never under CUDA graphs
@@ -574,17 +574,16 @@ class _Plugin:
             if self.clamp_names or self.graph_safe:
                 kwargs.update(clamp=self._clamp[layer], bounds=self._bounds[layer], relative_bounds=True)
             if watch and not prepared:
-                kwargs.update(probes=self._probes[layer], scores=self._scores[layer][self._base:self._base + rows],
-                              norms=self._norms[layer][self._base:self._base + rows])
+                scores, norms = self._outputs(layer, rows)
+                kwargs.update(probes=self._probes[layer], scores=scores, norms=norms)
             self._fused(x, kwargs)
             if residual is not None and not full:  # only the edited rows change; the others are not written
                 mask = (slots >= 0)[:, None]
                 residual.copy_(torch.where(mask, x, residual))
                 hidden.masked_fill_(mask, 0)
         elif watch and not prepared:
-            base = self._base
-            self._fused(x, {"probes": self._probes[layer], "scores": self._scores[layer][base:base + rows],
-                            "norms": self._norms[layer][base:base + rows]})
+            scores, norms = self._outputs(layer, rows)
+            self._fused(x, {"probes": self._probes[layer], "scores": scores, "norms": norms})
         if prepared:  # the rows as edited: what the fused call would have projected
             self._project(layer, x, rows)
 
@@ -622,17 +621,21 @@ class _Plugin:
                 raise RuntimeError(f"emovec: a decode step of {rows} rows does not fit the record after {self._base} "
                                    "kept rows; please report this")
             self._group_rows = max(self._group_rows, rows)
-            scores, norms = self._scores[layer][self._base:], self._norms[layer][self._base:]  # (after any settle)
+            scores, norms = self._outputs(layer, rows)  # (after any settle)
             extra = () if plus is None else (plus.data_ptr(), plus.stride(0))
             group.run(self._group_layers.index(layer), x.data_ptr(), rows, x.stride(0), scores.data_ptr(),
                       norms.data_ptr(), self._threads, scores.stride(0), norms.stride(0), *extra)
             return
-        scores, norms = self._scores[layer][self._base:], self._norms[layer][self._base:]
+        scores, norms = self._outputs(layer, rows)
         call = self._calls.get((layer, x.dtype))
         if call is None:
             call = self._prepare_call(layer, x)
         call.run(x.data_ptr(), rows, x.stride(0), scores.data_ptr(), norms.data_ptr(), self._threads,
                  scores.stride(0), norms.stride(0))
+
+    def _outputs(self, layer: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where this step's `rows` scores and norms of a layer go: its record rows from _base on."""
+        return (self._scores[layer][self._base:self._base + rows], self._norms[layer][self._base:self._base + rows])
 
     def _sum(self, hidden: torch.Tensor, residual: torch.Tensor, rows: int) -> torch.Tensor:
         """hidden + residual in a scratch the plugin keeps."""
@@ -709,9 +712,6 @@ class _Plugin:
         writes from _base on, with up to DEFER_MAX_ROWS rows)."""
         return max(0, min(DEFER_WINDOW_ROWS, self.max_tokens - DEFER_MAX_ROWS))
 
-    def _pending_layers(self) -> tuple[int, ...]:
-        return self._pending_key if self._pending_group is not None else ()
-
     def _settle(self) -> None:
         """Project what the decode steps kept (their group's rows) and collect those steps' readings."""
         if self._pending_group is not None:
@@ -720,7 +720,7 @@ class _Plugin:
 
     def _resolve(self) -> None:
         pending, self._pending = self._pending, []
-        self._base, self._pending_group = 0, None
+        self._base, self._pending_group, self._pending_key = 0, None, ()
         for base, n, monitored, layers in pending:
             self._collect(base, n, monitored, layers)
 
