@@ -187,16 +187,20 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<CpuCall>(m, "CpuCall", "A prepared CPU call of the fused op: fixed weights, per-call rows and outputs.")
       .def(py::init([](int64_t d, int h_dtype, int w_dtype, std::uintptr_t probes, int64_t num_probes,
-                       std::uintptr_t center) {
+                       std::uintptr_t center, bool bf16_dots) {
              CpuCall call;
              call.args = make_args(0, 0, d, d, h_dtype, w_dtype, 0, 0, 0, 0, 0, probes, num_probes, center, 0, 0, 0,
                                    0, 0, 0, 0, 0, 0, 0, false, 0);
+             call.args.round_rows_bf16 = bf16_dots;
              emovec::check_args(call.args);
              call.panels = emovec::prepare_probe_panels(call.args);
              return call;
            }),
            py::arg("d"), py::arg("h_dtype"), py::arg("w_dtype"), py::arg("probes"), py::arg("num_probes"),
-           py::arg("center"))
+           py::arg("center"), py::arg("bf16_dots") = false,
+           "bf16_dots: fp32 rows with bf16 probes only; each row is rounded to bf16 before its dots (vdpbf16ps where "
+           "the CPU has AVX-512 bf16), its norm taken exactly.")
+      .def_property_readonly("bf16_dots", [](const CpuCall& call) { return call.args.round_rows_bf16; })
       .def(
           "run",
           [](CpuCall& call, std::uintptr_t h, int64_t n, int64_t stride, std::uintptr_t scores,

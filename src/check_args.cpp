@@ -20,6 +20,8 @@ void check_args(const SteerProjectArgs& a) {
                            a.ablate == nullptr && a.center == nullptr && a.clamp == nullptr;
   require(a.w_dtype == kFloat32 || a.w_dtype == a.h_dtype || bf16_probes,
           "weights must be fp32 or h's dtype (or bf16 probes alone for fp32 h)");
+  require(!a.round_rows_bf16 || (a.h_dtype == kFloat32 && a.w_dtype == kBFloat16 && bf16_probes),
+          "bf16 dots (rows rounded to bf16) need fp32 h and bf16 probes, with no other weights");
   require(a.table == nullptr || a.slots != nullptr, "a steering table needs slots");
   require(a.table == nullptr || a.table_rows >= 1, "table needs at least one row");
   require(a.num_ablate >= 0 && (a.num_ablate == 0) == (a.ablate == nullptr), "ablate and num_ablate disagree");

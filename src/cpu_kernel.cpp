@@ -368,6 +368,21 @@ void clamp_row(float* x, float* y, int64_t d, const float* clamp, const float* u
   }
 }
 
+// fp32 values rounded to the nearest bf16 (ties to even, NaN kept), as from_float<bfloat16_t>, vectorised: the rows
+// of bf16 dots (SteerProjectArgs::round_rows_bf16)
+inline uint32_t bf16_rounded_bits(uint32_t u) {
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+inline void round_to_bf16(const float* x, int64_t d, bfloat16_t* out) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(out);
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) bits[j] = static_cast<uint16_t>(bf16_rounded_bits(float_to_bits(x[j])));
+}
+inline void round_to_bf16_values(float* x, int64_t d) {  // in place, as the fp32 values of those bf16
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) x[j] = bits_to_float(bf16_rounded_bits(float_to_bits(x[j])) << 16);
+}
+
 #ifdef EMOVEC_BF16_DOT
 // Probes as bf16 pairs in panels of 16: panel[(t * pairs + jp) * 32 + 2q + e] = bf16(probe[t*16+q][2jp+e]), zero past
 // K and d. One 512-bit load gives the 16 probes' pairs for one pair of columns: the operand of vdpbf16ps.
@@ -538,6 +553,19 @@ inline std::pair<int64_t, int64_t> team_position() {
 #endif
 }
 
+#ifdef EMOVEC_BF16_DOT
+// scores of `rows` fp32 rows (row stride x_stride) rounded to bf16, against bf16-pair panels [t0, t1) with vdpbf16ps
+// (bf16 dots): the rows are rounded into a scratch of this thread's, then dotted as stored bf16 rows are
+void project_rounded(const float* x, int64_t x_stride, int64_t d, int rows, const uint16_t* packed, int64_t K,
+                     int64_t t0, int64_t t1, float* scores, int64_t stride) {
+  thread_local std::vector<bfloat16_t> tile;
+  const int64_t tile_stride = round_up(d, 32);  // 64-byte rows
+  if (static_cast<int64_t>(tile.size()) < rows * tile_stride) tile.resize(rows * tile_stride);
+  for (int r = 0; r < rows; ++r) round_to_bf16(x + r * x_stride, d, tile.data() + r * tile_stride);
+  project_tile_bf16(tile.data(), tile_stride, d, rows, packed, K, t0, t1, scores, stride);
+}
+#endif
+
 // rows x K scores of a tile (row stride K) into out (row stride `stride`)
 inline void copy_rows(const float* tile, int rows, int64_t K, float* out, int64_t stride) {
   for (int r = 0; r < rows; ++r) std::copy(tile + r * K, tile + (r + 1) * K, out + r * stride);
@@ -579,6 +607,9 @@ void run(const SteerProjectArgs& a, int num_threads) {
 #else
   constexpr bool panels_path = false;
 #endif
+  // bf16 dots: fp32 rows rounded to bf16 (after centering; the norms are the exact rows'), then vdpbf16ps against the
+  // bf16 panels (or, without them, the rounded values against the widened probes: the same products)
+  const bool round_rows = std::is_same<H, float>::value && a.round_rows_bf16;
   // 16-bit probes (fp32 rows with bf16 probes, or fp16 / bf16 rows with probes in their dtype) are read as they are
   // by the dot blocks, widened on load: no fp32 copy of all the probes per call
   const bool direct_bf16 = !std::is_same<W, float>::value && dp == d && !packed_path && !panels_path;
@@ -589,6 +620,11 @@ void run(const SteerProjectArgs& a, int num_threads) {
   // scores of probes [k0, k1) for `rows` prepared rows x into out (row stride `stride`)
   auto dots = [&](const float* x, int rows, int64_t k0, int64_t k1, int64_t stride, float* out) {
 #ifdef EMOVEC_BF16_DOT
+    if (panels_path && round_rows) {  // x's rows are rounded already (prepare): their bf16 pairs are exact
+      project_rounded(x, dp, d, rows, a.probe_panels, K, k0 / kPanelWidth, (k1 + kPanelWidth - 1) / kPanelWidth, out,
+                      stride);
+      return;
+    }
     if (panels_path) {  // k0, k1 are whole panels here (or K); x's padding columns are zero (dp >= 2 pairs)
       project_widened(x, dp, (d + 1) / 2, rows, a.probe_panels, K, k0 / kPanelWidth,
                       (k1 + kPanelWidth - 1) / kPanelWidth, out, stride);
@@ -685,6 +721,7 @@ void run(const SteerProjectArgs& a, int num_threads) {
       if (center.data)
         for (int64_t j = 0; j < d; ++j) xr[j] -= center.data[j];
       if (a.norms) a.norms[i * norms_stride] = std::sqrt(dot_lanes(xr, xr, d));
+      if (round_rows) round_to_bf16_values(xr, d);
     }
   };
 
@@ -740,6 +777,11 @@ void run(const SteerProjectArgs& a, int num_threads) {
             a.norms[(c0 + r) * norms_stride] = std::sqrt(dot_lanes(xr, xr, d));
           }
 #ifdef EMOVEC_BF16_DOT
+        if (panels_path && round_rows) {
+          project_rounded(x, a.h_row_stride, d, rows, a.probe_panels, K, 0, panels, a.scores + c0 * scores_stride,
+                          scores_stride);
+          continue;
+        }
         if (panels_path) {
           project_widened(x, a.h_row_stride, d / 2, rows, a.probe_panels, K, 0, panels, a.scores + c0 * scores_stride,
                           scores_stride);

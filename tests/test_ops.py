@@ -460,6 +460,60 @@ def test_prepared_call_with_bf16_probes_for_fp32_rows(n, d, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,d", [(1, 576), (5, 576), (24, 64), (40, 576), (300, 576), (3, 580), (40, 100), (7, 63),
+                                 (40, 63)])
+def test_prepared_call_with_bf16_dots_rounds_the_rows(n, d, threads):
+    """bf16 dots (CpuCall(..., bf16_dots=True), what monitor(bf16_dots=True) prepares): each fp32 row is rounded to
+    the nearest bf16 (torch's rounding is the reference) before its dots with the bf16 probes. The scores equal the
+    float64 dots of the rounded rows with the probes up to fp32 summation, on every path (one row, one tile split
+    among threads, rows read where they are (even d, many rows), tiles (odd d)), written through strided outputs;
+    the norms are the exact rows'; 1, 2 and 3 threads give the same bits; and the rows really are rounded: the
+    unrounded rows' dots are farther off than fp32 summation."""
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    from emovec import _ext
+
+    g = torch.Generator().manual_seed(n * 37 + d)
+    h = torch.randn(n, d + 3, generator=g)[:, :d]  # strided rows
+    probes = torch.nn.functional.normalize(torch.randn(171, d, generator=g), dim=1).to(torch.bfloat16)
+    record = torch.full((n, 2, 180), math.nan)
+    norm_record = torch.full((n, 2), math.nan)
+    call = _ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[torch.float32], w_dtype=_ext.DTYPE_CODES[torch.bfloat16],
+                           probes=probes.data_ptr(), num_probes=171, center=0, bf16_dots=True)
+    assert call.bf16_dots
+    call.run(h.data_ptr(), n, h.stride(0), record[:, 1].data_ptr(), norm_record[:, 0].data_ptr(), threads, 360, 2)
+    want = h.to(torch.bfloat16).double() @ probes.double().T
+    got = record[:, 1, :171].double()
+    error = (got - want).abs().max().item()
+    assert error <= 1e-5 * max(1.0, want.abs().max().item()), error  # fp32 sums of d exact products
+    torch.testing.assert_close(norm_record[:, 0].double(), h.double().norm(dim=1), rtol=1e-6, atol=0)
+    assert record[:, 0].isnan().all() and record[:, 1, 171:].isnan().all() and norm_record[:, 1].isnan().all()
+    again = torch.full((n, 171), math.nan)
+    call.run(h.data_ptr(), n, h.stride(0), again.data_ptr(), 0, 3, 0, 0)
+    assert torch.equal(again, record[:, 1, :171])
+    unrounded = h.double() @ probes.double().T
+    assert (got - unrounded).abs().max().item() > 100 * max(error, 1e-7)
+    # the rounding bound of a unit probe's score: 2^-9 of the row's norm
+    assert ((got - unrounded).abs() <= 2**-9 * h.double().norm(dim=1, keepdim=True) + 1e-5).all()
+
+
+def test_bf16_dots_need_fp32_rows_and_bf16_probes():
+    """The core refuses bf16 dots where they do not apply, saying what they need."""
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    from emovec import _ext
+
+    fp32 = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="bf16 dots .* need fp32 h and bf16 probes"):
+        _ext._C.CpuCall(d=16, h_dtype=_ext.DTYPE_CODES[torch.float32], w_dtype=_ext.DTYPE_CODES[torch.float32],
+                        probes=fp32.data_ptr(), num_probes=4, center=0, bf16_dots=True)
+    bf16 = fp32.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16 dots"):
+        _ext._C.CpuCall(d=16, h_dtype=_ext.DTYPE_CODES[torch.bfloat16], w_dtype=_ext.DTYPE_CODES[torch.bfloat16],
+                        probes=bf16.data_ptr(), num_probes=4, center=0, bf16_dots=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n", [1, 3, 8, 24])
 @pytest.mark.parametrize("probe_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_layers_run_together_equal_their_calls_one_by_one(probe_dtype, n, threads):
@@ -517,17 +571,20 @@ def test_layers_run_together_equal_their_calls_one_by_one(probe_dtype, n, thread
 @pytest.mark.parametrize("plus", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n", [1, 3, 8])
-@pytest.mark.parametrize("probe_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("probe_dtype", [torch.float32, torch.bfloat16, "bf16 dots"], ids=str)
 def test_layers_kept_across_steps_run_as_one_call_per_window(probe_dtype, n, threads, plus):
     """With a window (emovec._C.CpuLayers(calls, window=W), what the monitor does at decode steps), the rows of
     successive steps are kept, up to W per layer, and each layer's window runs as one call on the kept rows: every
     step's scores and norms land where that step said (a strided record, a column per step), with the bits of one
-    prepared call on the window's rows stacked, within fp32 rounding of float64; nothing is written before the step
-    after which another would not fit, or a flush. The rows are copies (overwritten after each run here)."""
+    prepared call on the window's rows stacked, within fp32 rounding of float64 (of the rows rounded to bf16 with
+    bf16 dots); nothing is written before the step after which another would not fit, or a flush. The rows are
+    copies (overwritten after each run here)."""
     if not emovec.has_cpp_library:
         pytest.skip("emovec._C not built")
     from emovec import _ext
 
+    dots = probe_dtype == "bf16 dots"
+    probe_dtype = torch.bfloat16 if dots else probe_dtype
     g = torch.Generator().manual_seed(n * 5 + threads + 2 * plus)
     layers, d, k, window, steps = 4, 96, 37, 16, 11
     probes = [torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1).to(probe_dtype)
@@ -538,7 +595,7 @@ def test_layers_kept_across_steps_run_as_one_call_per_window(probe_dtype, n, thr
 
     def calls():
         return [_ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[torch.float32], w_dtype=_ext.DTYPE_CODES[probe_dtype],
-                                probes=p.data_ptr(), num_probes=k, center=0) for p in probes]
+                                probes=p.data_ptr(), num_probes=k, center=0, bf16_dots=dots) for p in probes]
 
     # which steps end a window: another step of n rows would pass it
     ends, kept = [], 0
@@ -559,8 +616,10 @@ def test_layers_kept_across_steps_run_as_one_call_per_window(probe_dtype, n, thr
             want[:, start:end + 1, i] = s.view(end + 1 - start, n, k).transpose(0, 1)
             want_norms[:, start:end + 1, i] = nrm.view(end + 1 - start, n).T
         start = end + 1
-    exact = torch.einsum("snld,lkd->nslk", rows.transpose(1, 2).double(), torch.stack(probes).double())
+    dotted = rows.to(torch.bfloat16) if dots else rows
+    exact = torch.einsum("snld,lkd->nslk", dotted.transpose(1, 2).double(), torch.stack(probes).double())
     torch.testing.assert_close(want.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(want_norms.double(), rows.double().norm(dim=-1).permute(2, 0, 1), rtol=1e-6, atol=1e-6)
 
     group = _ext._C.CpuLayers(calls(), window=window)
     assert group.window == window

@@ -324,6 +324,31 @@ def test_bf16_probes_for_fp32_rows_on_the_cpu(tiny, batch):
             torch.testing.assert_close(res.norms[:, :, li].double(), h.norm(dim=-1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch,prompt", [(1, 4), (2, 4), (2, 70)])
+def test_bf16_dots_for_fp32_rows_on_the_cpu(tiny, batch, prompt):
+    """monitor(bf16_dots=True): every step (a prefill of 70 tokens, which writes straight into the record, or of
+    4 into the scratch; decode steps kept in windows) rounds each hidden state to bf16 before its dots with the bf16
+    probes. The scores equal float64 dots of the bf16-rounded hidden states with the bf16-rounded unit vectors (torch's
+    rounding), within 2^-8 of the row's norm of the exact ones; the norms are the exact rows'."""
+    model, vectors = tiny
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    ids = torch.randint(2, 290, (batch, prompt))
+    with torch.no_grad(), emovec.monitor(model, vectors, layers=[0, 2], bf16_dots=True) as mon:
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    assert mon.bf16_probes and all(call.bf16_dots for call in mon._calls.values())
+    res = mon.result()
+    with torch.no_grad():
+        for li, layer in enumerate([0, 2]):
+            h = hidden_at(model, out[:, :-1], layer)
+            rounded = vectors.unit[layer].to(torch.bfloat16).double()
+            want = h.to(torch.bfloat16).double() @ rounded.T
+            torch.testing.assert_close(res.scores[:, :, li].double(), want, rtol=1e-5, atol=1e-5)
+            exact = h.double() @ vectors.unit[layer].double().T
+            assert ((res.scores[:, :, li].double() - exact).abs() <= 2**-8 * h.double().norm(dim=-1, keepdim=True)).all()
+            torch.testing.assert_close(res.norms[:, :, li].double(), h.double().norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
 def _pad_batch(seqs, side):
     width = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)

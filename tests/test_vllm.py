@@ -413,12 +413,17 @@ def test_graph_safe_way_gives_the_same_results(engine, hf, monkeypatch):
                                atol=1e-3, rtol=1e-4)
 
 
-def test_bf16_probes_read_what_the_transformers_monitor_reads_with_them(hf, monkeypatch):
-    """EMOVEC_VLLM_BF16_PROBES=1 (monitor-only layers read bf16 probes, fp32 model on the CPU): the readings equal
-    emovec.monitor(bf16_probes=True) on the same prompt, tokens and layers."""
-    llm = _engine_with(monkeypatch, "EMOVEC_VLLM_BF16_PROBES")
+@pytest.mark.parametrize("variable,option", [("EMOVEC_VLLM_BF16_PROBES", "bf16_probes"),
+                                             ("EMOVEC_VLLM_BF16_DOTS", "bf16_dots")])
+def test_bf16_probes_read_what_the_transformers_monitor_reads_with_them(hf, monkeypatch, variable, option):
+    """EMOVEC_VLLM_BF16_PROBES=1 (monitor-only layers read bf16 probes, fp32 model on the CPU), or
+    EMOVEC_VLLM_BF16_DOTS=1 (the rows rounded to bf16 too): the readings equal emovec.monitor(bf16_probes=True), or
+    (bf16_dots=True), on the same prompt, tokens and layers."""
+    llm = _engine_with(monkeypatch, variable)
     try:
-        assert [w["bf16_probes"] for w in llm.collective_rpc("emovec_status")] == [True]
+        status = llm.collective_rpc("emovec_status")
+        assert [w["bf16_probes"] for w in status] == [True]
+        assert [w["bf16_dots"] for w in status] == [option == "bf16_dots"]
         ids = _ids(hf, PROMPTS[1])
         names = ["afraid", "calm", "happy", "sad"]
         out = llm.generate([_prompt(ids)], _params(monitor=",".join(names), monitor_layers="3,17"),
@@ -427,7 +432,7 @@ def test_bf16_probes_read_what_the_transformers_monitor_reads_with_them(hf, monk
     finally:
         llm.llm_engine.engine_core.shutdown()
     loaded, vectors = hf
-    with torch.no_grad(), emovec.monitor(loaded.model, vectors, [3, 17], bf16_probes=True) as mon:
+    with torch.no_grad(), emovec.monitor(loaded.model, vectors, [3, 17], **{option: True}) as mon:
         tokens = loaded.model.generate(torch.tensor([ids]), max_new_tokens=TOKENS, do_sample=False,
                                        pad_token_id=loaded.tokenizer.pad_token_id)[0, len(ids):].tolist()
     assert list(out.outputs[0].token_ids) == tokens

@@ -297,13 +297,16 @@ class Monitor(_LayerRuntime):
 
     def __init__(self, model, vectors: VectorSet, layers=None, *, center: torch.Tensor | None = None,
                  tokenizer=None, layer_modules=None, backend: str | None = None, positions_from_mask: bool = True,
-                 bf16_probes: bool = False) -> None:
+                 bf16_probes: bool = False, bf16_dots: bool = False) -> None:
         super().__init__(model, vectors, layers, layer_modules, backend, positions_from_mask)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "emovec_tokenizer", None)
         self.center = center
         # fp32 rows on the CPU: the compiled kernel reads the probes in bf16 (half the bytes; a cosine moves by at
         # most 2^-9, see probe_dtype). Off by default: the recorded scores would change in their third digit.
-        self.bf16_probes = bool(bf16_probes)
+        # bf16_dots: the rows rounded to bf16 too, and dotted with AVX-512 bf16 instructions (twice the
+        # multiply-adds of fp32 ones; a cosine moves by at most ~2^-8); implies bf16_probes; the norms stay exact.
+        self.bf16_dots = bool(bf16_dots)
+        self.bf16_probes = bool(bf16_probes) or self.bf16_dots
         self._centers: dict[torch.device, torch.Tensor] = {}
         self._probes: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self._capacity = 0
@@ -462,16 +465,19 @@ class Monitor(_LayerRuntime):
     def _prepare_call(self, position: int, device: torch.device, h_dtype: torch.dtype, d: int):
         probes = self._probe(position, device, h_dtype, prepared=True)  # kept by self._probes, like the call
         center = self._center(device)
+        # bf16 dots: fp32 rows with the bf16 probes (_probe gives them whenever bf16_dots can apply)
+        bf16_dots = self.bf16_dots and h_dtype == torch.float32 and probes.dtype == torch.bfloat16
 
         def make():
             return _ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[h_dtype],
                                    w_dtype=_ext.DTYPE_CODES[probes.dtype], probes=probes.data_ptr(),
-                                   num_probes=probes.shape[0], center=center.data_ptr() if center is not None else 0)
+                                   num_probes=probes.shape[0], center=center.data_ptr() if center is not None else 0,
+                                   bf16_dots=bf16_dots)
 
         if center is None:
             # kept with the vectors, with the probes it reads (so their memory is never another tensor's while the
             # call lives): the next monitor on these vectors finds it by those probes' address and prepares none
-            key = ("cpu call", probes.data_ptr(), tuple(probes.shape), probes.dtype, h_dtype)
+            key = ("cpu call", probes.data_ptr(), tuple(probes.shape), probes.dtype, h_dtype, bf16_dots)
             call, _ = self.vectors.kept(key, lambda: (make(), probes))
         else:
             call = make()
@@ -566,7 +572,10 @@ def monitor(model, vectors: VectorSet, layers=None, **kwargs) -> Monitor:
     Options: ``center`` (subtracted before projecting), ``backend``, ``tokenizer``, and ``bf16_probes=True``: on
     the CPU with fp32 activations (no center), read the probes in bf16, half the bytes (a decode step's 30 x 171
     probes of the default model: 6 MB instead of 12). A unit probe's rounding moves a score by at most 2^-9 of the
-    row's norm; off by default, so recorded scores do not change.
+    row's norm; off by default, so recorded scores do not change. ``bf16_dots=True`` (implies ``bf16_probes``) also
+    rounds each row to bf16 before its dots, which then run in AVX-512 bf16 instructions where the CPU has them
+    (twice the multiply-adds per instruction of fp32): a score moves by at most ~2^-8 of the row's norm, the norms
+    stay exact; for many rows at once (prefill, decode windows at batch 8) it is ~1.5x faster than fp32 dots.
     """
     return Monitor(model, vectors, layers, **kwargs)
 

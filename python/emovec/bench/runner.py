@@ -8,7 +8,8 @@ batch 1 and 8 while monitoring every layer x K vectors and steering one recipe a
 texts while recording every layer x K; the intervention work alone for one decode step (every layer's op on the
 same tensors, timed over many repeats; on the CPU, ``emovec-cpu`` runs the calls ``emovec.monitor`` makes there, a
 call prepared once per layer and, at a decode step's few rows, the layers run together at the last one;
-``emovec-cpu bf16 probes`` the same with ``bf16_probes=True``, where the CPU has AVX-512 bf16); and op
+``emovec-cpu bf16 probes`` the same with ``bf16_probes=True``, where the CPU has AVX-512 bf16, and ``emovec-cpu bf16
+dots`` with ``bf16_dots=True``); and op
 micro-benchmarks. Timing: medians with p20/p80 over interleaved
 rounds (drift on a shared machine hits every provider alike).
 """
@@ -281,10 +282,11 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
 
             steps_per_call: dict[str, int] = {}  # providers timed a window of decode steps per call
 
-            def name_of(b, probe_dtype):
-                return f"emovec-{b}" + (" bf16 probes" if probe_dtype != torch.float32 else "")
+            def name_of(b, probe_dtype, bf16_dots=False):
+                return f"emovec-{b}" + (" bf16 dots" if bf16_dots else " bf16 probes" if probe_dtype != torch.float32
+                                        else "")
 
-            def fused(b, prepared=True, probe_dtype=torch.float32):
+            def fused(b, prepared=True, probe_dtype=torch.float32, bf16_dots=False):
                 if b == "cpu" and _ext.has_cpp_library and prepared:
                     # what emovec.monitor runs per layer on the CPU: a call prepared once per layer (the op with
                     # its probes fixed; only h's and the outputs' addresses cross from Python), and the op for
@@ -294,7 +296,7 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
                     kept = [u if probe_dtype == torch.float32 else u.to(probe_dtype).contiguous() for u in unit]
                     calls = [_ext._C.CpuCall(d=h[i].shape[1], h_dtype=_ext.DTYPE_CODES[dtype],
                                              w_dtype=_ext.DTYPE_CODES[probe_dtype], probes=kept[i].data_ptr(),
-                                             num_probes=k, center=0) for i in layers]
+                                             num_probes=k, center=0, bf16_dots=bf16_dots) for i in layers]
                     threads = torch.get_num_threads()
                     # and at a decode step's few rows, the layers' rows kept (up to DEFER_WINDOW_ROWS per layer, across
                     # steps) and run together, as the monitor does (emovec.runtime.DEFER_MAX_ROWS); the steering
@@ -303,7 +305,7 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
                     group = (_ext._C.CpuLayers(calls, window=DEFER_WINDOW_ROWS)
                              if batch <= DEFER_MAX_ROWS and (len(calls) > 1 or DEFER_WINDOW_ROWS > 0) else None)
                     window_steps = max(1, DEFER_WINDOW_ROWS // batch) if group is not None else 1
-                    steps_per_call[name_of(b, probe_dtype)] = window_steps
+                    steps_per_call[name_of(b, probe_dtype, bf16_dots)] = window_steps
                     steer_calls: dict = {}
                     steer_call = cpu_steering_call(steer_calls, "step", table, h[steer_layer])
                     # each layer its own outputs, as in the monitor's record (the layers run on several threads)
@@ -360,6 +362,8 @@ def run_bench(model, tokenizer, *, vectors: VectorSet | None = None, k: int = 17
                 fns["emovec-cpu (op)"] = fused("cpu", prepared=False)
                 if dtype == torch.float32 and _ext._C.cpu_bf16_dot():  # emovec.monitor(..., bf16_probes=True)
                     fns["emovec-cpu bf16 probes"] = fused("cpu", probe_dtype=torch.bfloat16)
+                    # emovec.monitor(..., bf16_dots=True): the rows rounded to bf16 too, vdpbf16ps
+                    fns["emovec-cpu bf16 dots"] = fused("cpu", probe_dtype=torch.bfloat16, bf16_dots=True)
             if backends:
                 fns[f"emovec-{backends[0]}+cap"] = fused_cap(backends[0])
             timings = interleaved(fns, device, rounds=max(3, rounds), repeats=20, warmup=3)

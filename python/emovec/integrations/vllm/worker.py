@@ -54,7 +54,10 @@ MAX_SETTINGS = int(os.environ.get("EMOVEC_VLLM_MAX_SETTINGS", "32"))
 MAX_CLAMP = int(os.environ.get("EMOVEC_VLLM_MAX_CLAMP", "8"))
 # fp32 models on the CPU: monitored layers read their probes in bf16 (half the bytes; a cosine moves by at most
 # 2^-9), as emovec.monitor(bf16_probes=True) does. Off by default: readings would change in their third digit.
-BF16_PROBES = os.environ.get("EMOVEC_VLLM_BF16_PROBES", "0") == "1"
+# EMOVEC_VLLM_BF16_DOTS=1: the rows rounded to bf16 too, dotted in AVX-512 bf16 instructions (a cosine moves by at
+# most ~2^-8; norms exact), as emovec.monitor(bf16_dots=True) does; implies EMOVEC_VLLM_BF16_PROBES=1.
+BF16_DOTS = os.environ.get("EMOVEC_VLLM_BF16_DOTS", "0") == "1"
+BF16_PROBES = os.environ.get("EMOVEC_VLLM_BF16_PROBES", "0") == "1" or BF16_DOTS
 
 _PLUGINS: list[_Plugin] = []  # one per model runner in this process (the op names its runner's by index)
 
@@ -674,7 +677,8 @@ class _Plugin:
         if BF16_PROBES and x.dtype == torch.float32:
             probes = self._probes_bf16.setdefault(layer, probes.to(torch.bfloat16))
         call = _ext._C.CpuCall(d=x.shape[1], h_dtype=_ext.DTYPE_CODES[x.dtype], w_dtype=_ext.DTYPE_CODES[probes.dtype],
-                               probes=probes.data_ptr(), num_probes=probes.shape[0], center=0)
+                               probes=probes.data_ptr(), num_probes=probes.shape[0], center=0,
+                               bf16_dots=BF16_DOTS and probes.dtype == torch.bfloat16 and x.dtype == torch.float32)
         self._calls[(layer, x.dtype)] = call
         return call
 
@@ -873,6 +877,7 @@ def status(worker) -> dict[str, Any]:
     if plugin is None:
         return {"installed": False}
     return {"installed": True, "disabled": plugin.disabled, "graph_safe": plugin.graph_safe, "bf16_probes": BF16_PROBES,
+            "bf16_dots": BF16_DOTS,
             "layers": plugin.num_layers, "settings_running": len(plugin.recipe_rows),
             "bounded_concepts": list(plugin.clamp_names), "readings_waiting": len(plugin.readings),
             "layers_run_together": [list(layers) for layers, _ in plugin._groups]}
