@@ -1,4 +1,4 @@
-"""fp32 rows against fp32 or bf16 probes in the CPU's prepared call (`emovec._C.CpuCall`, what `emovec.monitor` and
+"""fp32 rows against fp32 or bf16 probes (and bf16 dots: the rows rounded to bf16 too) in the CPU's prepared call (`emovec._C.CpuCall`, what `emovec.monitor` and
 the vLLM plugin run per layer): one layer warm, 30 layers' probes in turn (L3), and 30 layers after streaming 64 MB
 between calls (what a decode step's weights do to the caches); and the bound of each: one read of the same probe bytes
 (`emovec._C.cpu_read_seconds`, warm from L2, and the 30 layers' in turn from L3), with the call's time over it.
@@ -42,13 +42,16 @@ def main(argv: list[str] | None = None) -> dict:
     for n in args.rows:
         h = torch.randn(n, d, generator=g)
         scores, norms = torch.empty(n, k), torch.empty(n)
-        for dtype in (torch.float32, torch.bfloat16):
+        variants = [(torch.float32, False), (torch.bfloat16, False)]
+        if _ext._C.cpu_bf16_dot():
+            variants.append((torch.bfloat16, True))  # emovec.monitor(bf16_dots=True)
+        for dtype, dots in variants:
             probes = [torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1).to(dtype)
                       for _ in range(args.layers)]
             calls = [_ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[torch.float32], w_dtype=_ext.DTYPE_CODES[dtype],
-                                     probes=p.data_ptr(), num_probes=k, center=0) for p in probes]
+                                     probes=p.data_ptr(), num_probes=k, center=0, bf16_dots=dots) for p in probes]
             run = (h.data_ptr(), n, d, scores.data_ptr(), norms.data_ptr(), 1, 0, 0)
-            result = {"rows": n, "probes": str(dtype).replace("torch.", "")}
+            result = {"rows": n, "probes": str(dtype).replace("torch.", "") + (" (bf16 dots)" if dots else "")}
             for _ in range(200):
                 calls[0].run(*run)
             one = []

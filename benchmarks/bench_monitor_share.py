@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=16, help="decode steps per block")
     parser.add_argument("--bf16-probes", action="store_true", help="monitor with bf16 probes (the CPU opt-in)")
+    parser.add_argument("--bf16-dots", action="store_true",
+                        help="monitor with bf16 dots (the rows rounded to bf16 too; implies --bf16-probes)")
     parser.add_argument("--window-rows", type=int, default=None,
                         help="rows per layer the monitor keeps across decode steps (emovec.runtime.DEFER_WINDOW_ROWS; "
                              "0: project at every step)")
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for _ in range(per_block):
                     forward()
                 plain_block = (time.perf_counter() - t0) / per_block
-                monitor = emovec.monitor(model, vectors, layers, bf16_probes=args.bf16_probes)
+                monitor = emovec.monitor(model, vectors, layers, bf16_probes=args.bf16_probes, bf16_dots=args.bf16_dots)
                 with meter.installed(), emovec.steer(model, vectors, recipe, [steer_layer]), monitor:
                     meter.spent = meter.steering = 0.0
                     t0 = time.perf_counter()
@@ -176,9 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         measure(f"decode step b{batch}", step, args.steps, batch)
     result = {"model": name, "K": args.k, "layers": num_layers, "steer_layer": steer_layer, "recipe": recipe,
-              "bf16_probes": args.bf16_probes, "window_rows": runtime.DEFER_WINDOW_ROWS, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "bf16_probes": args.bf16_probes or args.bf16_dots, "bf16_dots": args.bf16_dots, "window_rows": runtime.DEFER_WINDOW_ROWS, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "rows": rows, "command": command_line()}
-    suffix = "_bf16_probes" if args.bf16_probes else ""
+    suffix = "_bf16_dots" if args.bf16_dots else "_bf16_probes" if args.bf16_probes else ""
     write_json(args.out or Path(__file__).parent / "results" / f"monitor_share_cpu{suffix}.json", result)
     return result
 
