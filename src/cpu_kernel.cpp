@@ -44,7 +44,13 @@ constexpr int kPanelWidth = 16;
 // the kernel (and every score's bits) does not depend on the number of threads
 constexpr int64_t kPackMinRows = 256;
 constexpr int64_t kPanelSplitMaxRows = 8;  // up to this many rows, the panel kernels split panels among threads
-constexpr int64_t kSplitMinWork = 32768;  // rows x probes x d of one tile worth splitting among threads
+// One tile's probes are split among the threads from this many rows x probes x d, or when its probes alone pass
+// kSplitMinProbeBytes (a read that one core's L2 does not hold: two cores read it at twice the rate). Below both, the
+// threads' fork and join cost more than they save: d = 576, K = 171, fp32, on two Zen 5 cores, a prepared call took
+// 3.9 / 5.1 us at one row on one / two threads, 7.7 / 8.8 at 8 rows, 12.0 / 9.6 at 12 (0.8 M); at d = 2048 (1.4 MB
+// of probes) 14.9 / 8.9 us at one row.
+constexpr int64_t kSplitMinWork = 1 << 20;
+constexpr int64_t kSplitMinProbeBytes = 1 << 20;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -250,16 +256,13 @@ inline void project_tile_packed(const float* x, int64_t dp, int64_t d, int rows,
 // panel), so a score is summed exactly as the portable kernel above sums it. Each panel row is loaded once for NR
 // rows and each row value broadcast once for NP panels; the last panel of the block is stored masked to its width
 // straight into the scores (row stride `stride`).
-// With `prefetch`, the first `prefetch_lines` 64-byte lines from it are fetched into L2 on the way, one per column.
 template <int NR, int NP>
 inline void packed_block(const float* x, int64_t x_stride, int64_t d, const float* panel, int64_t panel_step,
-                         float* out, int64_t stride, int64_t last_width, const char* prefetch = nullptr,
-                         int64_t prefetch_lines = 0) {
+                         float* out, int64_t stride, int64_t last_width) {
   __m512 acc[NR][NP];
   for (int r = 0; r < NR; ++r)
     for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
   for (int64_t j = 0; j < d; ++j) {
-    if (j < prefetch_lines) _mm_prefetch(prefetch + j * 64, _MM_HINT_T1);
     __m512 pv[NP];
     for (int p = 0; p < NP; ++p) pv[p] = _mm512_loadu_ps(panel + p * panel_step + j * kPanelWidth);
     for (int r = 0; r < NR; ++r) {
@@ -304,31 +307,9 @@ inline void packed_panels(const float* x, int64_t x_stride, int64_t d, const flo
 // scores of `rows` rows (exactly: no padding rows computed) against packed fp32 panels [t0, t1), into out (row stride
 // `stride`): 8 rows x 2 panels (16 accumulators, 2 loads and 8 broadcasts per 16 FMAs), fewer rows x 4 panels. A
 // score is summed the same way whatever the rows and panels around it.
-// From 16 rows the blocks of 8 go panel pair by panel pair, each pair meeting every block while it is in L1/L2, and
-// the next pair fetched into L2 meanwhile (spread over the blocks, a line per column): the probes of a decode window
-// come from L3 or DRAM, which a sweep of all the panels per block of rows waited for (a 64-row window of 30 layers on
-// two cores ran at 78% of the FMA peak with each layer's own probes, 89% with one layer's, warm).
 void project_rows_packed(const float* x, int64_t dp, int64_t d, int rows, const float* packed, int64_t K, int64_t t0,
                          int64_t t1, float* out, int64_t stride) {
   int r0 = 0;
-  if (rows >= 16) {
-    const int64_t step = d * kPanelWidth;
-    const int full = rows / 8 * 8, blocks = full / 8;
-    for_panel_blocks<2>(t0, t1, [&](auto width, int64_t t) {
-      constexpr int W = decltype(width)::value;
-      const int64_t last_width = std::min<int64_t>(kPanelWidth, K - (t + W - 1) * kPanelWidth);
-      const int64_t next_panels = std::min<int64_t>(2, t1 - (t + W));
-      const char* next = reinterpret_cast<const char*>(packed + (t + W) * step);
-      const int64_t lines = next_panels > 0 ? next_panels * step * 4 / 64 : 0;
-      const int64_t per_block = (lines + blocks - 1) / blocks;
-      for (int b = 0; b < blocks; ++b) {
-        const int64_t first = std::min<int64_t>(lines, b * per_block);
-        packed_block<8, W>(x + b * 8 * dp, dp, d, packed + t * step, step, out + b * 8 * stride + t * kPanelWidth,
-                           stride, last_width, next + first * 64, std::min<int64_t>(per_block, lines - first));
-      }
-    });
-    r0 = full;
-  }
   for (; r0 + 8 <= rows; r0 += 8)
     packed_panels<8, 2>(x + r0 * dp, dp, d, packed, K, t0, t1, out + r0 * stride, stride);
   const float* xr = x + r0 * dp;
@@ -776,7 +757,9 @@ void run(const SteerProjectArgs& a, int num_threads) {
       // whole probe blocks per thread, so each score is summed by the same block shape on any thread count
       const int64_t unit = panels_path || packed_path ? kPanelWidth : rows == 1 ? kDotProbesOneRow : kDotProbes;
       const int64_t groups = (K + unit - 1) / unit;
-      const bool split = num_threads > 1 && groups > 1 && n * K * d >= kSplitMinWork;
+      const int64_t probe_bytes = K * d * (std::is_same<W, float>::value && a.probe_panels == nullptr ? 4 : 2);
+      const bool split = num_threads > 1 && groups > 1 &&
+                         (n * K * d >= kSplitMinWork || probe_bytes >= kSplitMinProbeBytes);
       const int threads = split ? static_cast<int>(std::min<int64_t>(num_threads, groups)) : 1;
       if (!split) {  // no parallel region at all: even an inactive one costs a team's set-up
         tile_dots(0, x.data(), rows, 0, K, a.scores);
