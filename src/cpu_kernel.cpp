@@ -46,10 +46,12 @@ constexpr int64_t kPackMinRows = 256;
 constexpr int64_t kPanelSplitMaxRows = 8;  // up to this many rows, the panel kernels split panels among threads
 // One tile's probes are split among the threads from this many rows x probes x d, or when its probes alone pass
 // kSplitMinProbeBytes (a read that one core's L2 does not hold: two cores read it at twice the rate). Below both, the
-// threads' fork and join cost more than they save: d = 576, K = 171, fp32, on two Zen 5 cores, a prepared call took
-// 3.9 / 5.1 us at one row on one / two threads, 7.7 / 8.8 at 8 rows, 12.0 / 9.6 at 12 (0.8 M); at d = 2048 (1.4 MB
-// of probes) 14.9 / 8.9 us at one row.
-constexpr int64_t kSplitMinWork = 1 << 20;
+// threads' fork and join cost more than they save while the probes are in L2: d = 576, K = 171, fp32, on two Zen 5
+// cores, a prepared call took 3.9 / 5.1 us at one row on one / two threads, 7.7 / 8.8 at 8 rows, 12.0 / 9.6 at 12;
+// at d = 2048 (1.4 MB of probes) 14.9 / 8.9 us at one row. Probes that come from L3 (30 layers' in turn, as in a
+// decode step) gain from two cores from a few rows on: the bench's per-layer op at batch 8 took 0.40 ms a step
+// unsplit, 0.31 split. So: from 3 rows at d = 576.
+constexpr int64_t kSplitMinWork = 1 << 18;
 constexpr int64_t kSplitMinProbeBytes = 1 << 20;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

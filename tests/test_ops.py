@@ -343,8 +343,8 @@ def test_default_backend_on_cpu_is_the_compiled_kernel():
 @pytest.mark.parametrize("n,d,k", [(1, 576, 171), (1, 2048, 171), (5, 1536, 171), (7, 576, 171), (24, 576, 171),
                                    (40, 576, 171), (25, 15, 5), (50, 100, 37), (200, 64, 40), (300, 64, 40)])
 def test_cpu_kernel_gives_the_same_bits_on_any_number_of_threads(n, d, k):
-    """A single row tile's probes are split among threads (each thread writes its own columns; from 1 M rows x
-    probes x d, or 1 MiB of probes: 1 and 5 rows at d = 2048 and 1536, 24 rows at 576) and row tiles are split
+    """A single row tile's probes are split among threads (each thread writes its own columns; from 256 K rows x
+    probes x d, or 1 MiB of probes: 1 row at d = 2048, 7 and 24 rows at 576) and row tiles are split
     among threads: every score is the same sum in the same order, so 1, 2 and 3 threads agree bit for bit. With 25
     rows one thread's last tile is a single row, whose dot blocks reduce probes one at a time where the others reduce
     four at once (K = 5 and 37 leave single probes): the reductions sum in the same order. From 256 rows the probes
