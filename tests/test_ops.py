@@ -427,14 +427,21 @@ def test_prepared_cpu_call_gives_the_same_bits_on_any_number_of_threads(n, dtype
     assert error <= 1e-5 * max(1.0, want.abs().max().item()), error  # fp32 sums of d exact products
 
 
+@pytest.mark.parametrize("dots", [False, True], ids=["bf16 probes", "bf16 dots"])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("n,d", [(1, 576), (5, 576), (24, 64), (40, 576), (300, 576), (3, 580), (40, 100)])
-def test_prepared_call_with_bf16_probes_for_fp32_rows(n, d, threads):
+@pytest.mark.parametrize("n,d", [(1, 576), (5, 576), (24, 64), (40, 576), (300, 576), (3, 580), (40, 100), (7, 63),
+                                 (40, 63)])
+def test_prepared_call_with_bf16_probes_for_fp32_rows(n, d, threads, dots):
     """fp32 rows against bf16 probes (a prepared monitoring call keeping its probes in bf16): the scores equal the
     float64 dots of the rows with the bf16-rounded probes up to fp32 summation, on every kernel path (one row, one
-    tile split among threads, several tiles, 300 rows (where unprepared fp32 probes would be packed per call), and d
-    not a multiple of 16, where the probes are widened into a padded copy), written through strided outputs; norms
-    are exact as before."""
+    tile split among threads, several tiles, rows read where they are (even d, many rows), 300 rows (where
+    unprepared fp32 probes would be packed per call), and d not a multiple of 16 or odd, where the probes are
+    widened into a padded copy or the rows go through tiles), written through strided outputs; norms are the exact
+    rows'; 1, 2 and 3 threads give the same bits.
+    With bf16 dots (CpuCall(..., bf16_dots=True), what monitor(bf16_dots=True) prepares) each row is first rounded
+    to the nearest bf16 (torch's rounding is the reference): the scores are those of the rounded rows, and the rows
+    really are rounded (the unrounded rows' dots are farther off than fp32 summation, and within the rounding's
+    bound of 2^-9 of the row's norm for a unit probe)."""
     if not emovec.has_cpp_library:
         pytest.skip("emovec._C not built")
     from emovec import _ext
@@ -445,57 +452,23 @@ def test_prepared_call_with_bf16_probes_for_fp32_rows(n, d, threads):
     record = torch.full((n, 2, 180), math.nan)
     norm_record = torch.full((n, 2), math.nan)
     call = _ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[torch.float32], w_dtype=_ext.DTYPE_CODES[torch.bfloat16],
-                           probes=probes.data_ptr(), num_probes=171, center=0)
+                           probes=probes.data_ptr(), num_probes=171, center=0, bf16_dots=dots)
+    assert call.bf16_dots == dots
     call.run(h.data_ptr(), n, h.stride(0), record[:, 1].data_ptr(), norm_record[:, 0].data_ptr(), threads, 360, 2)
-    want = h.double() @ probes.double().T
-    error = (record[:, 1, :171].double() - want).abs().max().item()
-    assert error <= 1e-5 * max(1.0, want.abs().max().item()), error  # fp32 sums of d products
-    torch.testing.assert_close(norm_record[:, 0].double(), h.double().norm(dim=1), rtol=1e-6, atol=0)
-    assert record[:, 0].isnan().all() and record[:, 1, 171:].isnan().all() and norm_record[:, 1].isnan().all()
-    again = torch.full((n, 171), math.nan)  # 3 threads (rows or panels split otherwise): the same bits
-    call.run(h.data_ptr(), n, h.stride(0), again.data_ptr(), 0, 3, 0, 0)
-    assert torch.equal(again, record[:, 1, :171])
-    # against fp32 probes, the bf16 rounding moves each unit-norm probe's score by at most 2^-8 of |h| (cosine)
-    exact = h.double() @ probes.float().double().T  # the same probes: identical values
-    assert torch.equal(exact, want)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("n,d", [(1, 576), (5, 576), (24, 64), (40, 576), (300, 576), (3, 580), (40, 100), (7, 63),
-                                 (40, 63)])
-def test_prepared_call_with_bf16_dots_rounds_the_rows(n, d, threads):
-    """bf16 dots (CpuCall(..., bf16_dots=True), what monitor(bf16_dots=True) prepares): each fp32 row is rounded to
-    the nearest bf16 (torch's rounding is the reference) before its dots with the bf16 probes. The scores equal the
-    float64 dots of the rounded rows with the probes up to fp32 summation, on every path (one row, one tile split
-    among threads, rows read where they are (even d, many rows), tiles (odd d)), written through strided outputs;
-    the norms are the exact rows'; 1, 2 and 3 threads give the same bits; and the rows really are rounded: the
-    unrounded rows' dots are farther off than fp32 summation."""
-    if not emovec.has_cpp_library:
-        pytest.skip("emovec._C not built")
-    from emovec import _ext
-
-    g = torch.Generator().manual_seed(n * 37 + d)
-    h = torch.randn(n, d + 3, generator=g)[:, :d]  # strided rows
-    probes = torch.nn.functional.normalize(torch.randn(171, d, generator=g), dim=1).to(torch.bfloat16)
-    record = torch.full((n, 2, 180), math.nan)
-    norm_record = torch.full((n, 2), math.nan)
-    call = _ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[torch.float32], w_dtype=_ext.DTYPE_CODES[torch.bfloat16],
-                           probes=probes.data_ptr(), num_probes=171, center=0, bf16_dots=True)
-    assert call.bf16_dots
-    call.run(h.data_ptr(), n, h.stride(0), record[:, 1].data_ptr(), norm_record[:, 0].data_ptr(), threads, 360, 2)
-    want = h.to(torch.bfloat16).double() @ probes.double().T
+    rows = h.to(torch.bfloat16).double() if dots else h.double()
+    want = rows @ probes.double().T
     got = record[:, 1, :171].double()
     error = (got - want).abs().max().item()
     assert error <= 1e-5 * max(1.0, want.abs().max().item()), error  # fp32 sums of d exact products
     torch.testing.assert_close(norm_record[:, 0].double(), h.double().norm(dim=1), rtol=1e-6, atol=0)
     assert record[:, 0].isnan().all() and record[:, 1, 171:].isnan().all() and norm_record[:, 1].isnan().all()
-    again = torch.full((n, 171), math.nan)
+    again = torch.full((n, 171), math.nan)  # 3 threads (rows or panels split otherwise): the same bits
     call.run(h.data_ptr(), n, h.stride(0), again.data_ptr(), 0, 3, 0, 0)
     assert torch.equal(again, record[:, 1, :171])
-    unrounded = h.double() @ probes.double().T
-    assert (got - unrounded).abs().max().item() > 100 * max(error, 1e-7)
-    # the rounding bound of a unit probe's score: 2^-9 of the row's norm
-    assert ((got - unrounded).abs() <= 2**-9 * h.double().norm(dim=1, keepdim=True) + 1e-5).all()
+    if dots:
+        unrounded = h.double() @ probes.double().T
+        assert (got - unrounded).abs().max().item() > 100 * max(error, 1e-7)
+        assert ((got - unrounded).abs() <= 2**-9 * h.double().norm(dim=1, keepdim=True) + 1e-5).all()
 
 
 def test_bf16_dots_need_fp32_rows_and_bf16_probes():
