@@ -628,8 +628,8 @@ void run(const SteerProjectArgs& a, int num_threads) {
 #else
   constexpr bool panels_path = false;
 #endif
-  // bf16 dots: fp32 rows rounded to bf16 (after centering; the norms are the exact rows'), then vdpbf16ps against the
-  // bf16 panels (or, without them, the rounded values against the widened probes: the same products)
+  // bf16 dots: fp32 rows rounded to bf16 (the norms are the exact rows'), then vdpbf16ps against the bf16 panels (or,
+  // without them, the rounded values against the probes widened to fp32: the same products). No center (check_args)
   const bool round_rows = std::is_same<H, float>::value && a.round_rows_bf16;
   // 16-bit probes (fp32 rows with bf16 probes, or fp16 / bf16 rows with probes in their dtype) are read as they are
   // by the dot blocks, widened on load: no fp32 copy of all the probes per call
@@ -781,9 +781,11 @@ void run(const SteerProjectArgs& a, int num_threads) {
     const int64_t num_tiles = (n + tile - 1) / tile;
     // the packed fp32 panels on fp32 rows that no edit, center, slot or correction touches: no copy of the rows
     // (inside a forward pass they come from L3; the copy cost ~5% of a prefill layer's call)
-    // (or the bf16 panels widened, with an even d: their pairs read no column past the row)
+    // (or the bf16 panels widened, with an even d: their pairs read no column past the row; bf16 dots round the rows
+    // there. Without the panels (no AVX-512 bf16) rows to round go through the tiles, whose prepare rounds them)
     const bool rows_as_stored = std::is_same<H, float>::value &&
-                                ((packed_path && !bf16_path && !pad_rows) || (panels_path && d % 2 == 0)) && !edits &&
+                                ((packed_path && !bf16_path && !pad_rows && !round_rows) ||
+                                 (panels_path && d % 2 == 0)) && !edits &&
                                 center.data == nullptr && a.slots == nullptr && a.corrections == nullptr &&
                                 a.scores != nullptr;
     // rows [r0, r1) of those, in chunks of a tile: each chunk's norms, then its dots while its rows are in L1/L2

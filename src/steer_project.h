@@ -85,7 +85,8 @@ struct SteerProjectArgs {
   // CPU only, fp32 probes: the probes packed by pack_probes_into() (the caller keeps them while the probes are
   // unchanged), or null: from kCpuPackedMinRows rows on they take the outer-product kernel, with no packing per call.
   const float* probe_panels_fp32 = nullptr;
-  // CPU only, fp32 h with bf16 probes (bf16 dots): each row (after centering) is rounded to bf16 before its dots,
+  // CPU only, fp32 h with bf16 probes and no other weights, no center (bf16 dots): each row is rounded to bf16 before
+  // its dots,
   // which run in vdpbf16ps (twice the multiply-adds of fp32 FMAs, fp32 accumulation); the norms are the exact rows'.
   // Without AVX-512 bf16 the same rounded rows meet the widened probes in fp32 FMAs (the same products).
   bool round_rows_bf16 = false;

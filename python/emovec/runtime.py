@@ -572,8 +572,9 @@ def monitor(model, vectors: VectorSet, layers=None, **kwargs) -> Monitor:
     Options: ``center`` (subtracted before projecting), ``backend``, ``tokenizer``, and ``bf16_probes=True``: on
     the CPU with fp32 activations (no center), read the probes in bf16, half the bytes (a decode step's 30 x 171
     probes of the default model: 6 MB instead of 12). A unit probe's rounding moves a score by at most 2^-9 of the
-    row's norm; off by default, so recorded scores do not change. ``bf16_dots=True`` (implies ``bf16_probes``) also
-    rounds each row to bf16 before its dots, which then run in AVX-512 bf16 instructions where the CPU has them
+    row's norm; off by default, so recorded scores do not change. ``bf16_dots=True`` (implies ``bf16_probes``; like
+    it, CPU and fp32 activations only, and ignored with a ``center``) also rounds each row to bf16 before its dots,
+    which then run in AVX-512 bf16 instructions where the CPU has them
     (twice the multiply-adds per instruction of fp32): a score moves by at most ~2^-8 of the row's norm, the norms
     stay exact; for many rows at once (prefill, decode windows at batch 8) it is ~1.5x faster than fp32 dots.
     """
