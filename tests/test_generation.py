@@ -41,6 +41,30 @@ def test_eager_static_loop_matches_the_runtime(tiny, positions):
     assert "forward" not in model.model.layers[1].__dict__  # restored
 
 
+def test_cpu_decode_rows_are_kept_across_steps_and_reach_the_record(tiny):
+    """On the CPU the static loop keeps each decode step's monitored rows (a window of 64 rows per layer: 32 steps of
+    2 rows, so 40 steps cross one window and end inside another) and projects them into the record at the window's
+    end or the call's; the record equals the eager runtime's, eager and compiled, and nothing stays kept after a
+    call."""
+    from emovec import generation
+
+    if not emovec.has_cpp_library:
+        pytest.skip("emovec._C not built")
+    model, vectors = tiny
+    ids, mask = _batch(3)
+    recipe = [{"calm": 0.5}, {"sad": 0.3}]
+    want, mon = _reference(model, vectors, ids, mask, recipe, "all", new=40)
+    for compile in (False, True):
+        got = emovec.generate(model, ids, mask, max_new_tokens=40, vectors=vectors, monitor_layers="all",
+                              recipe=recipe, steer_layers=[1], compile=compile)
+        run = generation._RUNS[model]
+        assert run.group is not None and run.group.window == 64 and run.group.kept_rows == 0
+        assert got.sequences.tolist() == want.tolist()
+        torch.testing.assert_close(got.monitor.scores, mon.scores, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.monitor.norms, mon.norms, rtol=1e-5, atol=1e-5)
+        assert (got.monitor.scores[:, -1].abs() > 0).any()  # the last step's rows were flushed in
+
+
 def test_compiled_without_graph_breaks_and_without_recompiling(tiny):
     """fullgraph=True: a graph break would raise. One graph for the prefill, one for the decode step; a second call
     with other prompts and other strengths reuses them (the counter does not move) and still matches eager."""

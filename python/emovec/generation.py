@@ -12,9 +12,13 @@ device tensors allocated once:
   between steps (``fill_``, outside the graph; the CUDA-graph way of feeding a captured step).
 
 Inside the decoder layers a wrapper calls the fused op (the ``torch.ops.emovec.steer_project`` custom op when
-compiling) and ``index_copy_`` into the buffers: no Python value depends on the step, so the prefill and the decode
-step compile once each (``fullgraph=True``: no graph breaks) and later calls and later generations with the same
-shapes reuse them. With ``compile=False`` the same loop runs eagerly and gives the same tokens and scores.
+compiling) into per-step scratch buffers, copied into the record after each step: no Python value depends on the
+step, so the prefill and the decode step compile once each (``fullgraph=True``: no graph breaks) and later calls and
+later generations with the same shapes reuse them. On the CPU (compiled kernel) a decode step's monitored rows go
+instead to an opaque op, ``torch.ops.emovec.keep_decode_rows``, which keeps them (``emovec._C.CpuLayers``, as
+``emovec.monitor`` does) and projects a window of up to 64 rows per layer at a time straight into the record; the
+step's column is a Python value it reads when it runs, which the compiled graph never sees. With ``compile=False``
+the same loop runs eagerly and gives the same tokens and scores.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from typing import Any
 
 import torch
 
+from emovec import _ext
 from emovec.layers import find_decoder_layers, layer_output_hidden, replace_layer_output, resolve_layer_indices
 from emovec.ops import steer_project_trusted
-from emovec.runtime import MonitorResult, Recipe, steering_vector
+from emovec.runtime import DEFER_WINDOW_ROWS, MonitorResult, Recipe, steering_vector
 from emovec.vectors import VectorSet
 
 
@@ -58,7 +63,13 @@ class _StaticLayer:
             steer_project_trusted(flat, slots=run.decode_slots if decode else run.prefill_slots, table=table,
                                   backend=run.backend)
         probes = run.probes.get(self.index)
-        if probes is not None:
+        if probes is not None and decode and run.group is not None:
+            # on the CPU a decode step's rows are kept (emovec._C.CpuLayers, as emovec.monitor does) and projected a
+            # window of steps at a time, straight into the record: the probes are read once per window instead of
+            # once per step (inside a forward pass they come from DRAM). An opaque op: its Python reads the step's
+            # column, which the compiled graph never sees.
+            torch.ops.emovec.keep_decode_rows(run.token, flat, run.ident, run.positions[self.index])
+        elif probes is not None:
             # this layer's rows of the step's scratch: the record is filled from it after the step, in one copy
             # outside the graph (an index_copy_ into the record per layer, inside the compiled graph, cost ~9 ms per
             # decode step on the CPU, nearly a fifth of a step)
@@ -82,6 +93,16 @@ class _StaticRun:
         self.decode = False
         self.backend = None
         self.wrappers: dict[int, _StaticLayer] = {}
+        self.group = None  # CPU: the monitored layers' prepared calls, keeping decode rows across steps
+        self.token = torch.zeros(1)  # what keep_decode_rows marks as written, so a compiled graph keeps and orders it
+        self.column = 0  # the record's column of the current decode step (read by keep_decode_rows, outside graphs)
+        self.ident = next(_IDENTS)
+        _BY_IDENT[self.ident] = self
+
+    def flush(self) -> None:
+        """Project the decode rows still kept into the record."""
+        if self.group is not None:
+            self.group.flush()
 
     def allocate(self, model, key, *, batch: int, prompt: int, total: int, steer_at: Sequence[int],
                  monitor_at: Sequence[int], k: int, recipes: int, backend: str | None) -> None:
@@ -106,6 +127,14 @@ class _StaticRun:
         self.prefill_norms = torch.empty(len(monitor_at), batch * prompt, **f32)
         self.decode_scores = torch.empty(len(monitor_at), batch, k, **f32)
         self.decode_norms = torch.empty(len(monitor_at), batch, **f32)
+        self.group = None
+        if (device.type == "cpu" and monitor_at and _ext.has_cpp_library and backend in (None, "cpu")
+                and dtype in _ext.DTYPE_CODES):
+            calls = [_ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[dtype], w_dtype=_ext.DTYPE_CODES[torch.float32],
+                                     probes=self.probes[layer].data_ptr(), num_probes=k, center=0)
+                     for layer in monitor_at]
+            self.group = _ext._C.CpuLayers(calls, window=DEFER_WINDOW_ROWS)
+            self.batch, self.total, self.k = batch, total, k
         self.cache = None  # the previous shape's cache goes before the new one is made
         self.cache = StaticCache(config=model.config, max_cache_len=total)
         config = model.config
@@ -138,6 +167,34 @@ class _StaticRun:
 
 
 _RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _StaticRun
+_BY_IDENT: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # the ident keep_decode_rows gets -> _StaticRun
+_IDENTS = iter(range(1, 1 << 62))
+
+_LIBRARY = torch.library.Library("emovec", "FRAGMENT")
+_LIBRARY.define("keep_decode_rows(Tensor(a!) token, Tensor h, int run, int position) -> ()")
+
+
+def _keep_decode_rows(token: torch.Tensor, h: torch.Tensor, run: int, position: int) -> None:
+    """A decode step's rows of one monitored layer, kept by the run's CpuLayers for its record at the step's column
+    (row b of layer position l at scores[l, b, column]); projected when the window is full or at the run's end."""
+    static = _BY_IDENT[run]
+    rows = h.shape[0]
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    column, total, k = static.column, static.total, static.k
+    scores = static.scores.data_ptr() + ((position * static.batch) * total + column) * k * 4
+    norms = static.norms.data_ptr() + (position * static.batch * total + column) * 4
+    static.group.run(position, h.data_ptr(), rows, h.stride(0), scores, norms, torch.get_num_threads(), total * k,
+                     total)
+
+
+_LIBRARY.impl("keep_decode_rows", _keep_decode_rows, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("emovec::keep_decode_rows", lib=_LIBRARY)
+def _(token, h, run, position) -> None:
+    return None
+
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {options: compiled forward}
 
 
@@ -228,6 +285,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             for layer in monitor_at:
                 run.probes[layer].copy_(unit[vectors.slice_of(layer)])
             run.probe_source = unit
+    run.flush()  # (nothing is kept between calls: each call flushes at its end; a failed one's rows land here)
     run.scores.zero_()
     run.norms.zero_()
     run.cache.reset()
@@ -246,6 +304,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             else:
                 column = prompt + step - 1
                 run.decode = True
+                run.column = column
                 step_ids, step_positions = sequences[:, column:column + 1], position_ids[:, column:column + 1]
             if compile and device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are read: replay over them
@@ -255,11 +314,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 if step == 0:
                     run.scores[:, :, :prompt].copy_(run.prefill_scores.view(len(monitor_at), batch, prompt, k))
                     run.norms[:, :, :prompt].copy_(run.prefill_norms.view(len(monitor_at), batch, prompt))
-                else:
+                elif run.group is None:
                     run.scores[:, :, column].copy_(run.decode_scores)
                     run.norms[:, :, column].copy_(run.decode_norms)
             sequences[:, prompt + step] = out.logits[:, -1].argmax(-1)
     finally:
+        run.flush()  # the decode rows still kept, into the record
         for layer in installed:
             layer.__dict__.pop("forward", None)
     clock.lap("decode_s" if max_new_tokens > 1 else "prefill_s")
