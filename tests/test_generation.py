@@ -65,6 +65,26 @@ def test_cpu_decode_rows_are_kept_across_steps_and_reach_the_record(tiny):
         assert (got.monitor.scores[:, -1].abs() > 0).any()  # the last step's rows were flushed in
 
 
+def test_other_vectors_of_the_same_shape_are_read_at_decode_steps(tiny):
+    """A second call with other vectors of the same names and layers reuses the run's buffers (the probes copied in
+    place): its decode steps read the new vectors, not the first call's packed ones (found by a review), eager and
+    compiled, against the eager runtime."""
+    import copy
+
+    model, vectors = tiny
+    other = copy.deepcopy(vectors)
+    g = torch.Generator().manual_seed(11)
+    other.vectors = torch.randn(other.vectors.shape, generator=g)
+    ids, mask = _batch(4)
+    for compile in (False, True):
+        for v in (vectors, other, vectors):
+            got = emovec.generate(model, ids, mask, max_new_tokens=6, vectors=v, monitor_layers=[0, 2],
+                                  compile=compile)
+            with torch.no_grad(), emovec.monitor(model, v, [0, 2]) as mon:
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            torch.testing.assert_close(got.monitor.scores, mon.result(decode=False).scores, rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_without_graph_breaks_and_without_recompiling(tiny):
     """fullgraph=True: a graph break would raise. One graph for the prefill, one for the decode step; a second call
     with other prompts and other strengths reuses them (the counter does not move) and still matches eager."""

@@ -104,6 +104,17 @@ class _StaticRun:
         if self.group is not None:
             self.group.flush()
 
+    def regroup(self) -> None:
+        """A new CpuLayers on the current probes, when the CPU path applies: a CpuCall packs its fp32 probes once (at
+        its first run of 2 rows or more), so probes copied in afresh need new calls."""
+        self.flush()
+        self.group = None
+        if self.grouped:
+            calls = [_ext._C.CpuCall(d=self.d, h_dtype=_ext.DTYPE_CODES[self.h_dtype],
+                                     w_dtype=_ext.DTYPE_CODES[torch.float32], probes=self.probes[layer].data_ptr(),
+                                     num_probes=self.k, center=0) for layer in self.monitor_at]
+            self.group = _ext._C.CpuLayers(calls, window=DEFER_WINDOW_ROWS)
+
     def allocate(self, model, key, *, batch: int, prompt: int, total: int, steer_at: Sequence[int],
                  monitor_at: Sequence[int], k: int, recipes: int, backend: str | None) -> None:
         from transformers import StaticCache
@@ -128,13 +139,11 @@ class _StaticRun:
         self.decode_scores = torch.empty(len(monitor_at), batch, k, **f32)
         self.decode_norms = torch.empty(len(monitor_at), batch, **f32)
         self.group = None
-        if (device.type == "cpu" and monitor_at and _ext.has_cpp_library and backend in (None, "cpu")
-                and dtype in _ext.DTYPE_CODES):
-            calls = [_ext._C.CpuCall(d=d, h_dtype=_ext.DTYPE_CODES[dtype], w_dtype=_ext.DTYPE_CODES[torch.float32],
-                                     probes=self.probes[layer].data_ptr(), num_probes=k, center=0)
-                     for layer in monitor_at]
-            self.group = _ext._C.CpuLayers(calls, window=DEFER_WINDOW_ROWS)
-            self.batch, self.total, self.k = batch, total, k
+        self.monitor_at, self.h_dtype, self.d = list(monitor_at), dtype, d
+        self.batch, self.total, self.k = batch, total, k
+        self.grouped = (device.type == "cpu" and bool(monitor_at) and _ext.has_cpp_library and backend in (None, "cpu")
+                        and dtype in _ext.DTYPE_CODES)
+        self.regroup()
         self.cache = None  # the previous shape's cache goes before the new one is made
         self.cache = StaticCache(config=model.config, max_cache_len=total)
         config = model.config
@@ -285,6 +294,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             for layer in monitor_at:
                 run.probes[layer].copy_(unit[vectors.slice_of(layer)])
             run.probe_source = unit
+            run.regroup()  # the old calls' packed probes are the old vectors'
     run.flush()  # (nothing is kept between calls: each call flushes at its end; a failed one's rows land here)
     run.scores.zero_()
     run.norms.zero_()
