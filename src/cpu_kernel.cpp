@@ -267,27 +267,22 @@ inline void packed_block(const float* x, int64_t x_stride, int64_t d, const floa
   __m512 acc[NR][NP];
   for (int r = 0; r < NR; ++r)
     for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
-  if constexpr (PF) {  // the prefetching columns, then the rest as below
-    const int64_t first = std::min(d, prefetch_lines);
-    for (int64_t j = 0; j < first; ++j) {
-      _mm_prefetch(prefetch + j * 64, _MM_HINT_T1);
-      __m512 pv[NP];
-      for (int p = 0; p < NP; ++p) pv[p] = _mm512_loadu_ps(panel + p * panel_step + j * kPanelWidth);
-      for (int r = 0; r < NR; ++r) {
-        const __m512 xv = _mm512_set1_ps(x[r * x_stride + j]);
-        for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_fmadd_ps(xv, pv[p], acc[r][p]);
-      }
-    }
-    x += first, panel += first * kPanelWidth, d -= first;
-  }
-  for (int64_t j = 0; j < d; ++j) {
+  auto column = [&](int64_t j) {
     __m512 pv[NP];
     for (int p = 0; p < NP; ++p) pv[p] = _mm512_loadu_ps(panel + p * panel_step + j * kPanelWidth);
     for (int r = 0; r < NR; ++r) {
       const __m512 xv = _mm512_set1_ps(x[r * x_stride + j]);
       for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_fmadd_ps(xv, pv[p], acc[r][p]);
     }
+  };
+  int64_t j = 0;
+  if constexpr (PF) {  // the prefetching columns first
+    for (const int64_t first = std::min(d, prefetch_lines); j < first; ++j) {
+      _mm_prefetch(prefetch + j * 64, _MM_HINT_T1);
+      column(j);
+    }
   }
+  for (; j < d; ++j) column(j);
   const __mmask16 last = static_cast<__mmask16>((1u << last_width) - 1u);
   for (int r = 0; r < NR; ++r)
     for (int p = 0; p < NP; ++p)
@@ -417,11 +412,8 @@ void clamp_row(float* x, float* y, int64_t d, const float* clamp, const float* u
   }
 }
 
-// fp32 values rounded to the nearest bf16 (ties to even, NaN kept), as from_float<bfloat16_t>, vectorised: the rows
-// of bf16 dots (SteerProjectArgs::round_rows_bf16)
-inline uint32_t bf16_rounded_bits(uint32_t u) {
-  return (u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-}
+// fp32 values rounded to the nearest bf16 (from_float<bfloat16_t>'s rounding), vectorised: the rows of bf16 dots
+// (SteerProjectArgs::round_rows_bf16)
 inline void round_to_bf16(const float* x, int64_t d, bfloat16_t* out) {
   uint16_t* bits = reinterpret_cast<uint16_t*>(out);
 #pragma omp simd

@@ -26,11 +26,12 @@ inline float to_float(half_t x) {
 
 template <typename T> T from_float(float f);
 template <> inline float from_float<float>(float f) { return f; }
+// the bits of the bf16 nearest an fp32's (ties to even; a NaN stays a quiet NaN), branch-free so loops vectorise
+inline uint32_t bf16_rounded_bits(uint32_t u) {
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
 template <> inline bfloat16_t from_float<bfloat16_t>(float f) {
-  uint32_t u = float_to_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return {static_cast<uint16_t>((u >> 16) | 0x40u)};  // quiet nan
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return {static_cast<uint16_t>(u >> 16)};
+  return {static_cast<uint16_t>(bf16_rounded_bits(float_to_bits(f)))};
 }
 template <> inline half_t from_float<half_t>(float f) {
   const uint32_t u = float_to_bits(f);
